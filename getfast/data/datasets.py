@@ -1,0 +1,207 @@
+"""Image datasets read from local files only (nothing is downloaded).
+
+Every dataset is held as uint8 ``images`` (N, C, H, W) and int64 ``labels`` (N,) or None, and yields
+float images in [-1, 1]. Sources: Fashion-MNIST IDX files, scikit-learn's bundled digits, an image
+folder (class sub-folders become labels), or an ``.npz`` with ``x`` (N, H, W[, C]) uint8 and optional ``y``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+_IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, truncated or not what it claims to be."""
+
+
+@dataclass
+class ImageDataset(torch.utils.data.Dataset):
+    images: torch.Tensor              # uint8 (N, C, H, W)
+    labels: torch.Tensor | None       # int64 (N,) or None
+    num_classes: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DatasetError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                               f"{tuple(self.images.shape)}")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise DatasetError(f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 127.5 - 1
+        y = -1 if self.labels is None else int(self.labels[i])
+        return x, y
+
+    def batch(self, idx: torch.Tensor):
+        """Images in [-1, 1] and labels (or None) for an index tensor, without a DataLoader."""
+        x = self.images[idx].float() / 127.5 - 1
+        return x, (None if self.labels is None else self.labels[idx])
+
+
+def _read_idx(path: Path, expected_magic: int, expected_ndim: int) -> np.ndarray:
+    if not path.exists():
+        raise DatasetError(f"missing file {path}: expected an IDX .gz file (Fashion-MNIST layout)")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: not a readable gzip file ({e}); the file may be truncated") from e
+    if len(raw) < 4 + 4 * expected_ndim:
+        raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise DatasetError(f"{path}: IDX magic {magic:#x}, expected {expected_magic:#x}")
+    dims = struct.unpack(f">{expected_ndim}I", raw[4:4 + 4 * expected_ndim])
+    body = raw[4 + 4 * expected_ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise DatasetError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, file has {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    candidates = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
+    for d in candidates:
+        if (d / _IDX_FILES["train"][0]).exists():
+            return d
+    where = ", ".join(str(c) for c in candidates)
+    raise DatasetError(f"Fashion-MNIST not found in {where}: install Debian's dataset-fashion-mnist "
+                       f"or pass a folder holding {', '.join(_IDX_FILES['train'] + _IDX_FILES['test'])}")
+
+
+def load_fashion_mnist(split: str = "train", root=None) -> ImageDataset:
+    if split not in _IDX_FILES:
+        raise ValueError(f"split must be one of {sorted(_IDX_FILES)}, got {split!r}")
+    d = find_fashion_mnist(root)
+    img_file, lbl_file = (d / f for f in _IDX_FILES[split])
+    images = _read_idx(img_file, 0x803, 3)
+    labels = _read_idx(lbl_file, 0x801, 1)
+    if len(images) != len(labels):
+        raise DatasetError(f"{img_file} has {len(images)} images but {lbl_file} has {len(labels)} labels")
+    return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                        num_classes=10, name=f"fashion-mnist-{split}")
+
+
+def load_digits() -> ImageDataset:
+    """scikit-learn's 1,797 8×8 digits (values 0..16) rescaled to uint8."""
+    from sklearn.datasets import load_digits as _ld
+    d = _ld()
+    images = np.round(d.images * (255 / 16)).astype(np.uint8)
+    return ImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(d.target.astype(np.int64)),
+                        num_classes=10, name="digits")
+
+
+def load_npz(path) -> ImageDataset:
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"missing file {path}: expected an .npz with 'x' (N,H,W[,C]) uint8 and optional 'y'")
+    try:
+        with np.load(path) as z:
+            if "x" not in z:
+                raise DatasetError(f"{path}: no array 'x' (found {sorted(z.files)})")
+            x, y = z["x"], (z["y"] if "y" in z else None)
+    except (OSError, ValueError, zlib.error) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{path}: not a readable .npz ({e})") from e
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise DatasetError(f"{path}: 'x' must be uint8 (N,H,W) or (N,H,W,C), got {x.dtype} {x.shape}")
+    if x.ndim == 3:
+        x = x[..., None]
+    labels = None
+    if y is not None:
+        y = np.asarray(y).reshape(-1).astype(np.int64)
+        if len(y) != len(x):
+            raise DatasetError(f"{path}: {len(y)} labels in 'y' for {len(x)} images in 'x'")
+        labels = torch.from_numpy(y)
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels,
+                        num_classes=int(labels.max()) + 1 if labels is not None else 0, name=path.stem)
+
+
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def load_image_folder(path) -> ImageDataset:
+    """PNG/JPEG files; if the folder has sub-folders, each is a class (sorted names → labels)."""
+    from PIL import Image, UnidentifiedImageError
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder of images")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    groups = [(i, sorted(p for p in d.rglob("*") if p.suffix.lower() in _IMAGE_EXT)) for i, d in enumerate(subdirs)]
+    if not subdirs:
+        groups = [(-1, sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_EXT))]
+    arrays, labels = [], []
+    for label, files in groups:
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(np.asarray(im.convert("RGB" if im.mode not in ("L", "I;16") else "L")))
+            except (UnidentifiedImageError, OSError) as e:
+                raise DatasetError(f"{f}: unreadable image ({e})") from e
+            labels.append(label)
+    if not arrays:
+        raise DatasetError(f"{root}: no images ({', '.join(sorted(_IMAGE_EXT))})")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DatasetError(f"{root}: images differ in size {sorted(shapes)[:3]}; resize them first")
+    x = np.stack(arrays)
+    if x.ndim == 3:
+        x = x[..., None]
+    lab = torch.tensor(labels) if subdirs else None
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), lab,
+                        num_classes=len(subdirs), name=root.name)
+
+
+def resize(ds: ImageDataset, resolution: int, mode: str = "pad") -> ImageDataset:
+    """Pad (centred, with black = -1) or bilinearly resize images to ``resolution``."""
+    h = ds.resolution
+    if h == resolution:
+        return ds
+    if mode == "pad" and resolution > h:
+        p = resolution - h
+        imgs = F.pad(ds.images, (p // 2, p - p // 2, p // 2, p - p // 2))
+    else:
+        imgs = F.interpolate(ds.images.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
+                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return ImageDataset(imgs, ds.labels, ds.num_classes, f"{ds.name}@{resolution}")
+
+
+def load_dataset(name: str, split: str = "train", resolution: int | None = None, root=None) -> ImageDataset:
+    """``fashion-mnist`` | ``digits`` | path to an ``.npz`` | path to an image folder."""
+    if name == "fashion-mnist":
+        ds = load_fashion_mnist(split, root)
+    elif name == "digits":
+        ds = load_digits()
+    elif str(name).endswith(".npz"):
+        ds = load_npz(name)
+    elif Path(name).is_dir():
+        ds = load_image_folder(name)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}: use fashion-mnist, digits, a .npz file or an image folder")
+    return resize(ds, resolution) if resolution else ds

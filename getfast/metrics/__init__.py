@@ -1,0 +1,1 @@
+"""FID, sample grids and training curves."""

@@ -1,0 +1,281 @@
+"""Generative Equilibrium Transformer (GET): a one-step generator that is a deep equilibrium model.
+
+Geng, Pokle, Luo, Lin & Kolter, *One-Step Diffusion Distillation via Deep Equilibrium Models*
+(NeurIPS 2023, arXiv 2401.08639), Sec. 3 and Fig. 2:
+
+* **Injection transformer** — patch embedding + frozen 2-D sin-cos position embedding, then
+  ``inj_depth`` pre-LN ViT blocks (MLP×4); one bias-free linear maps its output ``x`` to an
+  additive ``qkv`` offset ``u_i`` for each of the ``deq_depth`` (3) equilibrium blocks.
+* **Equilibrium transformer** — ``f(z) = B_3(B_2(B_1(z; u_1); u_2); u_3)`` where ``B_i`` is a
+  pre-LN block whose attention computes ``qkv = W z + b + u_i (+ class embedding)`` (Eq. 6) and
+  whose MLP has ratio ``deq_mlp_ratio``. The fixed point ``z* = f(z*)`` is found with
+  :mod:`getfast.deq`, starting from Gaussian noise shaped like the tokens.
+* **Decoder** — zero-initialised ``LayerNorm → Linear`` to patch pixels, then unpatchify.
+
+Training (GET's recipe, Sec. 3.2): ``train_solver_iters`` solver iterations without gradient
+(0 by default), then ``grad_steps`` differentiable (damped) fixed-point steps; every
+``sup_gap``-th state is decoded and returned for the fixed-point-correction loss
+(weights ``0.8^(n-1-k)``, :mod:`getfast.deq`). ``grad="ift"`` instead differentiates the solver's
+fixed point implicitly and returns one state. Evaluation: ``eval_iters`` solver iterations from
+the noise start; the lowest-residual iterate is decoded.
+
+``CONFIGS`` maps names to :class:`GETConfig`; :func:`build` makes a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from getfast.models.layers import (
+    Block,
+    ClassEmbedding,
+    FinalLayer,
+    PatchEmbed,
+    init_transformer_,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+__all__ = ["GETConfig", "GET", "CONFIGS", "build"]
+
+_GRADS = ("unrolled", "phantom", "ift")
+_Z_INITS = ("noise", "zeros")
+
+
+@dataclasses.dataclass(frozen=True)
+class GETConfig:
+    """GET hyper-parameters; names follow the paper's ``(width, heads, injection depth, DEQ MLP ratio)``.
+
+    Unknown fields passed to :func:`build` raise ``TypeError``.
+    """
+
+    width: int
+    heads: int
+    inj_depth: int
+    deq_mlp_ratio: float
+    patch_size: int = 2
+    deq_depth: int = 3
+    mlp_ratio: float = 4.0  # injection blocks
+    qkv_bias: bool = True
+    null_class: bool = False  # extra "no class" embedding for classifier-free guidance
+    label_dropout: float = 0.0  # training-time probability of replacing the label by the null class
+    # fixed-point solve
+    z_init: str = "noise"  # "noise" (Gaussian, GET) | "zeros"
+    solver: str = "fixed_point"  # any getfast.deq solver name
+    solver_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"m": 5} for anderson
+    eval_iters: int = 6  # solver iterations at evaluation
+    tol: float | None = None  # None: exactly eval_iters iterations, no host syncs
+    # gradient
+    grad: str = "unrolled"  # "unrolled" | "phantom" (damped steps after the solver) | "ift"
+    train_solver_iters: int = 0  # solver iterations without gradient before the differentiable steps
+    grad_steps: int = 6  # differentiable steps (GET: 6 from the noise start)
+    sup_gap: int = 1  # supervise every sup_gap-th differentiable state (the last is always kept)
+    tau: float = 1.0  # damping of the differentiable steps: z <- tau*f(z) + (1-tau)*z
+    ift_solver: str | None = None  # backward solver for grad="ift" (default: `solver`)
+    ift_max_iter: int = 12
+    ift_tol: float | None = None
+    grad_checkpoint: bool = False  # recompute each block / each fixed-point step in backward
+
+    def __post_init__(self):
+        if self.grad not in _GRADS:
+            raise ValueError(f"grad: {self.grad!r} not one of {_GRADS}")
+        if self.z_init not in _Z_INITS:
+            raise ValueError(f"z_init: {self.z_init!r} not one of {_Z_INITS}")
+        if self.grad_steps < 1:
+            raise ValueError(f"grad_steps: must be >= 1, got {self.grad_steps}")
+        if self.sup_gap < 1:
+            raise ValueError(f"sup_gap: must be >= 1, got {self.sup_gap}")
+        if self.eval_iters < 1:
+            raise ValueError(f"eval_iters: must be >= 1, got {self.eval_iters}")
+        if self.train_solver_iters < 0:
+            raise ValueError(f"train_solver_iters: must be >= 0, got {self.train_solver_iters}")
+
+
+CONFIGS: dict[str, GETConfig] = {
+    # paper sizes (arXiv 2401.08639, Tab. 6; params at 32×32×3, unconditional)
+    "GET-T/2": GETConfig(width=256, heads=4, inj_depth=6, deq_mlp_ratio=6),  # 8.56M
+    "GET-M/2": GETConfig(width=384, heads=6, inj_depth=6, deq_mlp_ratio=6),  # 19.18M
+    "GET-S/2": GETConfig(width=512, heads=8, inj_depth=6, deq_mlp_ratio=8),  # 37.17M
+    "GET-B/2": GETConfig(width=768, heads=12, inj_depth=1, deq_mlp_ratio=12),  # 62.21M
+    "GET-B/2+": GETConfig(width=768, heads=12, inj_depth=6, deq_mlp_ratio=8),  # 83.48M
+    # small configs for two CPU cores (28×28 or 32×32 inputs)
+    "GET-N/4": GETConfig(width=128, heads=4, inj_depth=2, deq_mlp_ratio=4, patch_size=4),
+    "GET-N/2": GETConfig(width=128, heads=4, inj_depth=2, deq_mlp_ratio=4, patch_size=2),
+}
+
+
+def _deq():
+    import getfast.deq as deq  # imported lazily: the model file loads without the DEQ package
+
+    return deq
+
+
+class GET(nn.Module):
+    """Generative Equilibrium Transformer.
+
+    ``forward(x_noise, class_labels=None, *, z0=None, return_info=False)``:
+    training mode → list of decoded supervised states ``[(B, C, H, W), ...]`` (earliest first);
+    eval mode → the lowest-residual iterate decoded, ``(B, C, H, W)``.
+    """
+
+    def __init__(self, img_resolution: int, in_channels: int, num_classes: int = 0, config: GETConfig = CONFIGS["GET-T/2"]):
+        super().__init__()
+        cfg = config
+        res = (img_resolution, img_resolution) if isinstance(img_resolution, int) else tuple(img_resolution)
+        if res[0] % cfg.patch_size or res[1] % cfg.patch_size:
+            raise ValueError(f"img_resolution: {res} is not divisible by the patch size {cfg.patch_size}")
+        self.config = cfg
+        self.img_resolution = res
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.patch_size = cfg.patch_size
+        self.grid = (res[0] // cfg.patch_size, res[1] // cfg.patch_size)
+        D = cfg.width
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, in_channels, D)
+        # frozen sin-cos table, kept as a (non-trainable) parameter as in the reference checkpoints
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], D), requires_grad=False)
+        self.class_embed = (
+            ClassEmbedding(num_classes, 3 * D, cfg.null_class, cfg.label_dropout) if num_classes > 0 else None
+        )
+        self.inj_blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.inj_depth)
+        )
+        self.qkv_inj = nn.Linear(D, 3 * D * cfg.deq_depth, bias=False)
+        self.deq_blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.deq_mlp_ratio, cfg.qkv_bias) for _ in range(cfg.deq_depth)
+        )
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_transformer_(self)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid).unsqueeze(0))
+
+    # ------------------------------------------------------------------ pieces
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, D)`` → image ``(B, C, H, W)``."""
+        return unpatchify(self.final_layer(z), self.patch_size, self.out_channels, *self.grid)
+
+    def inject(self, x_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
+        """Injection transformer: returns ``(tokens x, qkv offsets per equilibrium block)``.
+
+        Each offset is ``u_i`` (+ the class embedding), broadcastable to ``(B, N, 3D)``.
+        """
+        B = x_noise.shape[0]
+        x = self.patch_embed(x_noise) + self.pos_embed
+        c = None
+        if self.class_embed is not None:
+            c = self.class_embed(class_labels, B)  # (B, 1, 3D)
+        elif class_labels is not None and class_labels.numel() > 0:
+            raise ValueError("class_labels: given to an unconditional model (num_classes=0)")
+        for blk in self.inj_blocks:
+            if self.config.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(blk, x, c, use_reentrant=False)
+            else:
+                x = blk(x, c)
+        offsets = self.qkv_inj(x).chunk(self.config.deq_depth, dim=-1)
+        if c is not None:
+            offsets = tuple(u + c for u in offsets)
+        return x, tuple(offsets)
+
+    def equilibrium_step(self, z: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
+        """One application of the equilibrium transformer ``f(z; u)``."""
+        for blk, u in zip(self.deq_blocks, offsets):
+            z = blk(z, u)
+        return z
+
+    def _initial_state(self, x: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
+        if z0 is not None:
+            if z0.shape != x.shape:
+                raise ValueError(f"z0: expected shape {tuple(x.shape)}, got {tuple(z0.shape)}")
+            return z0.to(x.dtype)
+        if self.config.z_init == "zeros":
+            return torch.zeros_like(x)
+        return torch.randn_like(x)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        z0: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
+        """Map noise ``(B, C, H, W)`` (and optional labels: ``(B,)`` ints or ``(B, K)`` one-hot)
+        to images. ``z0`` overrides the random fixed-point start (shape ``(B, N, D)``);
+        ``return_info`` also returns a dict with the solver ``stats``."""
+        if x_noise.dim() != 4 or x_noise.shape[1] != self.in_channels or tuple(x_noise.shape[2:]) != self.img_resolution:
+            raise ValueError(
+                f"x_noise: expected (B, {self.in_channels}, {self.img_resolution[0]}, {self.img_resolution[1]}), "
+                f"got {tuple(x_noise.shape)}"
+            )
+        cfg = self.config
+        x, offsets = self.inject(x_noise, class_labels)
+        z = self._initial_state(x, z0)
+
+        def f(state: torch.Tensor) -> torch.Tensor:
+            return self.equilibrium_step(state, *offsets)
+
+        info: dict = {}
+        if not self.training:
+            with torch.no_grad():
+                z, stats = _deq().solve(f, z, solver=cfg.solver, max_iter=cfg.eval_iters, tol=cfg.tol, **cfg.solver_kwargs)
+            info["stats"] = stats
+            out = self.decode(z)
+            return (out, info) if return_info else out
+
+        if cfg.grad == "ift":
+            states = [self._ift(f, z, offsets, info)]
+        else:
+            states = self._unrolled(f, z, offsets, info)
+        out = [self.decode(s) for s in states]
+        return (out, info) if return_info else out
+
+    def _unrolled(self, f, z, offsets, info) -> list[torch.Tensor]:
+        """``train_solver_iters`` solver iterations without gradient, then ``grad_steps`` damped
+        differentiable steps (unrolled / phantom gradient, Geng et al. 2021)."""
+        cfg = self.config
+        if cfg.train_solver_iters > 0:
+            with torch.no_grad():
+                z, stats = _deq().solve(
+                    f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters, tol=cfg.tol, **cfg.solver_kwargs
+                )
+            info["stats"] = stats
+            z = z.detach()
+        states = []
+        for k in range(cfg.grad_steps):
+            if cfg.grad_checkpoint and torch.is_grad_enabled():
+                fz = checkpoint(self.equilibrium_step, z, *offsets, use_reentrant=False)
+            else:
+                fz = f(z)
+            z = fz if cfg.tau == 1.0 else cfg.tau * fz + (1.0 - cfg.tau) * z
+            if (k + 1) % cfg.sup_gap == 0 or k == cfg.grad_steps - 1:
+                states.append(z)
+        return states
+
+    def _ift(self, f, z, offsets, info) -> torch.Tensor:
+        """Fixed point by the solver; gradient by implicit differentiation (Bai et al. 2019, Eq. 8)."""
+        cfg = self.config
+        deq = _deq()
+        with torch.no_grad():
+            z, stats = deq.solve(f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters or cfg.eval_iters,
+                                 tol=cfg.tol, **cfg.solver_kwargs)
+        info["stats"] = stats
+        return deq.implicit_grad(
+            f, z.detach(), solver=cfg.ift_solver or cfg.solver, max_iter=cfg.ift_max_iter, tol=cfg.ift_tol
+        )
+
+
+def build(name: str, img_resolution: int = 32, in_channels: int = 3, num_classes: int = 0, **kw) -> GET:
+    """Build the named GET; ``kw`` overrides :class:`GETConfig` fields (unknown → ``TypeError``)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown GET model {name!r}; known: {', '.join(CONFIGS)}")
+    cfg = dataclasses.replace(CONFIGS[name], **kw)
+    return GET(img_resolution, in_channels, num_classes=num_classes, config=cfg)

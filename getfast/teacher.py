@@ -1,0 +1,169 @@
+"""EDM teacher: training method, export to safetensors, and loading (the committed default included)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from getfast.data import load_dataset
+from getfast.diffusion import EDMLoss, EDMPrecond, heun
+from getfast.models import create
+from getfast.train.loop import clip_and_step, sample_generators
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"fashion-mnist": ASSETS / "teacher-fashion-mnist.safetensors"}
+
+
+@dataclass
+class TeacherConfig:
+    data: str = "fashion-mnist"   # fashion-mnist | digits | path.npz | image folder
+    model: str = "UNet-S"         # backbone name from getfast.models
+    resolution: int = 0           # 0: the data's own resolution; larger pads/resizes
+    cond: bool = False            # class-conditional (labels from the data)
+    label_dropout: float = 0.1    # P(label dropped) when cond: trains the unconditional branch for CFG
+    lr: float = 1e-3              # Adam learning rate (after warm-up)
+    grad_clip: float = 1.0        # max gradient norm (0: off)
+    P_mean: float = -1.2          # ln σ ~ N(P_mean, P_std²) in training (EDM)
+    P_std: float = 1.2
+
+
+def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, label_dropout: float = 0.0,
+                   **overrides) -> EDMPrecond:
+    backbone = create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
+    return EDMPrecond(backbone, label_dropout=label_dropout)
+
+
+class TeacherMethod:
+    """EDM denoising score matching (Karras et al. 2022, Eq. 2) on the shared training loop."""
+
+    ema_module = "net"
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        ds = load_dataset(cfg.data, resolution=cfg.resolution or None)
+        if cfg.cond and not ds.num_classes:
+            raise ValueError(f"--cond needs labels, but dataset {cfg.data!r} has none")
+        self.data = ds
+        self.meta = {"model": cfg.model, "resolution": ds.resolution, "channels": ds.channels,
+                     "num_classes": ds.num_classes if cfg.cond else 0,
+                     "label_dropout": cfg.label_dropout if cfg.cond else 0.0, "data": cfg.data}
+        # Label dropout is applied in ``step`` (from per-sample generators), not inside the network, so that
+        # it does not depend on the number of processes; the exported teacher records it in ``meta``.
+        net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"], 0.0)
+        self.modules = {"net": net}
+        self.optimizers = {"net": torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)}
+        self.loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std)
+
+    def config(self):
+        return {"method": "teacher", **asdict(self.cfg)}
+
+    def setup(self, wrap):
+        self.net = wrap(self.modules["net"])
+
+    def _draw(self, x, step):
+        """Per-sample ln σ ~ N(0, 1), noise ~ N(0, I) and a dropout uniform, in that order from each sample's
+        own generator (seeded by its global position, see ``sample_generators``) when the loop provides
+        ``run_info``; otherwise from the global RNG."""
+        info = getattr(self, "run_info", None)
+        n = x.shape[0]
+        if info is None or info.local_batch != n:
+            return torch.randn(n, device=x.device), torch.randn_like(x), torch.rand(n, device=x.device)
+        rnd, noise, u = torch.empty(n), torch.empty(n, *x.shape[1:]), torch.empty(n)
+        for j, g in enumerate(sample_generators(info, step)):
+            rnd[j] = torch.randn((), generator=g)
+            noise[j] = torch.randn(x.shape[1:], generator=g)
+            u[j] = torch.rand((), generator=g)
+        return rnd.to(x.device), noise.to(x.device, x.dtype), u.to(x.device)
+
+    def step(self, batch, step):
+        x, labels = batch
+        rnd, noise, u = self._draw(x, step)
+        sigma = (rnd * self.loss.P_std + self.loss.P_mean).exp()  # EDMLoss.sample_sigma, from our draws
+        if self.meta["num_classes"]:
+            if self.meta["label_dropout"] > 0:  # label -1 = "no class" (a zero one-hot row), as EDMPrecond's dropout
+                labels = torch.where(u < self.meta["label_dropout"], torch.full_like(labels, -1), labels)
+        else:
+            labels = None
+        loss = self.loss(self.net, x, labels, sigma=sigma, noise=noise).mean()
+        self.optimizers["net"].zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(self.optimizers["net"], self.modules["net"].parameters(), self.cfg.grad_clip or None)
+        return {"loss": loss.detach()}
+
+    def sample_grid(self, ema, n):
+        z = torch.randn(n, self.meta["channels"], self.meta["resolution"], self.meta["resolution"],
+                        device=next(ema.parameters()).device)
+        labels = torch.arange(n, device=z.device) % self.meta["num_classes"] if self.meta["num_classes"] else None
+        return heun(ema, z, steps=18, class_labels=labels)
+
+
+def export(denoiser: EDMPrecond, meta: dict, path) -> None:
+    """Save a denoiser's weights as safetensors with the metadata needed to rebuild it."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"getfast": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; exported weights are meant to be shared
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_export(path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(str(path), "pt") as f:
+            md = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for torn/garbage files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if "getfast" not in md:
+        raise ValueError(f"{path}: no 'getfast' metadata; expected a teacher exported by getfast train-teacher")
+    try:
+        meta = json.loads(md["getfast"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable 'getfast' metadata ({e})") from e
+    return state, meta
+
+
+def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
+    """Load a teacher denoiser: an embedded name, a ``.safetensors`` export, a training checkpoint, or a run
+    folder (its newest good checkpoint's EMA; its ``teacher.safetensors`` if it has no checkpoint)."""
+    path = EMBEDDED.get(name_or_path, Path(name_or_path))
+    if not path.exists():
+        raise FileNotFoundError(f"no teacher at {path}; embedded teachers: {sorted(EMBEDDED)}")
+    from getfast.train.checkpoint import list_checkpoints
+    if path.is_dir() and not list_checkpoints(path) and (path / "teacher.safetensors").exists():
+        path = path / "teacher.safetensors"
+    if path.suffix == ".safetensors":
+        state, meta = _read_export(path)
+    else:
+        from getfast.train.loop import load_ema
+        state, cfg = load_ema(path)
+        meta = _meta_from_config(cfg)
+    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
+                         meta.get("label_dropout", 0.0), **meta.get("overrides", {}))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its metadata describes ({e})") from e
+    net.meta = meta
+    return net.eval().requires_grad_(False).to(device)
+
+
+def _meta_from_config(cfg: dict) -> dict:
+    if cfg.get("method") != "teacher":
+        raise ValueError(f"checkpoint is from method {cfg.get('method')!r}, not a teacher")
+    tc = TeacherConfig(**{k: v for k, v in cfg.items() if k != "method"})
+    ds = load_dataset(tc.data, resolution=tc.resolution or None)
+    return {"model": tc.model, "resolution": ds.resolution, "channels": ds.channels,
+            "num_classes": ds.num_classes if tc.cond else 0, "label_dropout": tc.label_dropout if tc.cond else 0.0,
+            "data": tc.data}
