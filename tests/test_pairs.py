@@ -155,8 +155,8 @@ def test_sigkill_resume_gives_identical_dataset(teacher, reference, tmp_path):
     (out / ".shard-00005.images.npy.tmp999").write_bytes(b"\x93NUMPY torn")
     (out / "shard-00005.images.npy").write_bytes(b"\x93NUMPY half-written")
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.json")}
-    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr.decode()
+    # Re-run (in this process: a second interpreter start costs ~10 s here; the CLI path is the torchrun test's).
+    make_pairs(PairsConfig(teacher=str(teacher), out=str(out), store_noise=True, **COMMON))
     for name, t in mtimes.items():  # complete shards were kept, not regenerated
         assert (out / name).stat().st_mtime_ns == t, name
     _assert_same_set(out, reference)

@@ -87,7 +87,7 @@ def test_gradcheck_reference():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_custom_op(backend, monkeypatch):
     monkeypatch.setenv("GETFAST_BACKEND", backend)
-    a, f, g, sigma = _inputs((3, 2, 5, 7), seed=4)
+    a, f, g, sigma = _inputs((3, 2, 5), seed=4)  # small: gradcheck calls the op 2·numel times
     leaves = tuple(t.clone().requires_grad_() for t in (a, f, g))
     assert torch.autograd.gradcheck(lambda x, y, z: sim_loss(x, y, z, sigma, 0.8), leaves)
 

@@ -21,10 +21,14 @@
 namespace getfast {
 namespace {
 
+// Below this many elements a parallel region costs more than it saves (and, on a loaded
+// machine, a descheduled OpenMP thread stalls every call), so small problems run serially.
+constexpr int64_t kParallelMin = 1 << 15;
+
 template <typename T, typename O>
 void sim_loss_fwd_cpu(const T* a, const T* f, const T* g, const O* sigma, double c, int64_t B,
                       int64_t N, O* loss, O* stats) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * N >= kParallelMin)
   for (int64_t b = 0; b < B; ++b) {
     const T* ab = a + b * N;
     const T* fb = f + b * N;
@@ -51,7 +55,7 @@ void sim_loss_fwd_cpu(const T* a, const T* f, const T* g, const O* sigma, double
 template <typename T, typename O>
 void sim_loss_bwd_cpu(const O* grad, const T* a, const T* f, const T* g, const O* sigma,
                       const O* stats, int64_t B, int64_t N, T* ga, T* gf, T* gg) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * N >= kParallelMin)
   for (int64_t b = 0; b < B; ++b) {
     const double sg = static_cast<double>(sigma[b]);
     const double s = sg * sg;

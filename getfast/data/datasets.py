@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def resolution(self) -> int:
-        return self.images.shape[-1]
+        h, w = self.images.shape[-2:]
+        if h != w:
+            raise DatasetError(f"{self.name}: images are {h}x{w}, not square; pass a resolution to pad/resize them")
+        return w
 
     @property
     def channels(self) -> int:
@@ -84,25 +88,41 @@ def _read_idx(path: Path, expected_magic: int, expected_ndim: int) -> np.ndarray
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    candidates = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
+def find_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -> Path:
+    """The folder holding the Fashion-MNIST IDX files of ``split``: ``root`` if given, else Debian's location."""
+    img_name = _IDX_FILES[split][0]
+    if root:
+        d = Path(root)
+        if not d.is_dir():
+            raise DatasetError(f"Fashion-MNIST folder {d} does not exist: expected a folder holding "
+                               f"{', '.join(_IDX_FILES['train'] + _IDX_FILES['test'])}")
+        return d  # a missing file inside it is reported by name when it is read
+    candidates = [Path(d) for d in FASHION_MNIST_DIRS]
     for d in candidates:
-        if (d / _IDX_FILES["train"][0]).exists():
+        if (d / img_name).exists():
             return d
-    where = ", ".join(str(c) for c in candidates)
-    raise DatasetError(f"Fashion-MNIST not found in {where}: install Debian's dataset-fashion-mnist "
+    where = ", ".join(str(c / img_name) for c in candidates)
+    raise DatasetError(f"Fashion-MNIST not found: missing {where}; install Debian's dataset-fashion-mnist "
                        f"or pass a folder holding {', '.join(_IDX_FILES['train'] + _IDX_FILES['test'])}")
+
+
+def is_fashion_mnist_dir(path) -> bool:
+    """True for a folder that holds the Fashion-MNIST IDX files (either split)."""
+    p = Path(path)
+    return p.is_dir() and any((p / files[0]).exists() for files in _IDX_FILES.values())
 
 
 def load_fashion_mnist(split: str = "train", root=None) -> ImageDataset:
     if split not in _IDX_FILES:
         raise ValueError(f"split must be one of {sorted(_IDX_FILES)}, got {split!r}")
-    d = find_fashion_mnist(root)
+    d = find_fashion_mnist(root, split)
     img_file, lbl_file = (d / f for f in _IDX_FILES[split])
     images = _read_idx(img_file, 0x803, 3)
     labels = _read_idx(lbl_file, 0x801, 1)
     if len(images) != len(labels):
         raise DatasetError(f"{img_file} has {len(images)} images but {lbl_file} has {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= 10:
+        raise DatasetError(f"{lbl_file}: label {int(labels.max())} out of range, expected classes 0..9")
     return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                         num_classes=10, name=f"fashion-mnist-{split}")
 
@@ -117,27 +137,45 @@ def load_digits() -> ImageDataset:
 
 
 def load_npz(path) -> ImageDataset:
+    """An ``.npz`` with ``x`` uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, and optional integer ``y`` (N,)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"missing file {path}: expected an .npz with 'x' (N,H,W[,C]) uint8 and optional 'y'")
     try:
-        with np.load(path) as z:
-            if "x" not in z:
-                raise DatasetError(f"{path}: no array 'x' (found {sorted(z.files)})")
-            x, y = z["x"], (z["y"] if "y" in z else None)
-    except (OSError, ValueError, zlib.error) as e:
-        if isinstance(e, DatasetError):
-            raise
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: not a readable .npz ({e})") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path}: a single .npy array, expected an .npz archive with 'x' (and optional 'y')")
+    try:
+        with z:
+            if "x" not in z.files:
+                raise DatasetError(f"{path}: no array 'x' (found {sorted(z.files)}); expected 'x' (N,H,W[,C]) uint8")
+            x, y = z["x"], (z["y"] if "y" in z.files else None)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise DatasetError(f"{path}: not a readable .npz ({e})") from e
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise DatasetError(f"{path}: 'x' must be uint8 (N,H,W) or (N,H,W,C), got {x.dtype} {x.shape}")
     if x.ndim == 3:
         x = x[..., None]
+    if x.shape[-1] not in (1, 3):
+        hint = " (it looks channels-first: transpose to (N,H,W,C))" if x.shape[1] in (1, 3) else ""
+        raise DatasetError(f"{path}: 'x' has {x.shape[-1]} channels in its last axis, expected 1 or 3 "
+                           f"(layout N,H,W,C){hint}")
+    if len(x) == 0:
+        raise DatasetError(f"{path}: 'x' holds no images")
     labels = None
     if y is not None:
-        y = np.asarray(y).reshape(-1).astype(np.int64)
+        y = np.asarray(y)
+        if y.dtype.kind not in "iu":
+            raise DatasetError(f"{path}: 'y' must hold integer class labels, got {y.dtype}")
+        y = y.reshape(-1).astype(np.int64)
         if len(y) != len(x):
             raise DatasetError(f"{path}: {len(y)} labels in 'y' for {len(x)} images in 'x'")
+        if y.min() < 0:
+            raise DatasetError(f"{path}: 'y' holds negative label {int(y.min())}, expected classes 0..K-1")
         labels = torch.from_numpy(y)
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels,
                         num_classes=int(labels.max()) + 1 if labels is not None else 0, name=path.stem)
@@ -161,12 +199,15 @@ def load_image_folder(path) -> ImageDataset:
         for f in files:
             try:
                 with Image.open(f) as im:
-                    arrays.append(np.asarray(im.convert("RGB" if im.mode not in ("L", "I;16") else "L")))
-            except (UnidentifiedImageError, OSError) as e:
-                raise DatasetError(f"{f}: unreadable image ({e})") from e
+                    grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                    arrays.append(np.asarray(im.convert("L" if grey else "RGB")))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+                raise DatasetError(f"{f}: unreadable image ({type(e).__name__}: {e})") from e
             labels.append(label)
     if not arrays:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(_IMAGE_EXT))})")
+    if any(a.ndim == 3 for a in arrays):  # a mix of grey and colour files: make them all RGB
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DatasetError(f"{root}: images differ in size {sorted(shapes)[:3]}; resize them first")
@@ -179,13 +220,18 @@ def load_image_folder(path) -> ImageDataset:
 
 
 def resize(ds: ImageDataset, resolution: int, mode: str = "pad") -> ImageDataset:
-    """Pad (centred, with black = -1) or bilinearly resize images to ``resolution``."""
-    h = ds.resolution
-    if h == resolution:
+    """Make images ``resolution``×``resolution``: ``pad`` centres smaller images on black (= -1) and
+    resizes larger ones; ``resize`` always resizes (bilinear, antialiased)."""
+    if mode not in ("pad", "resize"):
+        raise ValueError(f"mode must be 'pad' or 'resize', got {mode!r}")
+    if int(resolution) < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    h, w = ds.images.shape[-2:]
+    if h == w == resolution:
         return ds
-    if mode == "pad" and resolution > h:
-        p = resolution - h
-        imgs = F.pad(ds.images, (p // 2, p - p // 2, p // 2, p - p // 2))
+    if mode == "pad" and resolution >= h and resolution >= w:
+        ph, pw = resolution - h, resolution - w
+        imgs = F.pad(ds.images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
     else:
         imgs = F.interpolate(ds.images.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
@@ -193,15 +239,19 @@ def resize(ds: ImageDataset, resolution: int, mode: str = "pad") -> ImageDataset
 
 
 def load_dataset(name: str, split: str = "train", resolution: int | None = None, root=None) -> ImageDataset:
-    """``fashion-mnist`` | ``digits`` | path to an ``.npz`` | path to an image folder."""
+    """``fashion-mnist`` | ``digits`` | a folder with the Fashion-MNIST IDX files | path to an ``.npz`` |
+    path to an image folder."""
     if name == "fashion-mnist":
         ds = load_fashion_mnist(split, root)
     elif name == "digits":
         ds = load_digits()
+    elif is_fashion_mnist_dir(name):  # a folder the user names holding the four IDX files
+        ds = load_fashion_mnist(split, name)
     elif str(name).endswith(".npz"):
         ds = load_npz(name)
     elif Path(name).is_dir():
         ds = load_image_folder(name)
     else:
-        raise DatasetError(f"unknown dataset {name!r}: use fashion-mnist, digits, a .npz file or an image folder")
+        raise DatasetError(f"unknown dataset {name!r} (no such file or folder): use fashion-mnist, digits, "
+                           f"a folder with the Fashion-MNIST IDX files, a .npz file or an image folder")
     return resize(ds, resolution) if resolution else ds

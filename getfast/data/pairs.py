@@ -61,6 +61,8 @@ def sample_noise(seed: int, index: int, shape) -> torch.Tensor:
 
 def sample_label(seed: int, index: int, shape, num_classes: int, scheme: str = "balanced") -> int:
     """Class label of sample ``index``: ``index mod K`` (balanced) or a draw after its noise (random)."""
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive for labels, got {num_classes}")
     if scheme == "balanced":
         return index % num_classes
     if scheme == "random":
@@ -290,13 +292,14 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
     for k in mine:
         first = k * cfg.shard_size
         count = min(cfg.shard_size, cfg.n - first)
+        _remove_stale_temps(out, k)   # torn temp files of a killed run (only this rank writes shard k)
         ok, why = check_shard(out, k, first, count, fingerprint)
         if ok:
             skipped += 1
             continue
         if why != "missing":
             log(f"[rank {rank}] regenerating {shard_name(k)}: {why}")
-        _remove_stale_temps(out, k)
+            (out / f"{shard_name(k)}.json").unlink(missing_ok=True)   # "JSON present" must mean complete
         ts = time.time()
         arrays, labels = _sample_shard(D, cfg, k, first, count, shape, num_classes, device)
         _write_shard(out, k, first, count, arrays, labels, cfg, fingerprint)
@@ -336,6 +339,8 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
                     "shard_size": cfg.shard_size, "fingerprint": fingerprint, "shards": shards,
                     "timing": {"finished_unix": time.time(), "wall_s_rank0": wall, "shards_made_rank0": made,
                                "shards_skipped_rank0": skipped, "world": world}}
+        for p in out.glob(f".{MANIFEST}.tmp*"):
+            p.unlink(missing_ok=True)
         atomic_write_bytes(path, _json_bytes(manifest))
         say(f"wrote {cfg.n} pairs in {n_shards} shards to {out} ({made} shards made, {skipped} reused by rank 0)")
     if world > 1:
@@ -433,7 +438,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(noise, image, labels) of the samples ``idx`` (a 1-D LongTensor of dataset indices)."""
-        idx_t = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        idx_t = torch.as_tensor(idx, dtype=torch.int64).reshape(-1).cpu()
         if idx_t.numel() == 0:
             raise ValueError("idx is empty")
         if int(idx_t.min()) < 0 or int(idx_t.max()) >= self._count:

@@ -60,3 +60,134 @@ def moments_distance(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     x = x.flatten(1).double()
     return (float((x.mean(0) - mean.flatten().double()).abs().max()),
             float((x.std(0) - std.flatten().double()).abs().max()))
+
+
+# --- Pieces for GDD and guided distillation on low-dimensional problems --------------------------
+
+class ToyData:
+    """In-memory samples ``x`` (N, C, H, W) and optional labels, with the loop's ``batch(idx)`` interface."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        self.x, self.labels = x.float(), labels
+        self.num_classes = 0 if labels is None else int(labels.max()) + 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx):
+        return self.x[idx], (None if self.labels is None else self.labels[idx])
+
+
+def gaussian_samples(n: int, mean: torch.Tensor, std: torch.Tensor, class_means=None, seed: int = 0) -> ToyData:
+    """n draws of N(mean, diag(std²)) shaped like ``mean``; with ``class_means`` (K, ...) one class per draw."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(n, *mean.shape, generator=g)
+    if class_means is None:
+        return ToyData(mean + std * eps)
+    labels = torch.randint(0, class_means.shape[0], (n,), generator=g)
+    return ToyData(class_means[labels] + std * eps, labels)
+
+
+def mixture_samples(n: int, centers: torch.Tensor, std: float, seed: int = 0) -> ToyData:
+    """n draws of an equal-weight mixture of isotropic Gaussians at ``centers`` (K, D), shaped (n, D, 1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, centers.shape[0], (n,), generator=g)
+    x = centers[k] + std * torch.randn(n, centers.shape[1], generator=g)
+    return ToyData(x.reshape(n, -1, 1, 1))
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.1, 0.3, 1.0)) -> float:
+    """Squared maximum mean discrepancy (biased V-statistic) with a sum of RBF kernels (Gretton et al. 2012)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    xy = torch.cat([x, y])
+    d2 = torch.cdist(xy, xy).pow(2)
+    k = sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+    n = len(x)
+    return float(k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean())
+
+
+def _mlp(d_in, d_out, hidden, depth=2, act=nn.SiLU):
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), act()]
+        d = hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+class MLPGenerator(nn.Module):
+    """x = MLP(z) for image-shaped low-dimensional data: a generic one-step generator for GAN tests."""
+
+    def __init__(self, shape, hidden: int = 64):
+        super().__init__()
+        self.shape = tuple(shape)
+        d = int(torch.tensor(shape).prod())
+        self.net = _mlp(d, d, hidden)
+
+    def forward(self, z, class_labels=None):
+        return self.net(z.flatten(1)).reshape(z.shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """Logits (B, 1) from an MLP on the flattened input (the discriminator protocol of getfast.methods.gdd)."""
+
+    def __init__(self, shape, hidden: int = 64):
+        super().__init__()
+        d = int(torch.tensor(shape).prod())
+        self.net = _mlp(d, 1, hidden, act=lambda: nn.LeakyReLU(0.2))
+
+    def forward(self, x, class_labels=None):
+        return self.net(x.flatten(1))
+
+
+class WGuided(nn.Module):
+    """An analytic teacher called the way a w-conditioned student is: D(x, σ, c, w=w) = CFG of ``base`` at w."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.sigma_data = getattr(base, "sigma_data", 0.5)
+
+    def forward(self, x, sigma, class_labels=None, cfg_scale=None, w=None):
+        scale = cfg_scale if cfg_scale is not None else w
+        if torch.is_tensor(scale) and scale.ndim == 1:
+            scale = scale.reshape(-1, *[1] * (x.ndim - 1))
+        return self.base(x, sigma, class_labels, cfg_scale=scale)
+
+
+class ResidualDenoiser(nn.Module):
+    """``base`` plus an EDM-preconditioned MLP correction c_out(σ)·F(c_in·x, c_noise, class, w).
+
+    The MLP's last layer starts at zero, so the model starts as ``base`` (as a teacher-initialised
+    student does); with ``w_cond`` it takes the guidance weight w like a guided-distillation student.
+    """
+
+    def __init__(self, base: nn.Module, shape, hidden: int = 128, num_classes: int = 0, w_cond: bool = False,
+                 sigma_data: float = 0.5):
+        super().__init__()
+        self.base, self.num_classes, self.w_cond, self.sigma_data = base, num_classes, w_cond, sigma_data
+        d = int(torch.tensor(shape).prod())
+        self.net = _mlp(d + 1 + num_classes + (5 if w_cond else 0), d, hidden, depth=3)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x, sigma, class_labels=None, cfg_scale=None, w=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        out = self.base(x, sigma, class_labels, cfg_scale=cfg_scale)
+        sd = self.sigma_data
+        c_in = (1 / (sigma**2 + sd**2).sqrt()).reshape(-1, 1)
+        c_out = (sigma * sd / (sigma**2 + sd**2).sqrt()).reshape(-1, *[1] * (x.ndim - 1))
+        feats = [c_in * x.flatten(1), (sigma.log() / 4).reshape(-1, 1)]
+        if self.num_classes:
+            oh = torch.zeros(x.shape[0], self.num_classes, device=x.device)
+            if class_labels is not None:
+                lab = class_labels.long()
+                oh = nn.functional.one_hot(lab.clamp(min=0), self.num_classes).float() * (lab >= 0).float()[:, None]
+            feats.append(oh)
+        if self.w_cond:
+            wv = torch.zeros(x.shape[0], device=x.device) if w is None else torch.as_tensor(w, device=x.device).reshape(-1).expand(x.shape[0])
+            wv = wv.float().reshape(-1, 1)
+            feats.append(torch.cat([wv / 4, torch.sin(wv), torch.cos(wv), torch.sin(wv / 2), torch.cos(wv / 2)], 1))
+        return out + c_out * self.net(torch.cat(feats, 1)).reshape(x.shape)

@@ -164,20 +164,24 @@ def has_C() -> bool:
     return load_C(required=False) is not None
 
 
+_build_info_cache: dict | None = None
+
+
 def build_info() -> dict:
-    """``getfast._C.build_info()``, or a dict saying the extension is missing."""
-    C = load_C(required=False)
-    if C is None:
-        return {"available": False, "cuda_compiled": False, "cuda_archs": [], "openmp": False}
-    info = dict(C.build_info())
-    info["available"] = True
-    return info
+    """``getfast._C.build_info()`` (cached; a copy), or a dict saying the extension is missing."""
+    global _build_info_cache
+    if _build_info_cache is None:
+        C = load_C(required=False)
+        if C is None:
+            return {"available": False, "cuda_compiled": False, "cuda_archs": [], "openmp": False}
+        _build_info_cache = dict(C.build_info())
+        _build_info_cache["available"] = True
+    return dict(_build_info_cache)
 
 
 def cuda_compiled() -> bool:
     """True when ``_C`` contains the CUDA kernels (built with nvcc)."""
-    C = load_C(required=False)
-    return bool(C is not None and C.build_info().get("cuda_compiled", False))
+    return bool(build_info().get("cuda_compiled", False))
 
 
 # --------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def backend_unavailable_reason(op_name: str, backend: str, device) -> str | None
         if dev.type != "cuda":
             return f"the cuda backend runs on CUDA tensors only, got device {dev}"
         C = load_C(required=False)
-        if C is not None and C.build_info().get("cuda_compiled", False) and (
+        if C is not None and cuda_compiled() and (
             spec.cuda_symbol is None or hasattr(C, spec.cuda_symbol)
         ):
             if C.cuda_device_count() > 0:

@@ -300,6 +300,11 @@ def train(method, cfg: LoopConfig) -> dict:
             sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean())  # one sync per step, logging only
         n_sums += 1
         if step % cfg.log_every == 0 or step == total_steps:
+            if world > 1 and sums:  # log the mean over all ranks, not rank 0's share of the batch
+                keys = sorted(sums)
+                t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                sums = dict(zip(keys, (t / world).tolist()))
             now = time.time()
             record = {"step": step, "kimg": nimg / 1000, "time": now - t_start,
                       "img_per_s": (nimg - last_nimg) / max(now - last_t, 1e-9),
