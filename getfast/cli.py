@@ -88,6 +88,9 @@ def _cmd_distill(ns):
     from getfast.train import LoopConfig, load_ema, train
     from getfast.train.loop import dist_info
     cfg_cls, method_cls = _registry()[ns.method]
+    if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
+        method_cls.run_stages(take_config(cfg_cls, ns), take_config(LoopConfig, ns))
+        return
     method = method_cls(take_config(cfg_cls, ns))
     loop = take_config(LoopConfig, ns)
     train(method, loop)
@@ -118,7 +121,13 @@ def _cmd_sample(ns):
     if K:
         labels = torch.full((ns.n,), ns.label) if ns.label >= 0 else torch.arange(ns.n) % K
     with torch.no_grad():
-        if is_student(ns.ckpt):
+        if is_student(ns.ckpt) and net.meta.get("sampler") == "ddim":
+            # Guided student: DDIM at weight w; --steps left at its default (18) means the student's own count.
+            from getfast.diffusion import ddim
+            steps = net.meta.get("steps", 1) if ns.steps == 18 else ns.steps
+            w = torch.full((ns.n,), float(ns.cfg_scale or 0.0))
+            x = ddim(net, z, steps, labels, w=w)
+        elif is_student(ns.ckpt):
             x = net(z, labels)
         else:
             kw = {"cfg_scale": ns.cfg_scale} if ns.cfg_scale is not None else {}
@@ -130,6 +139,16 @@ def _cmd_sample(ns):
 def _cmd_make_pairs(ns):
     from getfast.data.pairs import PairsConfig, make_pairs
     make_pairs(take_config(PairsConfig, ns))
+
+
+def _cmd_demo(ns):
+    from getfast.demo import DemoConfig, run_demo
+    run_demo(take_config(DemoConfig, ns))
+
+
+def _cmd_bench(ns):
+    from benchmarks.__main__ import main as bench_main
+    return bench_main(ns.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_config(mp, cfg_cls)
         add_config(mp, LoopConfig)
         mp.set_defaults(func=_cmd_distill, out=f"runs/{name}")
+
+    from getfast.demo import DemoConfig
+    dm = sub.add_parser("demo", help="distil, sample, measure and write runs/demo/report.html", formatter_class=_fmt())
+    add_config(dm, DemoConfig)
+    dm.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("sample", help="draw a sample grid from a teacher or student", formatter_class=_fmt())
     s.add_argument("--ckpt", default="fashion-mnist", help="embedded name, .safetensors, or a run folder/checkpoint")

@@ -41,7 +41,9 @@ class TeacherMethod:
 
     ema_module = "net"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherConfig, seed: int = 0):
+        """``seed`` draws the initial weights (torch's default seed is random per process, so without it two
+        runs of the same command would start from different weights and exact reproduction would be lost)."""
         self.cfg = cfg
         ds = load_dataset(cfg.data, resolution=cfg.resolution or None)
         if cfg.cond and not ds.num_classes:
@@ -52,7 +54,9 @@ class TeacherMethod:
                      "label_dropout": cfg.label_dropout if cfg.cond else 0.0, "data": cfg.data}
         # Label dropout is applied in ``step`` (from per-sample generators), not inside the network, so that
         # it does not depend on the number of processes; the exported teacher records it in ``meta``.
-        net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"], 0.0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"], 0.0)
         self.modules = {"net": net}
         self.optimizers = {"net": torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)}
         self.loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std)

@@ -197,3 +197,9 @@ def test_triton_on_gpu(shape, dtype):
     assert _rel_err(out, ref) < tol
     for a, b in zip(g, g_ref):
         assert _rel_err(a, b) < 2 * tol
+
+
+def test_public_name():
+    import getfast.ops
+
+    assert getfast.ops.attention is attention

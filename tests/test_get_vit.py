@@ -221,9 +221,6 @@ def test_get_phantom_with_solver_iterations():
 
 
 def test_get_ift_gradient():
-    deq = pytest.importorskip("getfast.deq")
-    if not hasattr(deq, "implicit_grad"):
-        pytest.skip("getfast.deq has no implicit-gradient helper yet")
     m = _small_get(grad="ift", eval_iters=4)
     _randomise_decoder(m)
     m.train()

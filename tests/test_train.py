@@ -343,16 +343,34 @@ def final_state(run: Path):
     return load_checkpoint(list_checkpoints(run)[0])
 
 
-@pytest.mark.slow
-def test_sigkill_resume_is_exact(tmp_path):
-    kimg, steps = 0.8, 50  # 50 steps of 16, checkpoints every 5
-    r = cli(teacher_cmd(tmp_path / "full", kimg))
-    assert r.returncode == 0, r.stderr[-3000:]
+KIMG, STEPS = 0.8, 50  # 50 steps of 16 digits, checkpoints every 5
 
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "getfast.cli", *teacher_cmd(run, kimg)], cwd=REPO, env=env1(),
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted 1-process run, shared by the resume and DDP tests; started in the background so
+    that it overlaps with the first test's own runs."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "getfast.cli", *teacher_cmd(out, KIMG)], cwd=REPO, env=env1(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+
+    def wait():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return out
+
+    yield wait
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_exact(tmp_path, reference_run):
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "getfast.cli", *teacher_cmd(run, KIMG)], cwd=REPO, env=env1(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         ck = list_checkpoints(run)
         if ck and int(ck[0].name[5:14]) >= 10:
@@ -362,48 +380,46 @@ def test_sigkill_resume_is_exact(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = int(list_checkpoints(run)[0].name[5:14])
-    assert 10 <= killed_at < steps and not (run / "teacher.safetensors").exists()
+    assert 10 <= killed_at < STEPS and not (run / "teacher.safetensors").exists()
 
-    r = cli(teacher_cmd(run, kimg, ["--resume"]))
+    r = cli(teacher_cmd(run, KIMG, ["--resume"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
-    a, b = final_state(tmp_path / "full"), final_state(run)
-    assert a["loop"]["step"] == b["loop"]["step"] == steps
+    full = reference_run()
+    a, b = final_state(full), final_state(run)
+    assert a["loop"]["step"] == b["loop"]["step"] == STEPS
     diffs = {k: states_equal(a[k], b[k]) for k in ("modules", "ema", "optimizers")}
     print("max |uninterrupted - resumed| after SIGKILL at step", killed_at, diffs)
     assert all(d <= 1e-6 for d in diffs.values()), diffs
     assert states_equal(a["rng"], b["rng"]) == 0
     # the per-step losses of the resumed run's log match the uninterrupted run's
-    la = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    la = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in la] == [x["step"] for x in lb] == list(range(5, steps + 1, 5))
+    assert [x["step"] for x in la] == [x["step"] for x in lb] == list(range(5, STEPS + 1, 5))
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], rel=1e-6)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, reference_run):
     """2 gloo processes (global batch 16 = 2 × 8) vs 1 process (batch 16): same data rows, same per-sample
     noise, σ and label dropout (drawn from each sample's global position), gradients averaged by DDP.
     Only float summation order differs (mean of two half-batch means vs one mean; conv batch sizes)."""
-    kimg, steps = 0.32, 20
-    r = cli(teacher_cmd(tmp_path / "one", kimg))
-    assert r.returncode == 0, r.stderr[-3000:]
-    env = env1()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "getfast.cli", *teacher_cmd(tmp_path / "two", kimg)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        "-m", "getfast.cli", *teacher_cmd(tmp_path / "two", KIMG)],
+                       cwd=REPO, env=env1(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert a["loop"]["step"] == b["loop"]["step"] == steps and b["loop"]["world"] == 2 and len(b["rng"]) == 2
+    one = reference_run()
+    a, b = final_state(one), final_state(tmp_path / "two")
+    assert a["loop"]["step"] == b["loop"]["step"] == STEPS and b["loop"]["world"] == 2 and len(b["rng"]) == 2
     diffs = {k: states_equal(a[k], b[k]) for k in ("modules", "ema")}
-    scale = max(float(v.abs().max()) for v in a["modules"]["net"].values())
-    print(f"max |1 process - 2 processes| after {steps} steps: {diffs} (largest weight {scale:.3f})")
-    assert all(d <= 1e-4 for d in diffs.values()), diffs
-    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    # the tolerance means something: training moved the weights far more than that
+    from getfast.teacher import TeacherConfig, TeacherMethod
+    init = TeacherMethod(TeacherConfig(data="digits", model="UNet-XS", resolution=8, cond=True, label_dropout=0.3))
+    moved = states_equal(a["modules"]["net"], init.modules["net"].state_dict())
+    print(f"max |1 process - 2 processes| after {STEPS} steps: {diffs}; max |trained - initial| {moved:.3f}")
+    assert moved > 0.05
+    assert all(d <= 2e-5 for d in diffs.values()), diffs
+    la = [json.loads(x)["loss"] for x in (one / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert len(la) == len(lb) == steps // 5
+    assert len(la) == len(lb) == STEPS // 5
     assert la == pytest.approx(lb, rel=1e-4)  # the logged loss is the mean over both ranks
-    # and the comparison can fail: a run with another seed is far away
-    r = cli(teacher_cmd(tmp_path / "seed", kimg, ["--seed", "8"]))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert states_equal(a["modules"], final_state(tmp_path / "seed")["modules"]) > 1e-2

@@ -63,6 +63,11 @@ def build_student_from_meta(meta: dict) -> nn.Module:
         tm = meta["teacher_meta"]
         den = build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"], tm.get("label_dropout", 0.0))
         return OneStepGenerator(den, cfg["sigma_init"])
+    if method == "guided":  # a w-conditioned copy of the teacher's denoiser, sampled with DDIM
+        from getfast.teacher import build_denoiser
+        tm = meta["teacher_meta"]
+        return build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"], 0.0,
+                              **{**tm.get("overrides", {}), "w_cond": True})
     raise ValueError(f"cannot rebuild a student of method {method!r}")
 
 

@@ -24,6 +24,7 @@ the noise start; the lowest-residual iterate is decoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -90,6 +91,8 @@ class GETConfig:
             raise ValueError(f"sup_gap: must be >= 1, got {self.sup_gap}")
         if self.eval_iters < 1:
             raise ValueError(f"eval_iters: must be >= 1, got {self.eval_iters}")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau: must be in (0, 1], got {self.tau}")
         if self.train_solver_iters < 0:
             raise ValueError(f"train_solver_iters: must be >= 0, got {self.train_solver_iters}")
 
@@ -249,16 +252,16 @@ class GET(nn.Module):
                 )
             info["stats"] = stats
             z = z.detach()
-        states = []
-        for k in range(cfg.grad_steps):
-            if cfg.grad_checkpoint and torch.is_grad_enabled():
-                fz = checkpoint(self.equilibrium_step, z, *offsets, use_reentrant=False)
-            else:
-                fz = f(z)
-            z = fz if cfg.tau == 1.0 else cfg.tau * fz + (1.0 - cfg.tau) * z
-            if (k + 1) % cfg.sup_gap == 0 or k == cfg.grad_steps - 1:
-                states.append(z)
-        return states
+        if cfg.grad_checkpoint and torch.is_grad_enabled():
+            step = functools.partial(self._checkpointed_step, offsets=offsets)
+        else:
+            step = f
+        k = cfg.grad_steps
+        supervise = sorted({i for i in range(1, k + 1) if i % cfg.sup_gap == 0} | {k})
+        return _deq().phantom_grad(step, z, k=k, tau=cfg.tau, supervise=supervise)
+
+    def _checkpointed_step(self, z: torch.Tensor, offsets) -> torch.Tensor:
+        return checkpoint(self.equilibrium_step, z, *offsets, use_reentrant=False)
 
     def _ift(self, f, z, offsets, info) -> torch.Tensor:
         """Fixed point by the solver; gradient by implicit differentiation (Bai et al. 2019, Eq. 8)."""
@@ -268,9 +271,9 @@ class GET(nn.Module):
             z, stats = deq.solve(f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters or cfg.eval_iters,
                                  tol=cfg.tol, **cfg.solver_kwargs)
         info["stats"] = stats
-        return deq.implicit_grad(
-            f, z.detach(), solver=cfg.ift_solver or cfg.solver, max_iter=cfg.ift_max_iter, tol=cfg.ift_tol
-        )
+        back = cfg.ift_solver or cfg.solver
+        extra = cfg.solver_kwargs if back == cfg.solver else {}
+        return deq.ift(f, z, solver=back, max_iter=cfg.ift_max_iter, tol=cfg.ift_tol, **extra)
 
 
 def build(name: str, img_resolution: int = 32, in_channels: int = 3, num_classes: int = 0, **kw) -> GET:

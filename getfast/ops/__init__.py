@@ -22,7 +22,7 @@ from ._framework import (  # noqa: F401  (re-exported contract)
 _EXPORTS: dict[str, str] = {
     "sim_loss": "sim_loss_op:sim_loss",
     "sim_loss_reference": "sim_loss_op:sim_loss_reference",
-    # "attention": "attention_op:attention",
+    "attention": "attention_op:attention",
     # "anderson_step": "anderson_op:anderson_step",
 }
 
