@@ -7,8 +7,10 @@ VPY    := $(VENV)/bin/python
 STAMPS := $(VENV)/.getfast-stamps
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := scikit-build-core>=1.1 pybind11 ninja
-# Anything that changes the compiled extension or the package metadata triggers a rebuild.
-BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+# Anything that changes the compiled extension or the package metadata triggers a rebuild, and so
+# does any Python file: the editable install's import redirect knows only the modules that existed
+# when it was made, so a new module needs a (≈5 s, incremental) reinstall.
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc getfast kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.txt' \) 2>/dev/null)
 
 .PHONY: test demo install venv bench clean
 
@@ -39,7 +41,7 @@ demo: $(STAMPS)/install
 	$(VENV)/bin/getfast demo
 
 bench: $(STAMPS)/install
-	$(VPY) -m benchmarks.bench_sim_loss
+	$(VPY) -m benchmarks
 
 clean:
 	rm -rf build dist $(STAMPS)

@@ -104,34 +104,16 @@ def _cmd_distill(ns):
 
 def _cmd_sample(ns):
     import torch
-    from getfast.diffusion import sample
-    from getfast.methods import is_student, load_student
     from getfast.metrics.grids import save_grid
-    from getfast.teacher import load
     torch.manual_seed(ns.seed)
-    if is_student(ns.ckpt):
-        net = load_student(ns.ckpt)
-        C, H, W = net.meta["shape"]
-        K = net.meta["num_classes"]
-    else:
-        net = load(ns.ckpt)
-        C, H, W, K = net.meta["channels"], net.meta["resolution"], net.meta["resolution"], net.meta["num_classes"]
-    z = torch.randn(ns.n, C, H, W)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn, shape, K, _ = load_sampler(ns.ckpt, ns.sampler, ns.steps, ns.cfg_scale, ns.compile, device)
+    z = torch.randn(ns.n, *shape, device=device)
     labels = None
     if K:
-        labels = torch.full((ns.n,), ns.label) if ns.label >= 0 else torch.arange(ns.n) % K
+        labels = (torch.full((ns.n,), ns.label) if ns.label >= 0 else torch.arange(ns.n) % K).to(device)
     with torch.no_grad():
-        if is_student(ns.ckpt) and net.meta.get("sampler") == "ddim":
-            # Guided student: DDIM at weight w; --steps left at its default (18) means the student's own count.
-            from getfast.diffusion import ddim
-            steps = net.meta.get("steps", 1) if ns.steps == 18 else ns.steps
-            w = torch.full((ns.n,), float(ns.cfg_scale or 0.0))
-            x = ddim(net, z, steps, labels, w=w)
-        elif is_student(ns.ckpt):
-            x = net(z, labels)
-        else:
-            kw = {"cfg_scale": ns.cfg_scale} if ns.cfg_scale is not None else {}
-            x = sample(net, z, ns.sampler, steps=ns.steps, class_labels=labels, **kw)
+        x = fn(z, labels)
     save_grid(x, ns.out, nrow=ns.nrow or None)
     print(f"wrote {ns.out}")
 
@@ -146,9 +128,67 @@ def _cmd_demo(ns):
     run_demo(take_config(DemoConfig, ns))
 
 
+def compile_for_sampling(net):
+    """torch.compile a one-step student. On CUDA ``mode="reduce-overhead"`` records CUDA graphs, so with
+    fixed shapes (and the DEQ solve in its zero-sync fixed-iteration mode) a batch is one graph replay."""
+    import torch
+    cuda = next(net.parameters()).is_cuda
+    return torch.compile(net, mode="reduce-overhead" if cuda else "default")
+
+
+def load_sampler(ckpt: str, sampler: str = "heun", steps: int = 18, cfg_scale=None, compile: bool = False,
+                 device="cpu"):
+    """(sample_fn(z, labels) -> images, (C, H, W), num_classes, network evaluations per sample)."""
+    from getfast.diffusion import nfe, sample
+    from getfast.methods import is_student, load_student
+    from getfast.teacher import load
+    if is_student(ckpt):
+        net = load_student(ckpt, device=device)
+        meta = net.meta
+        if compile:
+            net = compile_for_sampling(net)
+        return (lambda z, labels: net(z, labels)), tuple(meta["shape"]), meta["num_classes"], int(meta.get("nfe", 1))
+    net = load(ckpt, device=device)
+    m = net.meta
+    kw = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
+    if compile:
+        net = compile_for_sampling(net)
+    return (lambda z, labels: sample(net, z, sampler, steps=steps, class_labels=labels, **kw)), \
+        (m["channels"], m["resolution"], m["resolution"]), m["num_classes"], nfe(sampler, steps)
+
+
+def _cmd_fid(ns):
+    import json
+    from pathlib import Path
+
+    import torch
+    from getfast.metrics.fid import fid_from_generator, folder_features, reference_stats, stats_from_features
+    ref = reference_stats(ns.ref, ns.split, ns.ref_n or None, online=ns.online)
+    gen = Path(ns.gen)
+    if gen.is_dir() and not (gen / "student.safetensors").exists() and not any(gen.glob("ckpt-*.pt")):
+        from getfast.metrics.fid import _fid_against
+        feats = folder_features(gen, ns.n, online=ns.online)
+        value = _fid_against(stats_from_features(feats), ref, "sqrtm")
+        nfe = None
+    else:
+        fn, shape, K, nfe = load_sampler(ns.gen, ns.sampler, ns.steps, ns.cfg_scale)
+        g = torch.Generator().manual_seed(ns.seed)
+
+        def sample_fn(b):
+            z = torch.randn(b, *shape, generator=g)
+            return fn(z, torch.randint(0, K, (b,), generator=g) if K else None)
+        value = fid_from_generator(sample_fn, ns.n, ref, batch=ns.batch, online=ns.online)
+    result = {"fid": value, "gen": ns.gen, "ref": ns.ref, "split": ns.split, "n": ns.n, "ref_n": ns.ref_n,
+              "nfe": nfe, "online_inception": ns.online, "seed": ns.seed}
+    print(json.dumps(result))
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps(result, indent=2))
+
+
 def _cmd_bench(ns):
     from benchmarks.__main__ import main as bench_main
-    return bench_main(ns.rest)
+    return bench_main(["--quick"] if ns.quick else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
         add_config(mp, LoopConfig)
         mp.set_defaults(func=_cmd_distill, out=f"runs/{name}")
 
+    f = sub.add_parser("fid", help="FID of a teacher/student checkpoint or an image folder (clean-fid, offline)",
+                       formatter_class=_fmt())
+    f.add_argument("--gen", required=True, help="student/teacher checkpoint, run folder, or image folder")
+    f.add_argument("--ref", default="fashion-mnist", help="fashion-mnist | image folder | .npz (images or mu/sigma)")
+    f.add_argument("--split", default="train", help="reference split for named datasets")
+    f.add_argument("--n", type=int, default=10000, help="generated images")
+    f.add_argument("--ref-n", type=int, default=10000, help="reference images (0: all); statistics are cached")
+    f.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"], help="teacher sampler")
+    f.add_argument("--steps", type=int, default=18, help="teacher sampler steps")
+    f.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (teachers)")
+    f.add_argument("--batch", type=int, default=50)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--online", action="store_true", help="use clean-fid's own (downloaded) Inception")
+    f.add_argument("--out", default="", help="also write the result JSON here")
+    f.set_defaults(func=_cmd_fid)
+
+    bn = sub.add_parser("bench", help="run every benchmark and regenerate benchmarks/RESULTS.md", formatter_class=_fmt())
+    bn.add_argument("--quick", action="store_true", help="smaller sizes, shorter timing")
+    bn.set_defaults(func=_cmd_bench)
+
     from getfast.demo import DemoConfig
     dm = sub.add_parser("demo", help="distil, sample, measure and write runs/demo/report.html", formatter_class=_fmt())
     add_config(dm, DemoConfig)
@@ -185,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=int, default=-1, help="class for every sample (-1: cycle through classes)")
     s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight w")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (CUDA: reduce-overhead mode, CUDA-graph replay)")
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_cmd_sample)
 
@@ -200,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from getfast.train.checkpoint import CheckpointError
     try:
-        ns.func(ns)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        from getfast.train.checkpoint import CheckpointError  # noqa: F401  (also a RuntimeError subclass)
+        rc = ns.func(ns)
+    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
         print(f"getfast {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return int(rc or 0)
 
 
 if __name__ == "__main__":
