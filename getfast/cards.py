@@ -1,0 +1,45 @@
+"""Model cards for committed weights: the exact command, seed, wall time, metrics and a sample grid."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+
+def _log_summary(run_dir: Path) -> dict:
+    lines = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+    if not lines:
+        raise ValueError(f"{run_dir}/log.jsonl is empty")
+    last = lines[-1]
+    tail = lines[-10:]
+    losses = {k: sum(r[k] for r in tail if k in r) / len(tail) for k in last if k.startswith("loss") or k.startswith("l1")}
+    # A resumed run restarts its clock; sum the segments (the time field drops when a segment starts).
+    wall, prev = 0.0, 0.0
+    for r in lines:
+        if r["time"] < prev:
+            wall += prev
+        prev = r["time"]
+    wall += prev
+    return {"kimg": last["kimg"], "steps": last["step"], "wall_time_min": round(wall / 60, 1),
+            "final_losses_last10_logs": losses, "img_per_s_last": round(last.get("img_per_s", 0), 1)}
+
+
+def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: dict | None = None,
+               grid: str | None = None) -> Path:
+    """Write ``<weights>.json`` and ``<weights>.md`` beside a committed ``.safetensors``."""
+    weights, run_dir = Path(weights), Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    card = {"title": title, "weights": weights.name, "command": command, "seed": cfg["loop"]["seed"],
+            "config": cfg, **_log_summary(run_dir), "machine": f"{platform.machine()} CPU, torch threads 1-2",
+            **(extra or {})}
+    weights.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    md = [f"# {title}\n", f"Weights: `{weights.name}` (EMA, safetensors)\n", "Command:\n", f"```\n{command}\n```\n",
+          f"- seed: {card['seed']}", f"- trained: {card['kimg']:.1f} kimg in {card['steps']} steps, "
+          f"wall time {card['wall_time_min']} min on {card['machine']} (shared with other work)",
+          f"- final losses (mean of the last 10 log lines): {json.dumps(card['final_losses_last10_logs'])}"]
+    for k, v in (extra or {}).items():
+        md.append(f"- {k}: {v}")
+    if grid:
+        md.append(f"\n![samples]({grid})\n")
+    weights.with_suffix(".md").write_text("\n".join(md) + "\n")
+    return weights.with_suffix(".md")
