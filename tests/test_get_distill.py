@@ -13,7 +13,7 @@ class KnownMapPairs:
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(n, *shape, generator=g)
         self.images = (1.6 * F.conv2d(self.noise, torch.ones(1, 1, 3, 3) / 9, padding=1)).tanh()
-        self.meta = {"shape": list(shape), "num_classes": 0}
+        self.shape, self.num_classes = tuple(shape), 0
 
     def __len__(self):
         return len(self.noise)

@@ -237,6 +237,7 @@ class GDDConfig:
     r1_gamma: float = 1e-4             # R1 weight γ on real data (0: off)
     r1_interval: int = 16              # lazy R1: every this many steps, scaled by it
     grad_clip: float = 0.0             # max gradient norm for both networks (0: off)
+    init_seed: int = 0                 # seed of the discriminator heads' random initialisation
 
     def __post_init__(self):
         self.disc_levels = tuple(int(v) for v in self.disc_levels)
@@ -287,8 +288,11 @@ class GDDMethod:
             self.frozen_fraction = freeze_innate(gen, cfg.freeze_regex)
             if log is not None:
                 log(f"GDD-I: froze {self.frozen_fraction:.1%} of the generator's parameters ({cfg.freeze_regex})")
-        disc = discriminator if discriminator is not None else build_discriminator(
-            cfg.disc, self.teacher, cfg, self.num_classes, self.shape)
+        if discriminator is None:
+            with torch.random.fork_rng(devices=[]):  # the loop seeds after construction: fix the heads' init here
+                torch.manual_seed(cfg.init_seed)
+                discriminator = build_discriminator(cfg.disc, self.teacher, cfg, self.num_classes, self.shape)
+        disc = discriminator
         disc.train().requires_grad_(True)
         self.modules = {"generator": gen, "discriminator": disc}
         self.optimizers = {

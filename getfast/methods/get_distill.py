@@ -74,9 +74,8 @@ class GETDistillMethod:
         from getfast.data import PairDataset
         self.cfg = cfg
         self.data = data if data is not None else PairDataset(cfg.pairs)
-        meta = self.data.meta
-        self.shape = tuple(meta["shape"])
-        self.num_classes = meta.get("num_classes", 0) if cfg.cond else 0
+        self.shape = tuple(self.data.shape)
+        self.num_classes = self.data.num_classes if cfg.cond else 0
         if cfg.cond and not self.num_classes:
             raise ValueError(f"--cond needs pairs with class labels; {cfg.pairs} has none")
         student = build_student(cfg, self.shape[-1], self.shape[0], self.num_classes)

@@ -223,15 +223,16 @@ class GuidedMethod:
         out = Path(loop.out)
         if cfg.stage != "all":
             return [cls._run_one(cfg, loop, out, log)]
-        plan = [("stage1", dataclasses.replace(cfg, stage="cfg"), loop.kimg)]
+        plan = [("stage1", {"stage": "cfg"}, loop.kimg)]
         n = cfg.pd_start // 2
         while n >= cfg.pd_end:
-            plan.append((f"pd-{n}", dataclasses.replace(cfg, stage="pd", steps=n), cfg.pd_kimg or loop.kimg))
+            plan.append((f"pd-{n}", {"stage": "pd", "steps": n}, cfg.pd_kimg or loop.kimg))
             n //= 2
         files, prev = [], None
-        for name, stage_cfg, kimg in plan:
+        for name, changes, kimg in plan:
             if prev is not None:
-                stage_cfg = dataclasses.replace(stage_cfg, init=str(prev))
+                changes["init"] = str(prev)
+            stage_cfg = dataclasses.replace(cfg, **changes)
             stage_loop = dataclasses.replace(loop, out=str(out / name), kimg=kimg)
             prev = cls._run_one(stage_cfg, stage_loop, out / name, log)
             files.append(prev)

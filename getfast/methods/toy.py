@@ -175,7 +175,7 @@ class ResidualDenoiser(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
-        out = self.base(x, sigma, class_labels, cfg_scale=cfg_scale)
+        out = self.base(x, sigma, class_labels, cfg_scale=cfg_scale, w=w)
         sd = self.sigma_data
         c_in = (1 / (sigma**2 + sd**2).sqrt()).reshape(-1, 1)
         c_out = (sigma * sd / (sigma**2 + sd**2).sqrt()).reshape(-1, *[1] * (x.ndim - 1))
