@@ -53,6 +53,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
@@ -74,7 +75,8 @@ def machine_line(info: dict | None = None) -> str:
     """One Markdown line describing the machine."""
     m = info or machine_info()
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return (f"{m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']}){gpu}; "
+    load = f", load average {m['load_avg_1m']}" if m.get("load_avg_1m") is not None else ""
+    return (f"{m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']}{load}){gpu}; "
             f"torch {m['torch']}, Python {m['python']}; {m['timestamp_utc']}")
 
 
@@ -87,6 +89,39 @@ def median_time(fn: Callable[[], object], *, min_run_time: float = 1.0, label: s
 
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
     return float(t.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def time_stats(fn: Callable[[], object], *, min_run_time: float = 1.0, label: str = "") -> dict:
+    """``{"median": s, "min": s}`` per call of ``fn`` over torch.utils.benchmark blocks. On a
+    shared machine the minimum is the least contended estimate; quote the median as well."""
+    from torch.utils import benchmark
+
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
+    m = t.blocked_autorange(min_run_time=min_run_time)
+    return {"median": float(m.median), "min": float(min(m.times))}
+
+
+def thread_cpu_time(fn: Callable[[], object], *, min_cpu_time: float = 0.5, repeats: int = 5) -> float:
+    """Median CPU seconds per call of ``fn`` consumed by the calling thread (``time.thread_time``).
+
+    With ``torch.set_num_threads(1)`` all the work runs on the calling thread, so this is the
+    cost of the code itself, unaffected by other processes preempting it on a shared machine
+    (caches still are). Only meaningful single-threaded.
+    """
+    import time
+
+    fn()  # warm-up
+    per_call = []
+    for _ in range(repeats):
+        n, t0 = 0, time.thread_time()
+        while True:
+            fn()
+            n += 1
+            dt = time.thread_time() - t0
+            if dt >= min_cpu_time / repeats:
+                break
+        per_call.append(dt / n)
+    return sorted(per_call)[len(per_call) // 2]
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

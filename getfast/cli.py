@@ -70,8 +70,8 @@ def _fmt():
 def _cmd_train_teacher(ns):
     from getfast.teacher import TeacherConfig, TeacherMethod, export
     from getfast.train import LoopConfig, train
-    method = TeacherMethod(take_config(TeacherConfig, ns))
     loop = take_config(LoopConfig, ns)
+    method = TeacherMethod(take_config(TeacherConfig, ns), seed=loop.seed)
     train(method, loop)
     from getfast.train.loop import dist_info
     if dist_info()[0] == 0:
@@ -87,7 +87,9 @@ def _cmd_distill(ns):
     from getfast.methods import _registry, save_student, student_meta
     from getfast.train import LoopConfig, load_ema, train
     from getfast.train.loop import dist_info
+    import torch
     cfg_cls, method_cls = _registry()[ns.method]
+    torch.manual_seed(ns.seed)  # students' initial weights (fresh networks, heads) follow --seed
     if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
         method_cls.run_stages(take_config(cfg_cls, ns), take_config(LoopConfig, ns))
         return
@@ -147,6 +149,13 @@ def load_sampler(ckpt: str, sampler: str = "heun", steps: int = 18, cfg_scale=No
         meta = net.meta
         if compile:
             net = compile_for_sampling(net)
+        if meta.get("sampler") == "ddim":  # guided student: DDIM at weight w; steps left at 18 = its own count
+            from getfast.diffusion import ddim
+            import torch
+            n_steps = int(meta.get("steps", 1)) if steps == 18 else steps
+            w = float(cfg_scale or 0.0)
+            return (lambda z, labels: ddim(net, z, n_steps, labels, w=torch.full((z.shape[0],), w, device=z.device))), \
+                tuple(meta["shape"]), meta["num_classes"], n_steps
         return (lambda z, labels: net(z, labels)), tuple(meta["shape"]), meta["num_classes"], int(meta.get("nfe", 1))
     net = load(ckpt, device=device)
     m = net.meta

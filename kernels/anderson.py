@@ -36,8 +36,23 @@ BLOCK = 1024  # elements per inner iteration of the streaming kernels
 CHUNK_TARGET = 4096  # elements per program (mirrors the CUDA launcher)
 
 
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Cast fp32/fp64 ``x`` to ``DTYPE`` rounding to nearest even. The interpreter truncates on
+    fp32 -> bf16 casts, so there (``MANUAL_BF16``) the rounding is done on the bits."""
+    if MANUAL_BF16:
+        xf = x.to(tl.float32)
+        u = xf.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(xf != xf, xf.to(tl.bfloat16), r)
+    else:
+        return x.to(DTYPE)
+
+
 @triton.jit(do_not_specialize=["m", "B", "D", "s", "n", "CHUNK"])
-def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK: tl.constexpr):
+def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK: tl.constexpr,
+                 MANUAL_BF16: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     nblk = tl.num_programs(0)
@@ -58,7 +73,7 @@ def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK:
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
         f = tl.load(f_row + offs, mask=mask, other=0.0).to(ACC)
         g = f - x
-        gst = g.to(G.dtype.element_ty)
+        gst = _round_to(g, G.dtype.element_ty, MANUAL_BF16)
         tl.store(g_row + offs, gst, mask=mask)
         gr = gst.to(ACC)  # the Gram uses the stored (rounded) residual
         ssg += tl.sum(g * g, axis=0)
@@ -164,8 +179,11 @@ def _solve_kernel(
     hmask = bmask[:, None] & (o2 < n)
     tl.store(hb + s * m + o2, rowm, mask=hmask)
     tl.store(hb + o2 * m + s, rowm, mask=hmask)
-    tl.store(TRACE + bo64 * T + k, abs_r, mask=bmask)
-    tl.store(TRACE + (B + bo64) * T + k, rel_r, mask=bmask)
+    # frozen samples: lowest residuals if converged, inf if non-finite (torchdeq-style padding)
+    tr_abs = tl.where(running, abs_r, tl.where(st0 == 1, lo_abs, float("inf")))
+    tr_rel = tl.where(running, rel_r, tl.where(st0 == 1, lo_rel, float("inf")))
+    tl.store(TRACE + bo64 * T + k, tr_abs, mask=bmask)
+    tl.store(TRACE + (B + bo64) * T + k, tr_rel, mask=bmask)
     tl.store(LOWEST + bo, new_lo_abs, mask=bmask)
     tl.store(LOWEST + B + bo, new_lo_rel, mask=bmask)
     tl.store(LOWEST + 2 * B + bo, new_step, mask=bmask)
@@ -176,7 +194,8 @@ def _solve_kernel(
 
 
 @triton.jit(do_not_specialize=["m", "B", "D", "s", "nxt", "n", "CHUNK"])
-def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau, BLOCK: tl.constexpr):
+def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau, BLOCK: tl.constexpr,
+                MANUAL_BF16: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     ACC = WORK.dtype.element_ty
@@ -201,7 +220,7 @@ def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau, BLOCK: tl.
             gj = tl.load(G + row + offs, mask=mask & still, other=0.0).to(ACC)
             acc += aj * (xj + tau * gj)
         xs = tl.load(X + (s * B + b).to(tl.int64) * D + offs, mask=mask & (~still), other=0.0)
-        out = tl.where(still, acc.to(X.dtype.element_ty), xs)
+        out = tl.where(still, _round_to(acc, X.dtype.element_ty, MANUAL_BF16), xs)
         tl.store(X + (nxt * B + b).to(tl.int64) * D + offs, out, mask=mask & (still | (nxt != s)))
 
 
@@ -223,8 +242,10 @@ def anderson_step(X, G, H, fx, best, lowest, trace, status, k, tau, lam, tol, st
     mp2 = triton.next_power_of_2(m + 2)
     mp = max(2, triton.next_power_of_2(m))
     bb = min(16, triton.next_power_of_2(B)) if INTERPRET else 1
-    _gram_kernel[(nblk, B)](X, G, fx, part, m, B, D, s, n, chunk, MP2=mp2, BLOCK=BLOCK)
+    manual = INTERPRET and X.dtype == torch.bfloat16
+    _gram_kernel[(nblk, B)](X, G, fx, part, m, B, D, s, n, chunk, MP2=mp2, BLOCK=BLOCK, MANUAL_BF16=manual)
     _solve_kernel[(triton.cdiv(B, bb),)](H, lowest, trace, status, part, work, m, B, T, k, s, n, nblk,
                                           float(lam), float(tol), float(rtol), float(k + 1),
                                           STOP_REL=bool(stop_rel), MP=mp, BB=bb)
-    _mix_kernel[(nblk, B)](X, G, fx, best, work, m, B, D, s, nxt, n, chunk, float(tau), BLOCK=BLOCK)
+    _mix_kernel[(nblk, B)](X, G, fx, best, work, m, B, D, s, nxt, n, chunk, float(tau), BLOCK=BLOCK,
+                           MANUAL_BF16=manual)

@@ -13,6 +13,8 @@ Accumulation is float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,21 @@ __all__ = ["lowrank"]
 
 BLOCK = 1024
 CHUNK_TARGET = 4096
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Cast fp32/fp64 ``x`` to ``DTYPE`` rounding to nearest even. The interpreter truncates on
+    fp32 -> bf16 casts, so there (``MANUAL_BF16``) the rounding is done on the bits."""
+    if MANUAL_BF16:
+        xf = x.to(tl.float32)
+        u = xf.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(xf != xf, xf.to(tl.bfloat16), r)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit(do_not_specialize=["n", "B", "D", "CHUNK"])
@@ -46,7 +63,8 @@ def _dots_kernel(Am, X, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit(do_not_specialize=["n", "B", "D", "CHUNK"])
-def _expand_kernel(Bm, X, OUT, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr):
+def _expand_kernel(Bm, X, OUT, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr,
+                   MANUAL_BF16: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     nblk = tl.num_programs(0)
@@ -66,7 +84,7 @@ def _expand_kernel(Bm, X, OUT, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl
             cj = tl.sum(tl.where(offs_j == j, c, 0.0), axis=0)
             v = tl.load(Bm + (j * B + b).to(tl.int64) * D + offs, mask=mask, other=0.0).to(ACC)
             acc += cj * v
-        tl.store(OUT + b.to(tl.int64) * D + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + b.to(tl.int64) * D + offs, _round_to(acc, OUT.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
 def lowrank(A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int, out: torch.Tensor) -> None:
@@ -80,4 +98,5 @@ def lowrank(A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int, out: tor
     part = torch.empty(B, nblk, max(n, 1), dtype=acc, device=x.device)
     if n > 0:
         _dots_kernel[(nblk, B)](A, x, part, n, B, D, chunk, NP=npow, BLOCK=BLOCK)
-    _expand_kernel[(nblk, B)](Bm, x, out, part, n, B, D, chunk, NP=npow, BLOCK=BLOCK)
+    _expand_kernel[(nblk, B)](Bm, x, out, part, n, B, D, chunk, NP=npow, BLOCK=BLOCK,
+                              MANUAL_BF16=INTERPRET and x.dtype == torch.bfloat16)

@@ -4,6 +4,8 @@ Inception-v3 runs at a few images per second on two CPU cores and a 2048-d matri
 tens of seconds, so the default tests embed few images and compare full 2048-d FIDs only in a test
 marked slow.
 """
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -174,42 +176,48 @@ def test_inception_input_validation():
 
 @pytest.fixture(scope="module")
 def two_sets(tmp_path_factory):
+    """Two sets of 12 grey images as PNG folders, and our array-path Inception features of each (computed once)."""
     rng = np.random.default_rng(4)
     a, b = _blobs(rng, 12), _blobs(rng, 12, size=32)[:, 2:30, 2:30]
     root = tmp_path_factory.mktemp("fid_sets")
     save_images(a, root / "a")
     save_images(b, root / "b")
-    return a, b, root / "a", root / "b"
+    fa = F.features_from_images(a, batch_size=12, device="cpu", progress=False)
+    fb = F.features_from_images(b, batch_size=12, device="cpu", progress=False)
+    return root / "a", root / "b", fa, fb
 
 
 def test_cleanfid_folder_features_match_ours(two_sets):
     """clean-fid's file reading + "clean" resize + our extractor == our array path (2048-d, atol 1e-4)."""
-    a, _, dir_a, _ = two_sets
+    dir_a, _, fa, _ = two_sets
     theirs = F.folder_features(dir_a, batch_size=6, device="cpu", progress=False)
-    ours = F.features_from_images(a, batch_size=6, device="cpu", progress=False)
-    assert theirs.shape == ours.shape == (12, 2048)
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+    assert theirs.shape == fa.shape == (12, 2048)
+    np.testing.assert_allclose(theirs, fa, rtol=0, atol=1e-4)
 
 
 def test_cleanfid_compute_fid_agrees_with_ours(two_sets):
     """clean-fid's ``compute_fid(dir1, dir2, custom_feat_extractor=...)`` vs our array path, on the real Inception
     features projected to 8-d (full rank with 12 images, so well conditioned): relative tolerance 1e-4."""
-    a, b, dir_a, dir_b = two_sets
+    dir_a, dir_b, fa, fb = two_sets
     ext = Projected(8)
     theirs = F.fid_from_folders(dir_a, dir_b, batch_size=12, extractor=ext, progress=False)
-    ref = F.stats_from_features(F.features_from_images(a, 12, extractor=ext, progress=False), ext.name)
-    ours = F.fid_from_images(b, ref, batch_size=12, extractor=ext, progress=False)
+    proj = ext.proj.numpy()
+    sa, sb = F.stats_from_features(fa @ proj), F.stats_from_features(fb @ proj)
+    ours = F.frechet_distance(sb.mu, sb.sigma, sa.mu, sa.sigma)
     assert ours > 0
     assert ours == pytest.approx(theirs, rel=1e-4)
 
 
 @pytest.mark.slow
 def test_cleanfid_compute_fid_agrees_full_2048d(two_sets):
-    """Full 2048-d FID, clean-fid (scipy sqrtm) vs ours (eigh route): relative tolerance 1e-3 (rank-deficient Σ)."""
-    a, b, dir_a, dir_b = two_sets
-    theirs = F.fid_from_folders(dir_a, dir_b, batch_size=12, device="cpu", progress=False)
-    ref = F.reference_stats(a, n=None, device="cpu", cache_dir=dir_a.parent / "cache", progress=False)
-    ours = F.fid_from_images(b, ref, batch_size=12, device="cpu", progress=False, method="eigh")
+    """Full 2048-d FID, clean-fid (scipy sqrtm) vs ours (eigh route): relative tolerance 1e-3 (rank-deficient Σ).
+    Dominated by clean-fid's 2048×2048 sqrtm (tens of seconds on two cores)."""
+    dir_a, dir_b, fa, fb = two_sets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy: "Matrix is singular" (12 samples, 2048 dimensions)
+        theirs = F.fid_from_folders(dir_a, dir_b, batch_size=12, device="cpu", progress=False)
+    sa, sb = F.stats_from_features(fa), F.stats_from_features(fb)
+    ours = F.frechet_distance(sb.mu, sb.sigma, sa.mu, sa.sigma, method="eigh")
     assert ours == pytest.approx(theirs, rel=1e-3)
 
 
@@ -367,3 +375,23 @@ def test_online_uses_cleanfids_own_inception(monkeypatch):
         assert feats.shape == (2, 2048)
     finally:
         F._cached_extractor.cache_clear()
+
+
+def test_evaluate_record_for_each_kind_of_gen(tmp_path):
+    """``evaluate`` (the body of ``getfast fid``): folder, .npz, array and sampling function give one FID."""
+    import json
+    ext = CountingExtractor()
+    rng = np.random.default_rng(10)
+    ref, gen = _blobs(rng, 10), _blobs(rng, 10)
+    save_images(gen, tmp_path / "gen")
+    np.savez(tmp_path / "gen.npz", x=gen)
+    as_float = torch.from_numpy(gen).float().div(127.5).sub(1).unsqueeze(1)
+    kw = dict(n=8, cache_dir=tmp_path / "cache", extractor=ext, progress=False)
+    rec = F.evaluate(tmp_path / "gen", ref, out_json=tmp_path / "out" / "fid.json", **kw)
+    assert json.loads((tmp_path / "out" / "fid.json").read_text()) == rec
+    assert rec["n"] == 8 and rec["ref_n"] == 8 and rec["preprocessing"] == "clean" and rec["fid"] > 0
+    assert rec["extractor"] == ext.name
+    for gen_like in (tmp_path / "gen.npz", gen, lambda b: as_float[:b]):
+        assert F.evaluate(gen_like, ref, **kw)["fid"] == pytest.approx(rec["fid"], rel=1e-6)
+    with pytest.raises(ValueError, match="gen"):
+        F.evaluate(tmp_path / "missing", ref, **kw)

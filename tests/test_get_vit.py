@@ -232,7 +232,7 @@ def test_get_ift_gradient():
 
 def test_class_conditioning_and_null_class():
     torch.manual_seed(0)
-    m = get_mod.build("GET-N/4", 28, 1, num_classes=10, null_class=True, grad_steps=1)
+    m = get_mod.build("GET-N/4", 28, 1, num_classes=10, null_class=True, eval_iters=2)
     _randomise_decoder(m)
     m.eval()
     x = torch.randn(4, 1, 28, 28)
@@ -312,7 +312,7 @@ def test_compile_whole_models_fullgraph(monkeypatch):
     monkeypatch.delenv("GETFAST_BACKEND", raising=False)
     torch._dynamo.reset()
     x = torch.randn(2, 1, 28, 28)
-    m = _small_get(grad_steps=2, eval_iters=2)
+    m = _small_get(inj_depth=1, deq_mlp_ratio=2, grad_steps=2, eval_iters=2)
     _randomise_decoder(m)
     cm = torch.compile(m, fullgraph=True)
     m.train()
@@ -323,6 +323,6 @@ def test_compile_whole_models_fullgraph(monkeypatch):
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(cm(x, z0=z0), m(x, z0=z0), rtol=1e-4, atol=1e-5)
-    v = vit_mod.build("ViT-N/4", 28, 1, depth=2)
+    v = vit_mod.build("ViT-N/4", 28, 1, depth=1)
     cv = torch.compile(v, fullgraph=True)
     cv(x).square().mean().backward()

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from getfast.metrics.grids import make_grid, save_grid, save_images, to_uint8
-from getfast.metrics.plots import curves, plot_curves, read_jsonl
+from getfast.metrics.plots import _centred_mean, curves, plot_curves, read_jsonl
 
 
 def test_to_uint8_rounding_and_clipping():
@@ -111,3 +111,8 @@ def test_plot_curves_errors(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         plot_curves(log, tmp_path / "x.png", keys=["nope"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_centred_mean_has_no_lag():
+    np.testing.assert_allclose(_centred_mean(np.arange(6.0), 3), [0.5, 1, 2, 3, 4, 4.5])
+    np.testing.assert_allclose(_centred_mean(np.full(5, 2.0), 4), np.full(5, 2.0))

@@ -115,7 +115,8 @@ def test_images_equal_teacher_sampler_output(teacher, reference):
         assert torch.equal(y, idx % 10)  # balanced labels
         x = heun(D, z, steps=STEPS, class_labels=y)
         assert x.abs().max() > 0.1  # non-trivial teacher
-        assert np.array_equal(quantize(x, "uint8"), np.load(reference / f"shard-{b0 // 8:05d}.images.npy")[idx - b0 // 8 * 8])
+        k = b0 // 8
+        assert np.array_equal(quantize(x, "uint8"), np.load(reference / f"shard-{k:05d}.images.npy")[idx - k * 8])
         assert torch.equal(img, dequantize(quantize(x, "uint8")))
         assert (img - x.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6
 

@@ -134,10 +134,11 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
     const bool finite = std::isfinite(abs_r) && std::isfinite(f_norm);
     A rel_r = finite ? abs_r / (f_norm + rel_eps) : inf;
     if (!finite) abs_r = inf;
-    trace[(0 * B + b) * Tn + k] = abs_r;
-    trace[(1 * B + b) * Tn + k] = rel_r;
     const int32_t st0 = status[b];
     const bool running = st0 == 0;
+    // frozen samples: lowest residuals if converged, inf if non-finite (torchdeq-style padding)
+    trace[(0 * B + b) * Tn + k] = running ? abs_r : (st0 == 1 ? lowest[b] : inf);
+    trace[(1 * B + b) * Tn + k] = running ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
     bool improved = false;
     int32_t st1 = st0;
     if (running) {

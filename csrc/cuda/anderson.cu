@@ -193,9 +193,10 @@ __device__ void solve_impl(A* __restrict__ H, A* __restrict__ lowest, A* __restr
   const bool fin = finite(abs_r) && finite(f_norm);
   const A rel_r = fin ? abs_r / (f_norm + A(1e-9)) : inf;
   if (!fin) abs_r = inf;
-  trace[b * T + k] = abs_r;
-  trace[(B + b) * T + k] = rel_r;
   const int st0 = status[b];
+  // frozen samples: lowest residuals if converged, inf if non-finite (torchdeq-style padding)
+  trace[b * T + k] = st0 == 0 ? abs_r : (st0 == 1 ? lowest[b] : inf);
+  trace[(B + b) * T + k] = st0 == 0 ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
   int st1 = st0;
   bool improved = false;
   if (st0 == 0) {

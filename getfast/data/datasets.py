@@ -127,12 +127,31 @@ def load_fashion_mnist(split: str = "train", root=None) -> ImageDataset:
                         num_classes=10, name=f"fashion-mnist-{split}")
 
 
+def _digits_arrays():
+    # scikit-learn ships the digits as one CSV (64 pixel values 0..16, then the class per row). Read that file
+    # directly: importing sklearn.datasets pulls in scipy.stats and costs seconds in every process.
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / "datasets" / "data" / "digits.csv.gz"
+        if f.exists():
+            try:
+                data = np.loadtxt(f, delimiter=",", dtype=np.float64)
+            except (OSError, ValueError, EOFError, zlib.error) as e:
+                raise DatasetError(f"{f}: unreadable digits data ({e}); reinstall scikit-learn") from e
+            if data.shape != (1797, 65):
+                raise DatasetError(f"{f}: {data.shape} values, expected 1797 rows of 64 pixels and a class")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as _ld  # layout changed: use the public loader
+    d = _ld()
+    return d.images, d.target.astype(np.int64)
+
+
 def load_digits() -> ImageDataset:
     """scikit-learn's 1,797 8×8 digits (values 0..16) rescaled to uint8."""
-    from sklearn.datasets import load_digits as _ld
-    d = _ld()
-    images = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return ImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(d.target.astype(np.int64)),
+    images, target = _digits_arrays()
+    images = np.round(images * (255 / 16)).astype(np.uint8)
+    return ImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(target),
                         num_classes=10, name="digits")
 
 

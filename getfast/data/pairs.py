@@ -325,12 +325,14 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
                 raise PairDataError(f"{jpath} does not hold samples [{first}, +{count}) of this configuration")
             shards.append({"index": k, "first": first, "count": count, "json": jpath.name,
                            "json_sha256": sha256_file(jpath),
-                           "files": {key: {"file": r["file"], "sha256": r["sha256"]} for key, r in info["files"].items()}})
+                           "files": {key: {"file": r["file"], "sha256": r["sha256"]}
+                                     for key, r in info["files"].items()}})
         manifest = {"format": FORMAT, "count": cfg.n, "shape": list(shape), "image_dtype": cfg.image_dtype,
                     "image_encoding": "round((x+1)*127.5) clipped to [0,255]" if cfg.image_dtype == "uint8"
                     else "float16 in [-1, 1]",
                     "noise": "stored" if cfg.store_noise else "seeded",
-                    "noise_rule": "torch.randn(shape, generator=torch.Generator().manual_seed(seed*2**32+i)), CPU float32",
+                    "noise_rule": "torch.randn(shape, generator=torch.Generator().manual_seed(seed*2**32+i)), "
+                                  "CPU float32",
                     "seed": cfg.seed, "seed_stride": SEED_STRIDE, "num_classes": num_classes if cfg.cond else 0,
                     "labels": cfg.labels if cfg.cond else None,
                     "teacher": teacher,
@@ -363,7 +365,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.exists():
-            hint = " (shards are present: generation is unfinished, re-run make-pairs)" if any(self.path.glob("shard-*.json")) else ""
+            unfinished = any(self.path.glob("shard-*.json"))
+            hint = " (shards are present: generation is unfinished, re-run make-pairs)" if unfinished else ""
             raise PairDataError(f"no pair set at {self.path}: {mpath} is missing{hint}")
         try:
             self.manifest = json.loads(mpath.read_text())

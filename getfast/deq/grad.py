@@ -229,8 +229,9 @@ def jacobian_reg(
         raise ValueError("z must require grad (compute fz = f(z) with z.requires_grad_())")
     total = None
     for i in range(n_samples):
-        eps = torch.randn(fz.shape, dtype=fz.dtype, device=fz.device, generator=generator)
+        # drawn in float32 then cast (so a seeded run reproduces torchdeq's jac_reg noise)
+        eps = torch.randn(fz.shape, dtype=torch.float32, device=fz.device, generator=generator).to(fz.dtype)
         (vjp,) = torch.autograd.grad(fz, z, eps, retain_graph=True, create_graph=create_graph)
-        term = vjp.float().square().sum()
+        term = vjp.to(torch.float64 if vjp.dtype == torch.float64 else torch.float32).square().sum()
         total = term if total is None else total + term
     return total / (n_samples * z.numel())

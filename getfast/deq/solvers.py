@@ -19,7 +19,9 @@ Common contract (the statistics mean what torchdeq 0.1.0's ``SolverStat`` means)
 
   ``abs_lowest``, ``rel_lowest`` ``(B,)``  lowest abs / rel residual seen (each its own minimum)
   ``nstep`` ``(B,)`` (float, as torchdeq)   1-based iteration of the stop-mode minimum (0: none)
-  ``abs_trace``, ``rel_trace`` ``(B, n)``   residual of every iteration run (``n ≤ max_iter``)
+  ``abs_trace``, ``rel_trace`` ``(B, n)``   residual of every iteration run (``n ≤ max_iter``);
+                                           after a sample froze: its lowest residual
+                                           (converged) or inf (non-finite), as torchdeq pads
   ``nonfinite`` ``(B,)`` bool               ``f`` produced NaN/Inf for that sample (then frozen)
   ``converged`` ``(B,)`` bool               the stop-mode minimum went below ``tol``
 

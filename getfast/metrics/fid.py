@@ -1,6 +1,6 @@
 """Fréchet Inception Distance, offline, through clean-fid.
 
-FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...", eq. 6):
+FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...", arXiv 1706.08500):
 
     d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2})
 
@@ -334,7 +334,7 @@ def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> flo
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6), in float64.
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, arXiv 1706.08500), in float64.
 
     ``method="sqrtm"`` (default) uses ``scipy.linalg.sqrtm(Σ₁Σ₂)`` as the reference FID code does: a tiny
     imaginary part from round-off is dropped, and a non-finite or clearly complex root is retried with
@@ -568,3 +568,59 @@ def fid_from_folders(dir1, dir2, batch_size: int = 50, *, extractor=None, online
         return float(cfid.compute_fid(str(dir1), str(dir2), mode=PREPROCESSING, custom_feat_extractor=ext,
                                       num_workers=0, batch_size=_check_positive("batch_size", batch_size),
                                       device=dev, verbose=progress))
+
+
+def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", batch_size: int = 50, *,
+             ref_n: int | None = None, cache_dir=None, loader: Callable | None = None, extractor=None,
+             online: bool = False, device=None, progress: bool = True, method: str = "sqrtm",
+             out_json=None) -> dict:
+    """FID of ``gen`` against ``ref`` as a JSON-ready record (the body of ``getfast fid``).
+
+    ``gen``: an image folder, an ``.npz`` of uint8 images, an image array, or ``sample_fn(b)`` returning b
+    images in [-1, 1]; its first ``n`` images are used. ``ref``: as in :func:`reference_stats`, over
+    ``ref_n`` images (default ``n``), cached. ``out_json``: also write the record there (atomically).
+    """
+    import time
+    n = _check_positive("n", n)
+    t0 = time.time()
+    ext = _resolve_extractor(extractor, online, device)
+    ref_stats = reference_stats(ref, split=split, n=ref_n or n, cache_dir=cache_dir, loader=loader,
+                                batch_size=batch_size, extractor=ext, device=device, progress=progress)
+    t_ref = time.time() - t0
+    if callable(gen) and not isinstance(gen, (str, os.PathLike)):
+        fid = fid_from_generator(gen, n, ref_stats, batch_size, extractor=ext, progress=progress, method=method)
+        gen_desc, n_gen = getattr(gen, "__name__", type(gen).__name__), n
+    else:
+        if isinstance(gen, (str, os.PathLike)) and Path(gen).expanduser().is_dir():
+            feats = folder_features(Path(gen).expanduser(), n=n, batch_size=batch_size, extractor=ext,
+                                    device=device, progress=progress)
+            gen_desc = str(gen)
+        elif isinstance(gen, (str, os.PathLike)) and str(gen).endswith(".npz") and Path(gen).expanduser().is_file():
+            feats = features_from_images(_npz_images(Path(gen).expanduser())[:n], batch_size, extractor=ext,
+                                         progress=progress)
+            gen_desc = str(gen)
+        elif torch.is_tensor(gen) or isinstance(gen, np.ndarray):
+            feats = features_from_images(gen[:n], batch_size, extractor=ext, progress=progress)
+            gen_desc = f"array{tuple(gen.shape)}"
+        else:
+            raise ValueError(f"gen must be an image folder, an .npz, an image array or a sampling function; "
+                             f"got {gen!r:.80}")
+        n_gen = int(feats.shape[0])
+        fid = _fid_against(stats_from_features(feats, _extractor_name(ext)), ref_stats, method)
+    record = {"fid": fid, "gen": gen_desc, "n": n_gen,
+              "ref": str(ref) if isinstance(ref, (str, os.PathLike)) else f"array{tuple(ref.shape)}",
+              "ref_split": split, "ref_n": ref_stats.n, "preprocessing": PREPROCESSING,
+              "extractor": _extractor_name(ext), "seconds_ref": round(t_ref, 3),
+              "seconds": round(time.time() - t0, 3)}
+    if out_json is not None:
+        out = Path(out_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=2)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return record

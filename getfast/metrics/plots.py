@@ -76,12 +76,21 @@ def curves(records: list[dict], keys=None, x: str = "step") -> tuple[dict[str, t
     return series, xlabel
 
 
+def _centred_mean(ys: np.ndarray, width: int) -> np.ndarray:
+    """Moving average over a centred window of ``width`` points (narrower at the ends): no lag."""
+    h = width // 2
+    c = np.cumsum(np.insert(ys, 0, 0.0))
+    i = np.arange(len(ys))
+    lo, hi = np.maximum(i - h, 0), np.minimum(i + h + 1, len(ys))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
 def plot_curves(jsonl_path, out_png, keys=None, x: str = "step", title: str | None = None,
                 smooth: int = 0, logy: bool | None = None) -> Path:
     """Plot metrics of a JSONL training log to one PNG: one panel per key against ``x`` (default ``step``).
 
     ``keys``: the metrics to draw (default: every numeric key but the book-keeping ones). ``smooth``: width of a
-    trailing moving average drawn over the raw curve (0: none). ``logy``: log scale (default: when a series is
+    centred moving average drawn over the raw curve (0: none). ``logy``: log scale (default: when a series is
     positive and spans more than two decades). Written atomically; returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -108,8 +117,7 @@ def plot_curves(jsonl_path, out_png, keys=None, x: str = "step", title: str | No
         raw_style = {"alpha": 0.35, "lw": 1} if smooth > 1 and len(ys) > smooth else {"lw": 1.2}
         ax.plot(xs, ys, color="C0", **raw_style)
         if smooth > 1 and len(ys) > smooth:
-            c = np.cumsum(np.insert(ys, 0, 0.0))
-            ax.plot(xs[smooth - 1:], (c[smooth:] - c[:-smooth]) / smooth, color="C0", lw=1.5)
+            ax.plot(xs, _centred_mean(ys, smooth), color="C0", lw=1.5)
         use_log = logy if logy is not None else bool((ys > 0).all() and ys.max() / ys.min() > 100)
         if use_log and (ys > 0).all():
             ax.set_yscale("log")

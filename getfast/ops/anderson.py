@@ -33,6 +33,7 @@ Buffers (all mutated in place; ``m`` history slots, batch ``B``, flattened state
 ``best``  ``(B, D)`` state dtype: the image ``f(x)`` of the lowest-residual iterate
 ``lowest`` ``(3, B)`` accumulation dtype: lowest abs residual, lowest rel residual, its step
 ``trace`` ``(2, B, T)`` accumulation dtype, ``T > k``: abs and rel residual of every iteration
+          (frozen samples: their lowest residuals if converged, inf if non-finite)
 ``status`` ``(B,)`` int32: 0 running, 1 converged, 2 non-finite
 
 Backends (``getfast.ops._framework``): ``reference`` (this file), ``triton``
@@ -103,7 +104,8 @@ def record_reference(
 
     ``g = f(x) − x`` and ``f = f(x)`` in the accumulation dtype; ``cand`` is what ``best`` becomes
     for a sample whose residual (in the stop mode) improved. Writes the residuals to column ``k``
-    of ``trace``; updates ``lowest`` (running minima of the abs and rel residuals and the 1-based
+    of ``trace`` (a frozen sample gets its lowest residuals if converged, inf if non-finite);
+    updates ``lowest`` (running minima of the abs and rel residuals and the 1-based
     step of the stop-mode minimum, torchdeq's ``abs_lowest``/``rel_lowest``/``nstep``) and
     ``status`` (2 when the residual is not finite, 1 when the stop-mode minimum is below
     ``tol >= 0``) for samples with status 0 only.
@@ -114,10 +116,13 @@ def record_reference(
     inf = torch.full_like(abs_r, float("inf"))
     abs_r = torch.where(finite, abs_r, inf)
     rel_r = torch.where(finite, abs_r / (f_norm + REL_EPS), inf)
-    trace[0, :, k] = abs_r
-    trace[1, :, k] = rel_r
-
     running = status == 0
+    # frozen samples are padded like torchdeq pads after its stop: converged -> their lowest
+    # residuals, non-finite -> inf
+    done = status == 1
+    trace[0, :, k] = torch.where(running, abs_r, torch.where(done, lowest[0], inf))
+    trace[1, :, k] = torch.where(running, rel_r, torch.where(done, lowest[1], inf))
+
     lo_abs = torch.where(running, torch.minimum(lowest[0], abs_r), lowest[0])
     lo_rel = torch.where(running, torch.minimum(lowest[1], rel_r), lowest[1])
     crit, lo_crit = (rel_r, lowest[1]) if stop_rel else (abs_r, lowest[0])

@@ -75,10 +75,15 @@ def _validate(U, V, x, n) -> None:
         raise ValueError(f"n must be an int in [0, {mem}], got {n!r}")
 
 
-def _run(backend: str, A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+def _run(backend: str, A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``−x + Σⱼ<n Bmⱼ ⟨Aⱼ, x⟩`` on ``backend``; ``out`` (optional, validated by the caller) is
+    written in full and returned."""
     if backend == "reference":
-        return _lowrank_reference(A, Bm, x, n)
-    out = torch.empty_like(x)
+        res = _lowrank_reference(A, Bm, x, n)
+        return res if out is None else out.copy_(res)
+    if out is None:
+        out = torch.empty_like(x)
     mem, B, D = A.shape
     if backend == "triton":
         from getfast.kernels import broyden as tk  # noqa: PLC0415
