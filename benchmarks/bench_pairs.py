@@ -132,8 +132,7 @@ def run(quick: bool = False) -> dict:
     body = (f"Teacher: {tdesc}; {m['model']}, {params / 1e6:.2f}M parameters, {shape[1]}×{shape[2]}×{shape[0]}, "
             f"{'class-conditional' if cond else 'unconditional'}. Heun {STEPS} steps = {nfe} network evaluations "
             f"per pair, batch {BATCH}, on {device}.\n\n"
-            f"Machine: {machine_line(result['machine'])}; 1-min load average {result['load_avg_1m']:.1f} "
-            f"(shared with a background training run).\n\n"
+            f"Machine: {machine_line(result['machine'])} (shared with a background training run).\n\n"
             + markdown_table(["path", "pairs/s", "network evaluations/s (per image)", "time vs sampler"], rows)
             + f"\n\nMedian of {reps} interleaved repetition(s) in one process. Noise regeneration from per-sample "
             f"seeds: {t_noise / BATCH * 1e6:.0f} µs per sample." + caveat + (" (quick run)" if quick else ""))

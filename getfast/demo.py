@@ -179,7 +179,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
             labels = torch.randint(0, K, (b,), generator=gen) if K else None
             return e.sample_fn(z, labels)
         log(f"[demo] FID of {e.name} on {n} samples")
-        e.fid = fid_from_generator(sample_fn, n, ref, batch=50)
+        e.fid = fid_from_generator(sample_fn, n, ref, batch=50, method="eigh")  # same value as sqrtm, ~2× faster
 
     rows = [{"model": e.name, "fid": e.fid, "nfe": e.nfe, "ms_per_batch": e.ms, "speedup": t_teacher / e.ms,
              "grid": e.grid, "note": e.note} for e in entries]
