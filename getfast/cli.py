@@ -107,6 +107,7 @@ def _cmd_distill(ns):
 def _cmd_sample(ns):
     import torch
     from getfast.metrics.grids import save_grid
+    from getfast.sampling import load_sampler
     torch.manual_seed(ns.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fn, shape, K, _ = load_sampler(ns.ckpt, ns.sampler, ns.steps, ns.cfg_scale, ns.compile, device)
@@ -130,42 +131,6 @@ def _cmd_demo(ns):
     run_demo(take_config(DemoConfig, ns))
 
 
-def compile_for_sampling(net):
-    """torch.compile a one-step student. On CUDA ``mode="reduce-overhead"`` records CUDA graphs, so with
-    fixed shapes (and the DEQ solve in its zero-sync fixed-iteration mode) a batch is one graph replay."""
-    import torch
-    cuda = next(net.parameters()).is_cuda
-    return torch.compile(net, mode="reduce-overhead" if cuda else "default")
-
-
-def load_sampler(ckpt: str, sampler: str = "heun", steps: int = 18, cfg_scale=None, compile: bool = False,
-                 device="cpu"):
-    """(sample_fn(z, labels) -> images, (C, H, W), num_classes, network evaluations per sample)."""
-    from getfast.diffusion import nfe, sample
-    from getfast.methods import is_student, load_student
-    from getfast.teacher import load
-    if is_student(ckpt):
-        net = load_student(ckpt, device=device)
-        meta = net.meta
-        if compile:
-            net = compile_for_sampling(net)
-        if meta.get("sampler") == "ddim":  # guided student: DDIM at weight w; steps left at 18 = its own count
-            from getfast.diffusion import ddim
-            import torch
-            n_steps = int(meta.get("steps", 1)) if steps == 18 else steps
-            w = float(cfg_scale or 0.0)
-            return (lambda z, labels: ddim(net, z, n_steps, labels, w=torch.full((z.shape[0],), w, device=z.device))), \
-                tuple(meta["shape"]), meta["num_classes"], n_steps
-        return (lambda z, labels: net(z, labels)), tuple(meta["shape"]), meta["num_classes"], int(meta.get("nfe", 1))
-    net = load(ckpt, device=device)
-    m = net.meta
-    kw = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
-    if compile:
-        net = compile_for_sampling(net)
-    return (lambda z, labels: sample(net, z, sampler, steps=steps, class_labels=labels, **kw)), \
-        (m["channels"], m["resolution"], m["resolution"]), m["num_classes"], nfe(sampler, steps)
-
-
 def _cmd_fid(ns):
     import json
     from pathlib import Path
@@ -180,6 +145,7 @@ def _cmd_fid(ns):
         value = _fid_against(stats_from_features(feats), ref, "sqrtm")
         nfe = None
     else:
+        from getfast.sampling import load_sampler
         fn, shape, K, nfe = load_sampler(ns.gen, ns.sampler, ns.steps, ns.cfg_scale)
         g = torch.Generator().manual_seed(ns.seed)
 

@@ -28,11 +28,12 @@ class DemoConfig:
     out: str = "runs/demo"        # report folder
     budget: float = 1.0           # scales live training and FID sample counts (1.0 ≈ 15 min on 2 CPU cores)
     all: bool = False             # also live GDD, GDD-I and guided runs
-    fid_n: int = 0                # samples per FID (0: 400 × budget)
+    fid_n: int = 0                # samples per FID (0: 300 × budget)
     fid_ref_n: int = 1000         # Fashion-MNIST training images in the cached reference statistics
     latency_batch: int = 64       # batch for the latency table
     live: bool = True             # run the short live distillations
     seed: int = 0                 # seed for sampling and live runs
+    guided_w: float = 2.0         # guidance weight for guided students
 
 
 class _Entry:
@@ -50,20 +51,24 @@ def _teacher_entry(teacher):
     return _Entry("teacher (EDM Heun, 18 steps)", fn, 35, "teacher")
 
 
-def _student_entry(name, net, note=""):
-    nfe = int(getattr(net, "meta", {}).get("nfe", 1))
+def _product(run_dir: Path) -> Path:
+    """The final student of a run: ``student.safetensors``, or the last stage's for multi-stage runs."""
+    if (run_dir / "student.safetensors").exists():
+        return run_dir / "student.safetensors"
+    found = sorted(run_dir.glob("*/student.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no student.safetensors under {run_dir}")
+    return found[-1]
 
-    def fn(z, labels):
-        return net(z, labels)
-    return _Entry(name, fn, nfe, "student", note)
 
-
-def _committed_students():
-    from getfast.methods import load_student
+def _committed_students(guided_w: float):
+    from getfast.sampling import load_sampler
     out = []
     if STUDENTS.is_dir():
         for p in sorted(STUDENTS.glob("*.safetensors")):
-            out.append(_student_entry(f"{p.stem} (committed)", load_student(p), note=_card_line(p)))
+            fn, _, _, nfe = load_sampler(str(p), cfg_scale=guided_w)
+            name = f"{p.stem} (committed{f', w={guided_w:g}' if p.stem.startswith('guided') else ''})"
+            out.append(_Entry(name, fn, nfe, "student", _card_line(p)))
     return out
 
 
@@ -120,7 +125,6 @@ def _time_ms(fn, z, labels, reps=3):
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
-    from getfast.methods import load_student
     from getfast.metrics.fid import fid_from_generator, reference_stats
     from getfast.metrics.grids import save_grid
     from getfast.metrics.plots import plot_curves
@@ -136,12 +140,13 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     teacher = load(teacher_name)
     C, H = teacher.meta["channels"], teacher.meta["resolution"]
     K = teacher.meta["num_classes"]
-    entries = [_teacher_entry(teacher)] + _committed_students()
+    entries = [_teacher_entry(teacher)] + _committed_students(cfg.guided_w)
     curves = []
     if cfg.live:
+        from getfast.sampling import load_sampler
         for name, run_dir, secs in _live_runs(cfg, out, teacher_name, log):
-            net = load_student(run_dir)
-            entries.append(_student_entry(f"{name} (live, {secs / 60:.1f} min here)", net))
+            fn, _, _, nfe = load_sampler(str(_product(run_dir)), cfg_scale=cfg.guided_w)
+            entries.append(_Entry(f"{name} (live, {secs / 60:.1f} min here)", fn, nfe, "student"))
             png = plot_curves(run_dir / "log.jsonl", out / f"curve-live-{name}.png", title=f"live {name}")
             curves.append((f"live {name}", png.name))
     for p in sorted((ASSETS / "students").glob("*.jsonl")) if STUDENTS.is_dir() else []:
@@ -168,7 +173,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     t_teacher = entries[0].ms
 
     # FID: same n, same reference statistics.
-    n = cfg.fid_n or max(50, int(400 * cfg.budget))
+    n = cfg.fid_n or max(50, int(300 * cfg.budget))
     log(f"[demo] FID reference statistics ({cfg.fid_ref_n} Fashion-MNIST training images; cached after the first run)")
     ref = reference_stats("fashion-mnist", "train", cfg.fid_ref_n)
     for e in entries:

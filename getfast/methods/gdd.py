@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
@@ -200,7 +201,7 @@ def _teacher_encoder_disc(teacher, cfg, num_classes, shape):
 # --- Losses ------------------------------------------------------------------------------------------
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator loss, E softplus(−D(real)) + E softplus(D(fake)) (Goodfellow et al. 2014, Eq. 1), mean over heads."""
+    """E softplus(−D(real)) + E softplus(D(fake)) (Goodfellow et al. 2014, Eq. 1), averaged over heads."""
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
 
 
@@ -210,7 +211,7 @@ def g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """E‖∇_x Σ_heads D(x)‖² on real data (Mescheder et al. 2018, Eq. 9 without γ/2); differentiable (create_graph)."""
+    """E‖∇_x Σ_heads D(x)‖² on real data (Mescheder et al. 2018, Eq. 9 without γ/2), differentiable."""
     (grad,) = torch.autograd.grad(logits_real.float().sum(), x_real, create_graph=True)
     return grad.float().square().flatten(1).sum(1).mean()
 
@@ -286,7 +287,7 @@ class GDDMethod:
         self.frozen_fraction = 0.0
         if cfg.freeze_innate:
             self.frozen_fraction = freeze_innate(gen, cfg.freeze_regex)
-            if log is not None:
+            if log is not None and os.environ.get("RANK", "0") == "0":
                 log(f"GDD-I: froze {self.frozen_fraction:.1%} of the generator's parameters ({cfg.freeze_regex})")
         if discriminator is None:
             with torch.random.fork_rng(devices=[]):  # the loop seeds after construction: fix the heads' init here

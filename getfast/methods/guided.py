@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +222,8 @@ class GuidedMethod:
         exported files, the last one also copied to ``out/student.safetensors``."""
         from getfast.train.loop import dist_info
         out = Path(loop.out)
+        if os.environ.get("RANK", "0") != "0":
+            log = _quiet
         if cfg.stage != "all":
             return [cls._run_one(cfg, loop, out, log)]
         plan = [("stage1", {"stage": "cfg"}, loop.kimg)]
@@ -276,6 +279,10 @@ def _export_config(path: Path):
             return json.loads((f.metadata() or {}).get("getfast_student", "{}")).get("config")
     except Exception:  # unreadable export: train the stage again
         return None
+
+
+def _quiet(*_):
+    pass
 
 
 def _barrier():

@@ -187,7 +187,7 @@ class ResidualDenoiser(nn.Module):
                 oh = nn.functional.one_hot(lab.clamp(min=0), self.num_classes).float() * (lab >= 0).float()[:, None]
             feats.append(oh)
         if self.w_cond:
-            wv = torch.zeros(x.shape[0], device=x.device) if w is None else torch.as_tensor(w, device=x.device).reshape(-1).expand(x.shape[0])
-            wv = wv.float().reshape(-1, 1)
+            wv = torch.zeros(x.shape[0], device=x.device) if w is None else torch.as_tensor(w, device=x.device)
+            wv = wv.float().reshape(-1).expand(x.shape[0]).reshape(-1, 1)
             feats.append(torch.cat([wv / 4, torch.sin(wv), torch.cos(wv), torch.sin(wv / 2), torch.cos(wv / 2)], 1))
         return out + c_out * self.net(torch.cat(feats, 1)).reshape(x.shape)
