@@ -27,7 +27,7 @@ class DemoConfig:
 
     out: str = "runs/demo"        # report folder
     budget: float = 1.0           # scales live training and FID sample counts (1.0 ≈ 15 min on 2 CPU cores)
-    all: bool = False             # also live GDD, GDD-I and guided runs
+    all: bool = False             # also live GDD, GDD-I and guided runs, and every committed student
     fid_n: int = 0                # samples per FID (0: 300 × budget)
     fid_ref_n: int = 1000         # Fashion-MNIST training images in the cached reference statistics
     latency_batch: int = 64       # batch for the latency table
@@ -61,11 +61,16 @@ def _product(run_dir: Path) -> Path:
     return found[-1]
 
 
-def _committed_students(guided_w: float):
+DEFAULT_COMMITTED = ("sim-fashion-mnist", "get-n4-fashion-mnist")  # the rest with --all
+
+
+def _committed_students(guided_w: float, everything: bool):
     from getfast.sampling import load_sampler
     out = []
     if STUDENTS.is_dir():
         for p in sorted(STUDENTS.glob("*.safetensors")):
+            if not everything and p.stem not in DEFAULT_COMMITTED:
+                continue
             fn, _, _, nfe = load_sampler(str(p), cfg_scale=guided_w)
             name = f"{p.stem} (committed{f', w={guided_w:g}' if p.stem.startswith('guided') else ''})"
             out.append(_Entry(name, fn, nfe, "student", _card_line(p)))
@@ -140,7 +145,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     teacher = load(teacher_name)
     C, H = teacher.meta["channels"], teacher.meta["resolution"]
     K = teacher.meta["num_classes"]
-    entries = [_teacher_entry(teacher)] + _committed_students(cfg.guided_w)
+    entries = [_teacher_entry(teacher)] + _committed_students(cfg.guided_w, cfg.all)
     curves = []
     if cfg.live:
         from getfast.sampling import load_sampler
@@ -149,7 +154,9 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
             entries.append(_Entry(f"{name} (live, {secs / 60:.1f} min here)", fn, nfe, "student"))
             png = plot_curves(run_dir / "log.jsonl", out / f"curve-live-{name}.png", title=f"live {name}")
             curves.append((f"live {name}", png.name))
-    for p in sorted((ASSETS / "students").glob("*.jsonl")) if STUDENTS.is_dir() else []:
+    for p in sorted(STUDENTS.glob("*.jsonl")) if STUDENTS.is_dir() else []:
+        if not cfg.all and p.stem not in DEFAULT_COMMITTED:
+            continue
         png = plot_curves(p, out / f"curve-{p.stem}.png", title=f"{p.stem} (committed run)")
         curves.append((f"{p.stem} (committed run)", png.name))
 

@@ -89,7 +89,10 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
   const A inf = std::numeric_limits<A>::infinity();
   constexpr A rel_eps = A(1e-9);
 
-#pragma omp parallel for schedule(static)
+  // Parallel over samples only when there is enough work to amortise waking the team (on a
+  // loaded machine an idle-waiting OpenMP barrier costs more than a small step).
+  const bool par = B > 1 && B * D * n >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t b = 0; b < B; ++b) {
     T* xs = X + (s * B + b) * D;
     T* gs = G + (s * B + b) * D;
@@ -101,6 +104,7 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
     for (int64_t i0 = 0; i0 < D; i0 += deq::kBlock) {
       const int64_t len = std::min<int64_t>(deq::kBlock, D - i0);
       A sg = A(0), sf = A(0), sgs = A(0);
+#pragma omp simd reduction(+ : sg, sf, sgs)
       for (int64_t i = 0; i < len; ++i) {
         const A f = IO::ld(fb[i0 + i]);
         const A g = f - IO::ld(xs[i0 + i]);
@@ -119,6 +123,7 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
         if (j == s) continue;
         const T* gj = G + (j * B + b) * D + i0;
         A acc = A(0);
+#pragma omp simd reduction(+ : acc)
         for (int64_t i = 0; i < len; ++i) acc += gblk[i] * IO::ld(gj[i]);
         dots[j] += acc;
       }
@@ -180,6 +185,7 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
           const T* xj = X + (j * B + b) * D + i0;
           const T* gj = G + (j * B + b) * D + i0;
           const A aj = alpha[j], atj = alpha[j] * tau;
+#pragma omp simd
           for (int64_t i = 0; i < len; ++i) blk[i] += aj * IO::ld(xj[i]) + atj * IO::ld(gj[i]);
         }
         for (int64_t i = 0; i < len; ++i) xn[i0 + i] = IO::st(blk[i]);

@@ -34,9 +34,12 @@ void lowrank_impl(const T* Am, const T* Bm, const T* x, T* out, int64_t n, int64
 #ifdef GETFAST_WITH_OPENMP
   threads = omp_get_max_threads();
 #endif
+  // Only wake the OpenMP team when there is enough work (see anderson.cpp).
+  const bool par = B * D * std::max<int64_t>(n, 1) >= (int64_t(1) << 16);
+  if (!par) threads = 1;
   if (n > 0) {
     if (B >= threads) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
       for (int64_t b = 0; b < B; ++b) {
         const T* xb = x + b * D;
         for (int64_t j = 0; j < n; ++j) {
@@ -45,6 +48,7 @@ void lowrank_impl(const T* Am, const T* Bm, const T* x, T* out, int64_t n, int64
           for (int64_t i0 = 0; i0 < D; i0 += deq::kBlock) {
             const int64_t len = std::min<int64_t>(deq::kBlock, D - i0);
             A acc = A(0);
+#pragma omp simd reduction(+ : acc)
             for (int64_t i = 0; i < len; ++i) acc += IO::ld(aj[i0 + i]) * IO::ld(xb[i0 + i]);
             s += acc;
           }
@@ -63,6 +67,7 @@ void lowrank_impl(const T* Am, const T* Bm, const T* x, T* out, int64_t n, int64
           for (int64_t j = 0; j < n; ++j) {
             const T* aj = Am + (j * B + b) * D + i0;
             A acc = A(0);
+#pragma omp simd reduction(+ : acc)
             for (int64_t i = 0; i < len; ++i) acc += IO::ld(aj[i]) * IO::ld(xb[i]);
             part[(b * n + j) * nblk + blk] = acc;
           }
@@ -75,7 +80,7 @@ void lowrank_impl(const T* Am, const T* Bm, const T* x, T* out, int64_t n, int64
       }
     }
   }
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (par)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t i0 = blk * deq::kBlock;
@@ -87,6 +92,7 @@ void lowrank_impl(const T* Am, const T* Bm, const T* x, T* out, int64_t n, int64
       for (int64_t j = 0; j < n; ++j) {
         const A c = static_cast<A>(dots[b * n + j]);
         const T* bj = Bm + (j * B + b) * D + i0;
+#pragma omp simd
         for (int64_t i = 0; i < len; ++i) acc[i] += c * IO::ld(bj[i]);
       }
       for (int64_t i = 0; i < len; ++i) ob[i] = IO::st(acc[i]);

@@ -51,8 +51,8 @@ from typing import Callable
 import torch
 
 from getfast.ops import _framework as fw
-from getfast.ops.anderson import MAX_M, anderson_step, record_reference
-from getfast.ops.broyden import broyden_matvec, broyden_rmatvec
+from getfast.ops.anderson import MAX_M, anderson_step
+from getfast.ops.broyden import broyden_step
 
 __all__ = [
     "fixed_point",
@@ -240,17 +240,16 @@ def broyden(
     """Broyden's good method for ``g(z) = f(z) − z = 0`` (Broyden 1965; Bai et al. 2019, §3.1.3).
 
     The inverse Jacobian of ``g`` is estimated as ``B = −I + U Vᵀ`` from the last ``memory``
-    rank-one updates (ring buffer; ``None`` keeps all ``max_iter``):
-    ``vᵀ = Δzᵀ B``, ``u = (Δz − B Δg) / (vᵀ Δg)``, then ``z ← z − B g(z)``. An update whose
-    denominator is zero or non-finite is skipped for that sample. Returns the lowest-residual
-    iterate ``z`` per sample (torchdeq's convention for Broyden) and the ``stats`` dict.
+    rank-one updates (ring buffer; ``None`` keeps all ``max_iter``, as torchdeq):
+    ``vᵀ = Δzᵀ B``, ``u = (Δz − B Δg) / (vᵀ Δg)``, then ``z ← z − B g(z)``; one fused
+    ``getfast::broyden_step`` per iteration. An update whose denominator is zero or non-finite
+    is skipped for that sample. Returns the lowest-residual iterate ``z`` per sample (torchdeq's
+    convention for Broyden) and the ``stats`` dict.
     """
     _check_common(f, z0, max_iter, tol, stop_mode, check_every, backend)
     if memory is not None:
         _check_int("memory", memory, 1)
     mem = max_iter if memory is None else memory
-    stop_rel = stop_mode == "rel"
-    t = -1.0 if tol is None else float(tol)
     with torch.no_grad():
         z0 = z0.detach()
         shape, dt, dev = z0.shape, z0.dtype, z0.device
@@ -261,27 +260,14 @@ def broyden(
         V = torch.zeros_like(U)
         x = z0.reshape(B, D).clone()
         best = x.clone()
-        g_prev = dx = None
+        g_prev = torch.zeros_like(x)
+        dx = torch.zeros_like(x)
         lowest, trace, status = _init_stats(B, max_iter, acc, dev)
         n_run = max_iter
         for k in range(max_iter):
             fx = _eval(f, x.view(shape), shape, dt)
-            g = fx - x
-            still = record_reference(g.to(acc), fx.to(acc), x, best, lowest, trace, status, k, t, stop_rel)
-            if k > 0:
-                n_old = min(k - 1, mem)
-                dg = g - g_prev
-                v = broyden_rmatvec(U, V, dx, n_old, backend=backend)
-                b_dg = broyden_matvec(U, V, dg, n_old, backend=backend)
-                den = torch.linalg.vecdot(v.to(acc), dg.to(acc))
-                u = (dx.to(acc) - b_dg.to(acc)) / den[:, None]
-                ok = torch.isfinite(u).all(dim=1) & torch.isfinite(v).all(dim=1) & (den != 0)
-                s = (k - 1) % mem
-                U[s] = torch.where(ok[:, None], u, 0.0)
-                V[s] = torch.where(ok[:, None], v, 0)
-            step = broyden_matvec(U, V, g, min(k, mem), backend=backend)  # B g(z); z ← z − B g
-            x_new = torch.where(still[:, None], x - step, x)
-            dx, g_prev, x = x_new - x, g, x_new
+            broyden_step(x, fx, U, V, g_prev, dx, best, lowest, trace, status, k, tol=tol, stop_mode=stop_mode,
+                         backend=backend)
             if tol is not None and (k + 1) % check_every == 0 and k + 1 < max_iter and _all_frozen(status):
                 n_run = k + 1
                 break
