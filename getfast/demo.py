@@ -98,7 +98,7 @@ def _live_runs(cfg: DemoConfig, out: Path, teacher_name: str, log):
     jobs = [("get", ["distill", "get", "--pairs", str(pairs), "--model", "GET-N/4", "--cond", "--lr", "5e-4",
                      "--kimg", f"{2.0 * b:.3f}", "--batch", "32"]),
             ("sim", ["distill", "sim", "--teacher", teacher_name, "--kimg", f"{0.5 * b:.3f}", "--batch", "16",
-                     "--lr-g", "2e-5", "--lr-fake", "5e-5"])]
+                     "--lr-g", "1e-4", "--lr-fake", "1e-4"])]
     if cfg.all:
         jobs += [("gdd", ["distill", "gdd", "--teacher", teacher_name, "--kimg", f"{0.5 * b:.3f}", "--batch", "16"]),
                  ("gddi", ["distill", "gdd", "--teacher", teacher_name, "--freeze-innate", "--kimg", f"{0.5 * b:.3f}",

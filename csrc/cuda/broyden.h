@@ -25,4 +25,18 @@ const char* broyden_lowrank_cuda(int dtype, std::uintptr_t A, std::uintptr_t Bm,
                                  std::uintptr_t out, int64_t n, int64_t B, int64_t D,
                                  std::uintptr_t work, std::uintptr_t stream);
 
+// Fused Broyden iteration (getfast::broyden_step). Buffers: x, fx, g_prev, dx, best (B, D) and
+// U, V (mem, B, D) of the dtype code; lowest (3, B), trace (2, B, T) float64 for code 1 else
+// float32; status (B,) int32. `work` holds broyden_step_workspace_numel(mem, B, D) elements.
+inline int64_t broyden_step_workspace_numel(int64_t mem, int64_t B, int64_t D) {
+  return B * broyden_blocks_per_sample(D) * (3 * mem + 4) + B * (3 * mem + 4);
+}
+
+const char* broyden_step_cuda(int dtype, std::uintptr_t x, std::uintptr_t fx, std::uintptr_t U,
+                              std::uintptr_t V, std::uintptr_t gprev, std::uintptr_t dx,
+                              std::uintptr_t best, std::uintptr_t lowest, std::uintptr_t trace,
+                              std::uintptr_t status, int64_t mem, int64_t B, int64_t D, int64_t T,
+                              int64_t k, double tol, bool stop_rel, std::uintptr_t work,
+                              std::uintptr_t stream);
+
 }  // namespace getfast
