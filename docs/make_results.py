@@ -15,9 +15,9 @@ ROWS = [  # (FID record, model card, label)
     ("sim", ASSETS / "students/sim-fashion-mnist.json", "SIM (data-free)"),
     ("gdd", ASSETS / "students/gdd-fashion-mnist.json", "GDD"),
     ("gddi", ASSETS / "students/gddi-fashion-mnist.json", "GDD-I (innate convs frozen)"),
-    ("guided-4", ASSETS / "students/guided-4-fashion-mnist.json", "guided, 4 DDIM steps, w=2"),
-    ("guided-2", ASSETS / "students/guided-2-fashion-mnist.json", "guided, 2 DDIM steps, w=2"),
-    ("guided-1", ASSETS / "students/guided-1-fashion-mnist.json", "guided, 1 DDIM step, w=2"),
+    ("guided-4", ASSETS / "students/guided-4-fashion-mnist.json", "guided, 4 DDIM steps, w=2 (stage 1: 2 kimg, then 1 kimg per round)"),
+    ("guided-2", ASSETS / "students/guided-2-fashion-mnist.json", "guided, 2 DDIM steps, w=2 (+1 kimg round)"),
+    ("guided-1", ASSETS / "students/guided-1-fashion-mnist.json", "guided, 1 DDIM step, w=2 (+1 kimg round)"),
     ("get", ASSETS / "students/get-n4-fashion-mnist.json", "GET-N/4 (offline, 3000 pairs)"),
     ("vit", ASSETS / "students/vit-n4-fashion-mnist.json", "ViT-N/4 baseline (offline, 3000 pairs)"),
 ]
