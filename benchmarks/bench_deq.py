@@ -12,8 +12,12 @@ Measured, side by side in one process:
    counts. Target 0 with ``tol=None``.
 3. wall time to tolerance at B=32, D=65536 on a cheap map (``f(z) = x + a ⊙ tanh(z)``, 2 ops)
    so the solver's own cost shows: getfast Anderson (cpp backend) vs torchdeq Anderson with the
-   same ``m``, ``lam``, ``tol``; each stops by its own rule. Target ratio ≤ 0.5. Also the time
-   per iteration with f's cost removed, and single-thread CPU time (contention-robust).
+   same ``m``, ``lam``, ``tol`` (relative 1e-4, where Anderson needs 13 evaluations and the
+   fixed-point iteration 23; both Anderson implementations add ``lam`` to the Gram matrix
+   *absolutely*, so a much tighter tolerance puts ``‖g‖²`` below ``lam`` and turns either into
+   plain averaging); each stops by its own rule. Target ratio ≤ 0.5. Also the time per iteration with f's cost removed, and
+   single-thread CPU time (contention-robust). fixed_point and broyden vs their torchdeq twins
+   on the same problem (single-thread CPU time).
 4. memory: bytes of the history buffers (analytic) and the measured peak of a whole solve
    (PyTorch CPU allocator, ``benchmarks.common.cpu_peak_bytes``).
 """
@@ -147,7 +151,7 @@ def _timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, repeats: int) -> dict:
+def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, stop_mode: str, repeats: int) -> dict:
     import getfast.deq as deq
     from torchdeq.solver import get_solver
 
@@ -159,10 +163,10 @@ def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, repeats: 
         return f(z)
 
     def ours():
-        return deq.anderson(fc, z0, m=m, lam=lam, tol=tol, max_iter=100, backend="cpp")
+        return deq.anderson(fc, z0, m=m, lam=lam, tol=tol, stop_mode=stop_mode, max_iter=100, backend="cpp")
 
     def theirs():
-        return get_solver("anderson")(fc, z0, m=m, lam=lam, tol=tol, max_iter=100)
+        return get_solver("anderson")(fc, z0, m=m, lam=lam, tol=tol, stop_mode=stop_mode, max_iter=100)
 
     # warm-up (the first custom-op call imports torch._dynamo) and correctness guard
     calls["n"] = 0
@@ -184,23 +188,9 @@ def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, repeats: 
     def med(v):
         return sorted(v)[len(v) // 2]
 
-    # single-thread CPU time of the calling thread: robust to other processes on the machine
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cpu = {}
-        for key, fn in (("ours", ours), ("theirs", theirs)):
-            t0 = time.thread_time()
-            fn()
-            cpu[key] = time.thread_time() - t0
-        t0 = time.thread_time()
-        for _ in range(5):
-            f(z0)
-        cpu_f = (time.thread_time() - t0) / 5
-    finally:
-        torch.set_num_threads(prev)
+    cpu, cpu_f = _cpu_1thread({"ours": ours, "theirs": theirs}, lambda: f(z0))
     out = {
-        "B": B, "D": D, "m": m, "lam": lam, "tol": tol, "stop_mode": "abs",
+        "B": B, "D": D, "m": m, "lam": lam, "tol": tol, "stop_mode": stop_mode,
         "f_calls": {"ours": n_ours, "theirs": n_theirs},
         "final_max_residual": {"ours": res_ours, "theirs": res_theirs},
         "wall_s": {k: med(v) for k, v in wall.items()},
@@ -221,6 +211,63 @@ def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, repeats: 
         "theirs": (cpu["theirs"] - n_theirs * cpu_f) / n_theirs,
     }
     return out
+
+
+def _cpu_1thread(fns: dict, f_call, repeats: int = 3) -> tuple[dict, float]:
+    """Median CPU seconds of the calling thread per call, with torch (and OpenMP) on 1 thread:
+    robust to other processes on a shared machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for key, fn in fns.items():
+            fn()
+            ts = []
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                fn()
+                ts.append(time.thread_time() - t0)
+            out[key] = sorted(ts)[len(ts) // 2]
+        t0 = time.thread_time()
+        for _ in range(10):
+            f_call()
+        cpu_f = (time.thread_time() - t0) / 10
+    finally:
+        torch.set_num_threads(prev)
+    return out, cpu_f
+
+
+def _other_solvers(B: int, D: int, tol: float, stop_mode: str) -> list[dict]:
+    """Single-thread CPU time to tolerance of fixed_point and broyden vs their torchdeq twins."""
+    import getfast.deq as deq
+    from torchdeq.solver import get_solver
+
+    f, z0 = _cheap_map(B, D)
+    rows = []
+    for ours_name, theirs_name, max_iter in (("fixed_point", "fixed_point_iter", 300), ("broyden", "broyden", 40)):
+        calls = {"n": 0}
+
+        def fc(z):
+            calls["n"] += 1
+            return f(z)
+
+        def ours():
+            return deq.solve(fc, z0, solver=ours_name, tol=tol, stop_mode=stop_mode, max_iter=max_iter, backend="cpp")
+
+        def theirs():
+            return get_solver(theirs_name)(fc, z0, tol=tol, stop_mode=stop_mode, max_iter=max_iter)
+
+        calls["n"] = 0
+        _, st = ours()
+        n_ours = calls["n"]
+        calls["n"] = 0
+        theirs()
+        n_theirs = calls["n"]
+        cpu, cpu_f = _cpu_1thread({"ours": ours, "theirs": theirs}, lambda: f(z0), repeats=1)
+        rows.append({"solver": ours_name, "converged": bool(st["converged"].all()),
+                     "f_calls": {"ours": n_ours, "theirs": n_theirs}, "cpu_1thread_s": cpu,
+                     "ratio_cpu_1thread": cpu["ours"] / cpu["theirs"], "cpu_1thread_f_call_s": cpu_f})
+    return rows
 
 
 def _memory(B: int, D: int, m: int) -> list[dict]:
@@ -262,30 +309,34 @@ def _step_micro(B: int, D: int, m: int, repeats: int) -> dict:
 
     fx = torch.randn(B, D)
     out = {}
+    fns = {}
     for backend in ("cpp", "reference"):
         b = bufs()
         k = m + 3  # ring full
         A.anderson_step(*b[:3], fx, *b[3:], k, backend=backend)  # warm-up
-        ts = _timed(lambda: A.anderson_step(*b[:3], fx, *b[3:], k, backend=backend), repeats)
-        out[backend] = min(ts)
+        fns[backend] = (lambda b=b, backend=backend: A.anderson_step(*b[:3], fx, *b[3:], k, backend=backend))
+        out[backend] = min(_timed(fns[backend], repeats))
     out["speedup"] = out["reference"] / out["cpp"]
-    item = 4
-    out["bytes_fused_model"] = (3 * m + 4) * B * D * item  # see getfast/ops/anderson.py
+    cpu, _ = _cpu_1thread(fns, lambda: None)
+    out["cpu_1thread_s"] = cpu
+    out["speedup_cpu_1thread"] = cpu["reference"] / cpu["cpp"]
+    out["bytes_fused_model"] = (3 * m + 4) * B * D * 4  # see getfast/ops/anderson.py
     return out
 
 
 def run(quick: bool = False) -> dict:
     torch.manual_seed(0)
     B, D = (8, 8192) if quick else (32, 65536)
-    m, lam, tol = 6, 1e-4, 1e-3
-    reps = 2 if quick else 5
+    m, lam, tol, stop_mode = 6, 1e-4, 1e-4, "rel"
+    reps = 2 if quick else 7
     res = {
         "what": "getfast.deq vs torchdeq 0.1.0 (CPU)",
         "quick": quick,
         "machine": machine_info(),
         "loadavg": os.getloadavg(),
         "op_counts": _op_counts(4, 1000),
-        "wall_to_tolerance": _wall_to_tolerance(B, D, m, lam, tol, reps),
+        "wall_to_tolerance": _wall_to_tolerance(B, D, m, lam, tol, stop_mode, reps),
+        "other_solvers": _other_solvers(B, D, tol, stop_mode),
         "anderson_step_micro": _step_micro(B, D, m, reps),
         "memory": _memory(8, 8192, m) if quick else _memory(B, D, m),
     }
@@ -325,6 +376,11 @@ def report(res: dict) -> str:
           fmt_bytes(r["theirs_peak_bytes"]) if r["theirs_peak_bytes"] else r.get("theirs_error", "fails"))
          for r in res["memory"]],
     )
+    others = markdown_table(
+        ["solver", "f evaluations getfast / torchdeq", "CPU s to tol, 1 thread, getfast", "torchdeq", "ratio"],
+        [(r["solver"], f"{r['f_calls']['ours']} / {r['f_calls']['theirs']}", r["cpu_1thread_s"]["ours"],
+          r["cpu_1thread_s"]["theirs"], r["ratio_cpu_1thread"]) for r in res["other_solvers"]],
+    )
     s = res["anderson_step_micro"]
     load = ", ".join(f"{v:.1f}" for v in res["loadavg"])
     return (
@@ -332,13 +388,17 @@ def report(res: dict) -> str:
         f"**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op "
         f"counts as one op):\n\n{ops}\n\n"
         f"**Time to tolerance** — B={w['B']}, D={w['D']}, f(z) = x + a⊙tanh(z) (a ∈ [0.5, 0.95]), "
-        f"m={w['m']}, lam={w['lam']}, tol={w['tol']} (abs), each solver stopping by its own rule "
+        f"m={w['m']}, lam={w['lam']}, tol={w['tol']} ({w['stop_mode']}), each solver stopping by its own rule "
         f"(torchdeq: the current residual of every sample < tol; getfast: every sample's best residual "
         f"< tol, converged samples frozen). One f call: {1e3 * w['f_call_s']:.1f} ms (wall, min).\n\n"
         f"{wall}\n\n"
+        f"Same problem, the other solvers (torchdeq `fixed_point_iter`, `broyden` with its defaults):\n\n"
+        f"{others}\n\n"
         f"Fused step alone (B={w['B']}, D={w['D']}, m={w['m']}, ring full): cpp {1e3 * s['cpp']:.1f} ms vs "
-        f"reference composition {1e3 * s['reference']:.1f} ms (**{s['speedup']:.1f}×**); model of bytes "
-        f"moved by the fused step (3m+4)·B·D·4 = {fmt_bytes(s['bytes_fused_model'])}.\n\n"
+        f"reference composition {1e3 * s['reference']:.1f} ms wall, min (**{s['speedup']:.1f}×**); "
+        f"single-thread CPU {1e3 * s['cpu_1thread_s']['cpp']:.1f} vs {1e3 * s['cpu_1thread_s']['reference']:.1f} ms "
+        f"(**{s['speedup_cpu_1thread']:.1f}×**); model of bytes moved by the fused step (3m+4)·B·D·4 = "
+        f"{fmt_bytes(s['bytes_fused_model'])}.\n\n"
         f"**Memory** (Anderson, m={w['m']}, 12 iterations):\n\n{mem}\n"
         + ("\n(quick run)\n" if res["quick"] else "")
     )

@@ -91,13 +91,13 @@ def _live_runs(cfg: DemoConfig, out: Path, teacher_name: str, log):
     b = cfg.budget
     runs = []
     pairs = out / "pairs"
-    n_pairs = max(64, int(256 * b))
+    n_pairs = max(64, int(384 * b))
     log(f"[demo] sampling {n_pairs} teacher pairs (Heun 18 steps) for live GET distillation")
     _cli(cli, ["make-pairs", "--teacher", teacher_name, "--n", str(n_pairs), "--out", str(pairs), "--cond",
                "--shard-size", "64", "--seed", str(cfg.seed)])
     jobs = [("get", ["distill", "get", "--pairs", str(pairs), "--model", "GET-N/4", "--cond", "--lr", "5e-4",
-                     "--kimg", f"{2.0 * b:.3f}", "--batch", "32"]),
-            ("sim", ["distill", "sim", "--teacher", teacher_name, "--kimg", f"{0.5 * b:.3f}", "--batch", "16",
+                     "--kimg", f"{6.0 * b:.3f}", "--batch", "32"]),
+            ("sim", ["distill", "sim", "--teacher", teacher_name, "--kimg", f"{1.5 * b:.3f}", "--batch", "16",
                      "--lr-g", "1e-4", "--lr-fake", "1e-4"])]
     if cfg.all:
         jobs += [("gdd", ["distill", "gdd", "--teacher", teacher_name, "--kimg", f"{0.5 * b:.3f}", "--batch", "16"]),

@@ -58,3 +58,10 @@ def test_report_writer(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "teacher &lt;x&gt;" in html and "72.6" in html and "33.3×" in html and "curve.png" in html
     assert "| sim | 72.6 | 1 | 30.0 | 33.3× |" in md
+
+
+def test_benchmark_entry_point_knows_every_benchmark():
+    import benchmarks.__main__ as bench
+    assert {"deq", "models", "pairs", "sim_loss"} <= set(bench.names())
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "no-such-benchmark"])

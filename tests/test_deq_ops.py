@@ -68,7 +68,7 @@ def _compare(ref, got, rtol, atol, live_slots):
 # anderson_step
 # --------------------------------------------------------------------------------------
 def test_backends_available(no_backend_env):
-    for op in ("anderson_step", "broyden_matvec", "broyden_rmatvec"):
+    for op in ("anderson_step", "broyden_matvec", "broyden_rmatvec", "broyden_step"):
         assert F.available_backends(op, "cpu") == ["reference", "triton", "cpp"]
         assert F.select_backend(op, "cpu") == "cpp"
     info = F.build_info()
@@ -76,7 +76,8 @@ def test_backends_available(no_backend_env):
     if F.nvcc_on_path():
         C = F.load_C()
         assert info["cuda_compiled"]
-        assert hasattr(C, "anderson_step_cuda") and hasattr(C, "broyden_lowrank_cuda")
+        for sym in ("anderson_step_cuda", "broyden_lowrank_cuda", "broyden_step_cuda"):
+            assert hasattr(C, sym), sym
 
 
 ANDERSON_CASES = [
@@ -108,6 +109,11 @@ def test_anderson_step_matches_reference_fp64(backend, case):
                         backend=backend)
         live = list(range(min(k + 2, m)))
         _compare(ref, got, 1e-8, 1e-10, live)  # chained steps through small solves
+        # the Gram matrix, updated one row/column per step, equals G Gᵀ of the live history
+        n = min(k + 1, m)
+        Gl = got[1][:n]
+        torch.testing.assert_close(got[2][:, :n, :n], torch.einsum("jbd,ibd->bji", Gl, Gl), rtol=1e-10, atol=1e-10,
+                                   equal_nan=True)
     if B > 1:
         assert ref[6][B - 1].item() == 2  # the NaN sample was flagged ...
         assert torch.isfinite(ref[0][:, : B - 1]).all()  # ... and nobody else was poisoned
@@ -233,6 +239,88 @@ def test_broyden_products_validation_and_opcheck():
             assert all(v == "SUCCESS" for v in res.values()), res
 
 
+def _broyden_buffers(mem, B, D, T, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=DT).to(dtype)
+    U = torch.full((mem, B, D), math.nan, dtype=dtype)  # never read before written
+    V = torch.full((mem, B, D), math.nan, dtype=dtype)
+    g_prev, dx = torch.zeros_like(x), torch.zeros_like(x)
+    lowest = torch.zeros(3, B, dtype=_acc(dtype))
+    lowest[:2] = math.inf
+    trace = torch.full((2, B, T), math.nan, dtype=_acc(dtype))
+    return [x, U, V, g_prev, dx, x.clone(), lowest, trace, torch.zeros(B, dtype=torch.int32)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", [(3, 3, 123, 8, 1e-3, "abs"), (20, 2, 257, 6, None, "rel"), (2, 1, 5, 7, None, "abs")],
+                         ids=lambda c: f"mem{c[0]}B{c[1]}D{c[2]}")
+def test_broyden_step_matches_reference_fp64(backend, case):
+    mem, B, D, steps, tol, stop_mode = case  # mem 3 and 2: the ring wraps
+    ref = _broyden_buffers(mem, B, D, steps, DT)
+    got = [t.clone() for t in ref]
+    f = _map(B, D, DT)
+    for k in range(steps):
+        for bufs, be in ((ref, "reference"), (got, backend)):
+            fx = f(bufs[0])
+            if B > 1 and k == 3:
+                fx[B - 1, 2] = math.nan
+            bufs[7][:, :, k] = math.nan  # poison what this step must write
+            if 0 < k <= mem:  # slot (k-1) % mem is not live history yet
+                bufs[1][k - 1] = math.nan
+                bufs[2][k - 1] = math.nan
+            BR.broyden_step(bufs[0], fx, *bufs[1:], k, tol=tol, stop_mode=stop_mode, backend=be)
+        assert torch.equal(ref[8], got[8])
+        live = list(range(min(k, mem)))
+        for i, name in enumerate(("x", "U", "V", "g_prev", "dx", "best", "lowest", "trace")):
+            a, b = ref[i], got[i]
+            if name in ("U", "V"):
+                a, b = a[live], b[live]
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, equal_nan=True, msg=name)
+    if B > 1:
+        assert ref[8][B - 1].item() == 2 and torch.isfinite(ref[0]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_broyden_step_low_precision_one_step(backend, dtype):
+    mem, B, D, k = 4, 2, 129, 5
+    ref = _broyden_buffers(mem, B, D, 8, dtype, seed=3)
+    f = _map(B, D, dtype)
+    for j in range(k):
+        BR.broyden_step(ref[0], f(ref[0]), *ref[1:], j, backend="reference")
+    got = [t.clone() for t in ref]
+    fx = f(ref[0])
+    BR.broyden_step(ref[0], fx, *ref[1:], k, backend="reference")
+    BR.broyden_step(got[0], fx, *got[1:], k, backend=backend)
+    eps = torch.finfo(dtype).eps
+    for i in (0, 4):  # x and dx
+        scale = ref[i].float().abs().max().item()
+        torch.testing.assert_close(got[i].float(), ref[i].float(), rtol=0, atol=8 * eps * scale)
+    assert torch.equal(got[3], ref[3])  # g_prev: fx - x rounded once
+    torch.testing.assert_close(got[7][:, :, k], ref[7][:, :, k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[8], ref[8])
+
+
+def test_broyden_step_validation_and_opcheck():
+    bufs = _broyden_buffers(3, 2, 9, 4, DT)
+    fx = torch.randn(2, 9, dtype=DT)
+    with pytest.raises(ValueError, match="U"):
+        BR.broyden_step(bufs[0], fx, bufs[1][:, :1].contiguous(), *bufs[2:], 0)
+    with pytest.raises(ValueError, match="dx"):
+        BR.broyden_step(bufs[0], fx, *bufs[1:4], bufs[4].float(), *bufs[5:], 0)
+    with pytest.raises(ValueError, match="k"):
+        BR.broyden_step(bufs[0], fx, *bufs[1:], 4)
+    with pytest.raises(ValueError, match="x"):
+        torch.ops.getfast.broyden_step(bufs[0].to(torch.int64), fx, *bufs[1:], 0, -1.0, False, "cpp")
+    for k in (0, 2):
+        for backend in ("reference", "cpp"):
+            b = _broyden_buffers(3, 2, 9, 4, DT)
+            b[1].zero_(), b[2].zero_()
+            args = (b[0], fx, *b[1:], k, 1e-3, False, backend)
+            res = torch.library.opcheck(torch.ops.getfast.broyden_step.default, args)
+            assert all(v == "SUCCESS" for v in res.values()), res
+
+
 # --------------------------------------------------------------------------------------
 # whole solvers on each backend, and torch.compile
 # --------------------------------------------------------------------------------------
@@ -303,6 +391,15 @@ def test_gpu_backends_match_reference(backend, dtype):
         if dtype == torch.float64:
             _compare(ref, got, 1e-9, 1e-11, list(range(min(k + 2, m))))
     assert torch.equal(ref[6], got[6])
+    rb = [t.cuda() for t in _broyden_buffers(4, B, D, steps, dtype)]
+    gb = [t.clone() for t in rb]
+    for k in range(steps):
+        for bufs, be in ((rb, "reference"), (gb, backend)):
+            fx = torch.tanh(bufs[0].to(DT) @ W.T + x).to(dtype)
+            BR.broyden_step(bufs[0], fx, *bufs[1:], k, backend=be)
+    assert torch.equal(rb[8], gb[8])
+    if dtype == torch.float64:
+        torch.testing.assert_close(gb[0], rb[0], rtol=1e-9, atol=1e-11)
     U, V = (torch.randn(6, B, D, dtype=dtype, device="cuda") for _ in range(2))
     xx = torch.randn(B, D, dtype=dtype, device="cuda")
     tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps

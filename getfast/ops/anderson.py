@@ -42,6 +42,8 @@ The op has no autograd: solvers run it under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _framework as fw
@@ -259,13 +261,25 @@ _RUNNERS = {
 }
 
 
+_RESOLVED: dict = {}
+
+
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend:
-        why = fw.backend_unavailable_reason(OP_NAME, backend, device)
-        if why is not None:
-            raise RuntimeError(f"getfast::{OP_NAME}: backend {backend!r} unavailable on {device}: {why}")
-        return backend
-    return fw.select_backend(OP_NAME, device)
+    """The backend to run on ``device``: ``backend`` if given (checked), else the framework's
+    choice. Cached per (request, device type, GETFAST_BACKEND) — availability does not change
+    within a process — so a solver iteration does not pay for the lookup."""
+    key = (backend, device.type, os.environ.get(fw.ENV_BACKEND, ""))
+    name = _RESOLVED.get(key)
+    if name is None:
+        if backend:
+            why = fw.backend_unavailable_reason(OP_NAME, backend, device)
+            if why is not None:
+                raise RuntimeError(f"getfast::{OP_NAME}: backend {backend!r} unavailable on {device}: {why}")
+            name = backend
+        else:
+            name = fw.select_backend(OP_NAME, device)
+        _RESOLVED[key] = name
+    return name
 
 
 # --------------------------------------------------------------------------------------

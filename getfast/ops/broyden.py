@@ -37,6 +37,8 @@ Backends: ``reference`` (this file), ``triton`` (``kernels/broyden.py``), ``cuda
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _framework as fw
@@ -146,13 +148,24 @@ def _cuda_workspace_numel(B: int, D: int, n: int) -> int:
     return max(1, B * nblk * n)
 
 
+_RESOLVED: dict = {}
+
+
 def _resolve(op: str, backend: str, device: torch.device) -> str:
-    if backend:
-        why = fw.backend_unavailable_reason(op, backend, device)
-        if why is not None:
-            raise RuntimeError(f"getfast::{op}: backend {backend!r} unavailable on {device}: {why}")
-        return backend
-    return fw.select_backend(op, device)
+    """``backend`` if given (checked), else the framework's choice; cached per (op, request,
+    device type, GETFAST_BACKEND) so a solver iteration does not pay for the lookup."""
+    key = (op, backend, device.type, os.environ.get(fw.ENV_BACKEND, ""))
+    name = _RESOLVED.get(key)
+    if name is None:
+        if backend:
+            why = fw.backend_unavailable_reason(op, backend, device)
+            if why is not None:
+                raise RuntimeError(f"getfast::{op}: backend {backend!r} unavailable on {device}: {why}")
+            name = backend
+        else:
+            name = fw.select_backend(op, device)
+        _RESOLVED[key] = name
+    return name
 
 
 @torch.library.custom_op("getfast::broyden_matvec", mutates_args=())
