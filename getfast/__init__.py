@@ -9,7 +9,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "deq", "models", "diffusion", "data", "methods", "train", "metrics", "cli", "kernels")
+_SUBMODULES = ("ops", "deq", "models", "diffusion", "data", "methods", "train", "metrics", "cli", "kernels",
+               "teacher", "sampling", "demo", "cards")
 
 
 def __getattr__(name: str):

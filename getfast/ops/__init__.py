@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "sim_loss": "sim_loss_op:sim_loss",
     "sim_loss_reference": "sim_loss_op:sim_loss_reference",
     "attention": "attention_op:attention",
-    # "anderson_step": "anderson_op:anderson_step",
+    # The DEQ solver ops (getfast.ops.anderson / getfast.ops.broyden) are used through getfast.deq.
 }
 
 
