@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from getfast.train.checkpoint import atomic_write_bytes
 
 
 def to_uint8(images) -> np.ndarray:
@@ -62,14 +63,9 @@ def save_grid(images, path, nrow: int | None = None, pad: int = 1, pad_value: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

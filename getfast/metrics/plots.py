@@ -1,13 +1,14 @@
 """Training curves as PNG, from the JSONL log the training loop writes (one JSON object per line)."""
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from getfast.train.checkpoint import atomic_write_bytes
 
 # Book-keeping columns of getfast.train's log: not plotted unless asked for.
 _DEFAULT_SKIP = ("step", "kimg", "time", "img_per_s", "epoch", "lr")
@@ -128,12 +129,7 @@ def plot_curves(jsonl_path, out_png, keys=None, x: str = "step", title: str | No
         fig.suptitle(title)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(out, buf.getvalue())
     return out
