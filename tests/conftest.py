@@ -8,9 +8,11 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config):
@@ -42,3 +44,28 @@ def no_backend_env(monkeypatch):
 @pytest.fixture(scope="session")
 def nvcc_available():
     return shutil.which("nvcc") is not None
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared, oversubscribed machine OpenMP's spinning
+    threads make them many times slower; the previous setting is restored afterwards."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with _torch_threads(1):
+        yield

@@ -16,14 +16,7 @@ from getfast.data import DatasetError, ImageDataset, load_dataset, load_digits, 
     load_npz, resize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, oversubscribed machine OpenMP's spinning
-    threads make them many times slower; restore the setting for other test files afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # fixture in conftest.py
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

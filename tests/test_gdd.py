@@ -19,14 +19,6 @@ from getfast.train.loop import EMA
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_teacher(attn=()):
     from getfast.teacher import build_denoiser
     torch.manual_seed(0)

@@ -16,14 +16,6 @@ CLASS_MEANS = torch.tensor([[1.0, 0.5], [-1.0, 0.5], [0.0, -1.0]]).reshape(3, *S
 STD = torch.tensor([0.5, 0.3]).reshape(SHAPE)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gauss_teacher():
     return toy.GaussianDenoiser(torch.zeros(SHAPE), STD, class_means=CLASS_MEANS)
 

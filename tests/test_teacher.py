@@ -24,14 +24,7 @@ from getfast.train.loop import RunInfo
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, oversubscribed machine OpenMP's spinning
-    threads make them many times slower; restore the setting for other test files afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # fixture in conftest.py
 
 
 def train_args(out, *extra):
