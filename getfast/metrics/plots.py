@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from getfast.train.checkpoint import atomic_write_bytes
+from getfast.io import atomic_write_bytes
 
 # Book-keeping columns of getfast.train's log: not plotted unless asked for.
 _DEFAULT_SKIP = ("step", "kimg", "time", "img_per_s", "epoch", "lr")

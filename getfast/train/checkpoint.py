@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from getfast.io import atomic_write_bytes  # noqa: F401  (re-exported: the package's one atomic writer)
+
 MAGIC = b"GETFAST-CKPT v1 "
 
 
@@ -21,27 +23,6 @@ class CheckpointError(RuntimeError, ValueError):
 
     Also a ``ValueError`` (bad input, not a bug), so the CLI reports it in one line with exit code 2.
     """
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the old file and no debris
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def save_checkpoint(path, state: dict) -> None:
