@@ -22,33 +22,13 @@ float32, float64 for float64 states.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import BLOCK, INTERPRET, chunking, f64_bits, manual_bf16, round_to, scalar
+
 __all__ = ["anderson_step"]
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-BLOCK = 1024  # elements per inner iteration of the streaming kernels
-CHUNK_TARGET = 4096  # elements per program (mirrors the CUDA launcher)
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """Cast fp32/fp64 ``x`` to ``DTYPE`` rounding to nearest even. The interpreter truncates on
-    fp32 -> bf16 casts, so there (``MANUAL_BF16``) the rounding is done on the bits."""
-    if MANUAL_BF16:
-        xf = x.to(tl.float32)
-        u = xf.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(xf != xf, xf.to(tl.bfloat16), r)
-    else:
-        return x.to(DTYPE)
-
 
 @triton.jit(do_not_specialize=["m", "B", "D", "s", "n", "CHUNK"])
 def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK: tl.constexpr,
@@ -73,7 +53,7 @@ def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK:
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
         f = tl.load(f_row + offs, mask=mask, other=0.0).to(ACC)
         g = f - x
-        gst = _round_to(g, G.dtype.element_ty, MANUAL_BF16)
+        gst = round_to(g, G.dtype.element_ty, MANUAL_BF16)
         tl.store(g_row + offs, gst, mask=mask)
         gr = gst.to(ACC)  # the Gram uses the stored (rounded) residual
         ssg += tl.sum(g * g, axis=0)
@@ -88,16 +68,20 @@ def _gram_kernel(X, G, FX, PART, m, B, D, s, n, CHUNK, MP2: tl.constexpr, BLOCK:
     tl.store(PART + (b * nblk + blk).to(tl.int64) * (m + 2) + offs_j, dots, mask=offs_j < m + 2)
 
 
-@triton.jit(do_not_specialize=["m", "B", "T", "k", "s", "n", "nblk"])
+@triton.jit(do_not_specialize=["m", "B", "T", "k", "s", "n", "nblk", "lam_b", "tol_b", "rtol_b", "eps_b"])
 def _solve_kernel(
     H, LOWEST, TRACE, STATUS, PART, WORK,
     m, B, T, k, s, n, nblk,
-    lam, tol, rtol, step,
+    lam_b, tol_b, rtol_b, eps_b,
     STOP_REL: tl.constexpr, MP: tl.constexpr, BB: tl.constexpr,
 ):
     # BB samples per program (1 on a GPU; the whole batch under the interpreter, where every
     # reduction is a slow Python call).
     ACC = H.dtype.element_ty
+    lam = scalar(lam_b, ACC)
+    tol = scalar(tol_b, ACC)
+    rtol = scalar(rtol_b, ACC)
+    step = (k + 1).to(ACC)
     bo = tl.program_id(0) * BB + tl.arange(0, BB)
     bmask = bo < B
     bo64 = bo.to(tl.int64)
@@ -120,7 +104,7 @@ def _solve_kernel(
     abs_r = tl.sqrt(ssg)
     f_norm = tl.sqrt(ssf)
     fin = (abs_r == abs_r) & (tl.abs(abs_r) < float("inf")) & (f_norm == f_norm) & (tl.abs(f_norm) < float("inf"))
-    rel_r = tl.where(fin, abs_r / (f_norm + 1e-9), float("inf"))
+    rel_r = tl.where(fin, abs_r / (f_norm + scalar(eps_b, ACC)), float("inf"))
     abs_r = tl.where(fin, abs_r, float("inf"))
     st0 = tl.load(STATUS + bo, mask=bmask, other=1)
     running = st0 == 0
@@ -139,7 +123,7 @@ def _solve_kernel(
     else:
         new_lo = new_lo_abs
     st1 = tl.where(running & (~fin), 2, st0)
-    st1 = tl.where(running & fin & (tol >= 0) & (new_lo < tol), 1, st1)
+    st1 = tl.where(running & fin & (new_lo < tol), 1, st1)  # residuals are >= 0: tol < 0 never converges
     still = st1 == 0
 
     # ---- small solve: Gauss-Jordan on [H + lam I | 1] (n x n block, identity padding) ----
@@ -193,12 +177,13 @@ def _solve_kernel(
     tl.store(wb + m, flags.to(ACC), mask=bmask)
 
 
-@triton.jit(do_not_specialize=["m", "B", "D", "s", "nxt", "n", "CHUNK"])
-def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["m", "B", "D", "s", "nxt", "n", "CHUNK", "tau_b"])
+def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau_b, BLOCK: tl.constexpr,
                 MANUAL_BF16: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     ACC = WORK.dtype.element_ty
+    tau = scalar(tau_b, ACC)
     wb = WORK + b.to(tl.int64) * (m + 1)
     fl = tl.load(wb + m).to(tl.int32)
     still = (fl & 1) != 0
@@ -220,32 +205,26 @@ def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau, BLOCK: tl.
             gj = tl.load(G + row + offs, mask=mask & still, other=0.0).to(ACC)
             acc += aj * (xj + tau * gj)
         xs = tl.load(X + (s * B + b).to(tl.int64) * D + offs, mask=mask & (~still), other=0.0)
-        out = tl.where(still, _round_to(acc, X.dtype.element_ty, MANUAL_BF16), xs)
+        out = tl.where(still, round_to(acc, X.dtype.element_ty, MANUAL_BF16), xs)
         tl.store(X + (nxt * B + b).to(tl.int64) * D + offs, out, mask=mask & (still | (nxt != s)))
 
 
-def _chunking(D: int) -> tuple[int, int]:
-    nblk = min(1024, max(1, triton.cdiv(D, CHUNK_TARGET)))
-    chunk = triton.cdiv(triton.cdiv(D, nblk), BLOCK) * BLOCK
-    return triton.cdiv(D, chunk), chunk
-
-
-def anderson_step(X, G, H, fx, best, lowest, trace, status, k, tau, lam, tol, stop_rel, rtol) -> None:
+def anderson_step(X, G, H, fx, best, lowest, trace, status, k, tau, lam, tol, stop_rel, rtol, eps=1e-9) -> None:
     """Launch the three kernels for iteration ``k`` (buffers validated by the caller)."""
     m, B, D = X.shape
     T = trace.shape[2]
     s, n, nxt = k % m, min(k + 1, m), (k + 1) % m
-    nblk, chunk = _chunking(D)
+    nblk, chunk = chunking(D, 1024)
     acc = H.dtype
     part = torch.empty(B, nblk, m + 2, dtype=acc, device=X.device)
     work = torch.empty(B, m + 1, dtype=acc, device=X.device)
     mp2 = triton.next_power_of_2(m + 2)
     mp = max(2, triton.next_power_of_2(m))
     bb = min(16, triton.next_power_of_2(B)) if INTERPRET else 1
-    manual = INTERPRET and X.dtype == torch.bfloat16
+    manual = manual_bf16(X.dtype)
     _gram_kernel[(nblk, B)](X, G, fx, part, m, B, D, s, n, chunk, MP2=mp2, BLOCK=BLOCK, MANUAL_BF16=manual)
     _solve_kernel[(triton.cdiv(B, bb),)](H, lowest, trace, status, part, work, m, B, T, k, s, n, nblk,
-                                          float(lam), float(tol), float(rtol), float(k + 1),
+                                          f64_bits(lam), f64_bits(tol), f64_bits(rtol), f64_bits(eps),
                                           STOP_REL=bool(stop_rel), MP=mp, BB=bb)
-    _mix_kernel[(nblk, B)](X, G, fx, best, work, m, B, D, s, nxt, n, chunk, float(tau), BLOCK=BLOCK,
+    _mix_kernel[(nblk, B)](X, G, fx, best, work, m, B, D, s, nxt, n, chunk, f64_bits(tau), BLOCK=BLOCK,
                            MANUAL_BF16=manual)

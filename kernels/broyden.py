@@ -22,32 +22,13 @@ Accumulation is float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import BLOCK, INTERPRET, chunking, f64_bits, manual_bf16, round_to, scalar
+
 __all__ = ["lowrank", "broyden_step"]
-
-BLOCK = 1024
-CHUNK_TARGET = 4096
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """Cast fp32/fp64 ``x`` to ``DTYPE`` rounding to nearest even. The interpreter truncates on
-    fp32 -> bf16 casts, so there (``MANUAL_BF16``) the rounding is done on the bits."""
-    if MANUAL_BF16:
-        xf = x.to(tl.float32)
-        u = xf.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(xf != xf, xf.to(tl.bfloat16), r)
-    else:
-        return x.to(DTYPE)
-
 
 @triton.jit(do_not_specialize=["n", "B", "D", "CHUNK"])
 def _dots_kernel(Am, X, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr):
@@ -93,16 +74,14 @@ def _expand_kernel(Bm, X, OUT, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl
             cj = tl.sum(tl.where(offs_j == j, c, 0.0), axis=0)
             v = tl.load(Bm + (j * B + b).to(tl.int64) * D + offs, mask=mask, other=0.0).to(ACC)
             acc += cj * v
-        tl.store(OUT + b.to(tl.int64) * D + offs, _round_to(acc, OUT.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(OUT + b.to(tl.int64) * D + offs, round_to(acc, OUT.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
 def lowrank(A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int, out: torch.Tensor) -> None:
     """``out = −x + Σⱼ<n Bmⱼ ⟨Aⱼ, x⟩`` per sample (inputs validated by the caller)."""
     _, B, D = A.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    nblk = min(256, max(1, triton.cdiv(D, CHUNK_TARGET)))
-    chunk = triton.cdiv(triton.cdiv(D, nblk), BLOCK) * BLOCK
-    nblk = triton.cdiv(D, chunk)
+    nblk, chunk = chunking(D, 256)
     npow = max(2, triton.next_power_of_2(max(n, 1)))
     part = torch.empty(B, nblk, max(n, 1), dtype=acc, device=x.device)
     if n > 0:
@@ -139,7 +118,7 @@ def _sdots_kernel(X, FX, U, V, GP, DX, PART, mem, B, D, n, CHUNK, NP: tl.constex
         mask = offs < end
         f = tl.load(FX + row + offs, mask=mask, other=0.0).to(ACC)
         g = f - tl.load(X + row + offs, mask=mask, other=0.0).to(ACC)
-        gs = _round_to(g, X.dtype.element_ty, MANUAL_BF16).to(ACC)
+        gs = round_to(g, X.dtype.element_ty, MANUAL_BF16).to(ACC)
         dg = gs - tl.load(GP + row + offs, mask=mask, other=0.0).to(ACC)
         d = tl.load(DX + row + offs, mask=mask, other=0.0).to(ACC)
         sg += tl.sum(g * g, axis=0)
@@ -164,10 +143,12 @@ def _sdots_kernel(X, FX, U, V, GP, DX, PART, mem, B, D, n, CHUNK, NP: tl.constex
     tl.store(out + 3 * mem + 3, sxs)
 
 
-@triton.jit(do_not_specialize=["mem", "B", "T", "k", "n", "s", "nblk"])
-def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, tol, step,
+@triton.jit(do_not_specialize=["mem", "B", "T", "k", "n", "s", "nblk", "tol_b", "eps_b"])
+def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, tol_b, eps_b,
                   FULL: tl.constexpr, STOP_REL: tl.constexpr, NP: tl.constexpr, BB: tl.constexpr):
     ACC = LOWEST.dtype.element_ty
+    tol = scalar(tol_b, ACC)
+    step = (k + 1).to(ACC)
     P = 3 * mem + 4
     bo = tl.program_id(0) * BB + tl.arange(0, BB)
     bmask = bo < B
@@ -195,7 +176,7 @@ def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, t
     abs_r = tl.sqrt(ssg)
     f_norm = tl.sqrt(ssf)
     fin = (abs_r == abs_r) & (tl.abs(abs_r) < float("inf")) & (f_norm == f_norm) & (tl.abs(f_norm) < float("inf"))
-    rel_r = tl.where(fin, abs_r / (f_norm + 1e-9), float("inf"))
+    rel_r = tl.where(fin, abs_r / (f_norm + scalar(eps_b, ACC)), float("inf"))
     abs_r = tl.where(fin, abs_r, float("inf"))
     st0 = tl.load(STATUS + bo, mask=bmask, other=1)
     running = st0 == 0
@@ -213,7 +194,7 @@ def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, t
     else:
         new_lo = new_lo_abs
     st1 = tl.where(running & (~fin), 2, st0)
-    st1 = tl.where(running & fin & (tol >= 0) & (new_lo < tol), 1, st1)
+    st1 = tl.where(running & fin & (new_lo < tol), 1, st1)  # residuals are >= 0: tol < 0 never converges
     still = st1 == 0
     tr_abs = tl.where(running, abs_r, tl.where(st0 == 1, lo_abs, float("inf")))
     tr_rel = tl.where(running, rel_r, tl.where(st0 == 1, lo_rel, float("inf")))
@@ -272,7 +253,7 @@ def _supdate_kernel(X, FX, U, V, GP, DX, BEST, COEF, mem, B, D, k, n, s, CHUNK, 
         xraw = tl.load(X + row + offs, mask=mask, other=0.0)
         xo = xraw.to(ACC)
         g = tl.load(FX + row + offs, mask=mask, other=0.0).to(ACC) - xo
-        gsr = _round_to(g, SDT, MANUAL_BF16)
+        gsr = round_to(g, SDT, MANUAL_BF16)
         gs = gsr.to(ACC)
         dg = gs - tl.load(GP + row + offs, mask=mask, other=0.0).to(ACC)
         d = tl.load(DX + row + offs, mask=mask, other=0.0).to(ACC)
@@ -291,10 +272,10 @@ def _supdate_kernel(X, FX, U, V, GP, DX, BEST, COEF, mem, B, D, k, n, s, CHUNK, 
         v = tl.where(ok, v, 0.0)
         bg += vg * u
         kmask = mask & (k > 0)
-        tl.store(U + slot + offs, _round_to(u, SDT, MANUAL_BF16), mask=kmask)
-        tl.store(V + slot + offs, _round_to(v, SDT, MANUAL_BF16), mask=kmask)
-        xn = tl.where(still, _round_to(xo - bg, SDT, MANUAL_BF16), xraw)
-        tl.store(DX + row + offs, _round_to(xn.to(ACC) - xo, SDT, MANUAL_BF16), mask=mask)
+        tl.store(U + slot + offs, round_to(u, SDT, MANUAL_BF16), mask=kmask)
+        tl.store(V + slot + offs, round_to(v, SDT, MANUAL_BF16), mask=kmask)
+        xn = tl.where(still, round_to(xo - bg, SDT, MANUAL_BF16), xraw)
+        tl.store(DX + row + offs, round_to(xn.to(ACC) - xo, SDT, MANUAL_BF16), mask=mask)
         tl.store(GP + row + offs, gsr, mask=mask)
         tl.store(X + row + offs, xn, mask=mask)
 
@@ -307,19 +288,17 @@ def broyden_step(x, fx, U, V, g_prev, dx, best, lowest, trace, status, k, tol, s
     s = (k - 1) % mem if k > 0 else 0
     full = k > 0 and k - 1 >= mem
     acc = lowest.dtype
-    nblk = min(256, max(1, triton.cdiv(D, CHUNK_TARGET)))
-    chunk = triton.cdiv(triton.cdiv(D, nblk), BLOCK) * BLOCK
-    nblk = triton.cdiv(D, chunk)
+    nblk, chunk = chunking(D, 256)
     P = 3 * mem + 4
     part = torch.empty(B, nblk, P, dtype=acc, device=x.device)
     coef = torch.empty(B, P, dtype=acc, device=x.device)
     npow = max(2, triton.next_power_of_2(max(n, 1)))
     bb = min(16, triton.next_power_of_2(B)) if INTERPRET else 1
-    manual = INTERPRET and x.dtype == torch.bfloat16
+    manual = manual_bf16(x.dtype)
     _sdots_kernel[(nblk, B)](x, fx, U, V, g_prev, dx, part, mem, B, D, n, chunk, NP=npow, BLOCK=BLOCK,
                              MANUAL_BF16=manual)
     _sscal_kernel[(triton.cdiv(B, bb),)](lowest, trace, status, part, coef, mem, B, T, k, n, s, nblk,
-                                         float(tol), float(k + 1), FULL=bool(full), STOP_REL=bool(stop_rel),
+                                         f64_bits(tol), f64_bits(1e-9), FULL=bool(full), STOP_REL=bool(stop_rel),
                                          NP=npow, BB=bb)
     _supdate_kernel[(nblk, B)](x, fx, U, V, g_prev, dx, best, coef, mem, B, D, k, n, s, chunk, BLOCK=BLOCK,
                                MANUAL_BF16=manual)

@@ -1,11 +1,24 @@
 """Shared pytest set-up.
 
-TRITON_INTERPRET must be set before anything imports getfast.kernels (Triton reads it when a
-kernel is decorated), so it is set here, at conftest import time, before any test module.
+Triton decides when a kernel is decorated whether it runs compiled or interpreted, so
+``TRITON_INTERPRET`` is settled here, at conftest import time, before any test module can import
+``getfast.kernels``: the interpreter where no CUDA device is present (Triton kernels then run on
+CPU tensors), compiled Triton where one is, and whatever the user set explicitly in either case.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+
+def use_triton_interpreter(environ=os.environ) -> None:
+    """Set ``TRITON_INTERPRET=1`` in ``environ`` unless it is set already or CUDA is present."""
+    if "TRITON_INTERPRET" in environ:
+        return
+    import torch  # asks the driver for a device count; creates no CUDA context
+
+    if not torch.cuda.is_available():
+        environ["TRITON_INTERPRET"] = "1"
+
+
+use_triton_interpreter()
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import contextlib  # noqa: E402
@@ -21,13 +34,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except Exception:
-        has_gpu = False
-    if has_gpu:
+    if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -1,8 +1,4 @@
 """Fused flash attention: Triton kernel (under TRITON_INTERPRET=1 on CPU) vs SDPA in float64."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too; must precede kernel import
-
 import pytest
 import torch
 import torch.nn.functional as F

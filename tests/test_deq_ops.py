@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import getfast.deq as deq
 from getfast.ops import _framework as F
 from getfast.ops import anderson as A
 from getfast.ops import broyden as BR
+from getfast.kernels.common import f64_bits, scalar
 
 CPU_BACKENDS = ["cpp", "triton"]
 DT = torch.float64
@@ -407,3 +410,37 @@ def test_gpu_backends_match_reference(backend, dtype):
         r = fn(U, V, xx, 5, backend="reference").double()
         c = fn(U, V, xx, 5, backend=backend).double()
         assert (r - c).abs().max().item() <= tol * r.abs().max().item() * 4
+
+
+def test_triton_launches_pass_no_float_scalars(monkeypatch):
+    """A Python float reaches a compiled Triton kernel as fp32 (the interpreter keeps a double), so a
+    float64 solve would lose precision on a GPU only; the launchers pass doubles as bit patterns."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = []
+    real = InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        seen.extend(a for a in (*args, *kwargs.values()) if isinstance(a, float))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    bufs = _buffers(3, 2, 9, 4, DT)
+    A.anderson_step(*bufs[:3], torch.randn(2, 9, dtype=DT), *bufs[3:], 0, tau=0.9, lam=1e-4, tol=1e-3,
+                    backend="triton")
+    b = _broyden_buffers(3, 2, 9, 4, DT)
+    BR.broyden_step(b[0], torch.randn(2, 9, dtype=DT), *b[1:], 0, tol=1e-3, backend="triton")
+    assert seen == []
+
+
+@triton.jit
+def _scalar_kernel(OUT, bits):
+    tl.store(OUT, scalar(bits, OUT.dtype.element_ty))
+
+
+def test_triton_scalar_round_trip_is_exact():
+    for v in (0.9, 1e-4, -1.0, 0.0, 1e-300, 3.0e38):
+        for dt in (torch.float64, torch.float32):
+            out = torch.empty(1, dtype=dt)
+            _scalar_kernel[(1,)](out, f64_bits(v))
+            assert out.item() == torch.tensor(v, dtype=torch.float64).to(dt).item()

@@ -148,3 +148,23 @@ def test_cupy_broken_import_is_guarded(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", broken)
     monkeypatch.setattr("importlib.import_module", lambda n, *a: broken(n))
     assert "cupy is not importable" in _cupy.unavailable_reason()
+
+
+def test_conftest_interpreter_only_without_cuda(monkeypatch):
+    import os
+
+    import conftest
+    import getfast.kernels.common as kc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = {}
+    conftest.use_triton_interpreter(env)
+    assert env == {"TRITON_INTERPRET": "1"}
+    env = {"TRITON_INTERPRET": "0"}  # a user's choice wins
+    conftest.use_triton_interpreter(env)
+    assert env == {"TRITON_INTERPRET": "0"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = {}
+    conftest.use_triton_interpreter(env)
+    assert env == {}  # compiled Triton on a GPU machine
+    assert kc.INTERPRET == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
