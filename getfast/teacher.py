@@ -144,11 +144,16 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
     path = EMBEDDED.get(name_or_path, Path(name_or_path))
     if not path.exists():
         raise FileNotFoundError(f"no teacher at {path}; embedded teachers: {sorted(EMBEDDED)}")
+    from getfast.importers.convert import is_foreign_teacher, load_converted, load_source
+    if is_foreign_teacher(path):  # an NVlabs/edm pickle or a diffusers folder, read by getfast.importers
+        return load_source(str(path), device=device)
     from getfast.train.checkpoint import list_checkpoints
     if path.is_dir() and not list_checkpoints(path) and (path / "teacher.safetensors").exists():
         path = path / "teacher.safetensors"
     if path.suffix == ".safetensors":
         state, meta = _read_export(path)
+        if "precond" in meta or "diffusers" in meta:  # converted by `getfast convert`
+            return load_converted(path, state, meta, device)
     else:
         from getfast.train.loop import load_ema
         state, cfg = load_ema(path)

@@ -24,6 +24,8 @@ def _families():
         fams["ViT"] = (_vit.CONFIGS, _vit.build)
     except ImportError:  # pragma: no cover
         pass
+    from getfast.models import edm_unets as _edm  # NVlabs/edm architectures (imported checkpoints)
+    fams["EDM"] = (_edm.CONFIGS, _edm.build)
     return fams
 
 
