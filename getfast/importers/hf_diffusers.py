@@ -75,12 +75,7 @@ class _UNetAdapter(nn.Module):
     def forward(self, x, t, class_labels=None, w=None):
         if w is not None:
             raise ValueError("w: a diffusers UNet has no guidance-weight input")
-        labels = None
-        if self.num_classes:
-            if class_labels is None:
-                raise ValueError("class_labels: this diffusers UNet is class-conditional and has no unconditional class")
-            labels = class_labels.argmax(dim=1) if class_labels.is_floating_point() else class_labels
-        return self.unet(x, t, class_labels=labels, return_dict=False)[0]
+        return self.unet(x, t, class_labels=class_labels if self.num_classes else None, return_dict=False)[0]
 
 
 class DiffusersDenoiser(EDMPrecond):
@@ -99,6 +94,19 @@ class DiffusersDenoiser(EDMPrecond):
         # Not saved with the weights: the table travels in the teacher's metadata.
         self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
+
+    def one_hot(self, class_labels, batch, device):
+        """Integer class indices for the UNet's embedding table (one-hot rows are reduced by argmax)."""
+        if not self.num_classes:
+            return None
+        if class_labels is None:
+            raise ValueError("class_labels: this diffusers UNet is class-conditional and has no unconditional class")
+        return class_labels.argmax(dim=1) if class_labels.is_floating_point() else class_labels.to(device)
+
+    def forward(self, x, sigma, class_labels=None, cfg_scale=None, w=None):
+        if cfg_scale is not None and self.num_classes:
+            raise ValueError("cfg_scale: a diffusers UNet2DModel has no unconditional class to guide against")
+        return super().forward(x, sigma, class_labels, cfg_scale=cfg_scale, w=w)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep of σ: linear in log σ between neighbouring trained levels, clamped to [0, T−1]."""
