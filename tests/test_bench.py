@@ -1,0 +1,304 @@
+"""getfast.bench: configuration and argument handling, the work models, formatting and the RESULTS.md
+writer — everything of the benchmarks that runs without measuring anything."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import getfast.bench as bench
+from getfast.bench import common, gpu_common, runner
+from getfast.bench.common import PAST_GPU_SECTION, Skipped
+
+
+@pytest.fixture
+def bench_out(tmp_path):
+    """Send the benchmarks' JSON and RESULTS.md to a temporary folder (seeded from the checkout's RESULTS.md)."""
+    common.set_output(tmp_path)
+    yield tmp_path
+    common._output.clear()
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+def test_config_defaults_are_the_cpu_benchmarks():
+    cfg = bench.BenchConfig()
+    assert (cfg.device, cfg.quick, cfg.only, cfg.out, cfg.budget_s) == ("cpu", False, (), "", 0.0)
+    assert {"deq", "models", "pairs", "sim_loss"} <= set(cfg.chosen())
+    assert bench.names("cuda") == ["attention", "sim_loss", "deq", "sampling", "train"]
+    assert bench.BenchConfig(device="cuda:1", only="deq").only == ("deq",)
+
+
+@pytest.mark.parametrize("kw, word", [
+    ({"device": "gpu"}, "device"),
+    ({"device": "cuda:x"}, "device"),
+    ({"only": ("nope",)}, "only"),
+    ({"device": "cuda", "only": ("models",)}, "only"),  # a CPU-only benchmark asked of the GPU set
+    ({"budget_s": -1.0}, "budget_s"),
+    ({"budget_s": math.inf}, "budget_s"),
+    ({"quick": "yes"}, "quick"),
+])
+def test_config_rejects_bad_values_naming_the_field(kw, word):
+    with pytest.raises(ValueError, match=word):
+        bench.BenchConfig(**kw)
+
+
+def test_shim_entry_point_lists_and_rejects():
+    import benchmarks.__main__ as shim
+    assert set(shim.names()) >= {"deq", "models", "pairs", "sim_loss"}
+    with pytest.raises(SystemExit) as e:
+        shim.main(["--only", "no-such-benchmark"])
+    assert e.value.code == 2
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--device", "--quick", "--only", "--out", "--budget-s"):
+        assert flag in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_fails_at_once_with_one_line(monkeypatch, capsys, bench_out):
+    monkeypatch.setattr(runner, "load_module", lambda *a: pytest.fail("no benchmark may start"))
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--device", "cuda", "--quick"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m benchmarks: error: device cuda: ")
+    assert "torch.cuda.is_available() is False" in err
+    with pytest.raises(ValueError, match="no CUDA device"):
+        bench.run(bench.BenchConfig(device="cuda"))
+    assert not (bench_out / "gpu_all.json").exists()
+
+
+def test_cuda_refuses_the_triton_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        runner.check_device(bench.BenchConfig(device="cuda"))
+    with pytest.raises(ValueError, match="only 1 CUDA device"):
+        runner.check_device(bench.BenchConfig(device="cuda:3"))
+    runner.check_device(bench.BenchConfig(device="cpu"))  # the CPU set needs nothing
+
+
+# --- the CPU runner --------------------------------------------------------------------------------
+
+def _fake(kind):
+    mod = types.SimpleNamespace(TITLE=f"fake {kind}")
+
+    def run(quick):
+        if kind == "skip":
+            raise Skipped("optional package absent")
+        if kind == "fail":
+            raise RuntimeError("boom")
+        return {"value": 1.5, "quick": quick}
+
+    mod.run = run
+    mod.report = lambda res: f"value {res['value']}"
+    return mod
+
+
+def test_cpu_runner_writes_results_and_keeps_going(monkeypatch, bench_out, capsys):
+    kinds = {"deq": "skip", "models": "ok", "pairs": "fail"}
+    monkeypatch.setattr(runner, "load_module", lambda name, device: _fake(kinds[name]))
+    rc = bench.run(bench.BenchConfig(only=("deq", "models", "pairs"), quick=True, out=str(bench_out)))
+    assert rc == 1  # pairs failed; the others still ran
+    assert json.loads((bench_out / "models.json").read_text()) == {"value": 1.5, "quick": True}
+    summary = json.loads((bench_out / "all.json").read_text())
+    assert summary["deq"] == {"skipped": "optional package absent"} and "boom" in summary["pairs"]["error"]
+    md = (bench_out / "RESULTS.md").read_text()
+    assert "<!-- BEGIN models -->\n## fake ok\n\nvalue 1.5\n<!-- END models -->" in md
+    assert "skipped: optional package absent" in capsys.readouterr().out
+
+
+def test_cpu_reports_render_from_the_committed_results():
+    """Each CPU benchmark's report() renders the JSON its last real run left in benchmarks/results."""
+    root = common.source_checkout()
+    if root is None:
+        pytest.skip("needs the source checkout")
+    from getfast.bench import deq, models, pairs, sim_loss
+    for mod in (deq, models, pairs, sim_loss):
+        path = root / "benchmarks" / "results" / f"{mod.NAME}.json"
+        if not path.exists():
+            continue
+        text = mod.report(json.loads(path.read_text()))
+        assert "| --- |" in text and "Machine:" in text
+
+
+# --- output and RESULTS.md ---------------------------------------------------------------------------
+
+def test_set_output_defaults_to_the_checkout_and_seeds_a_new_folder(tmp_path):
+    try:
+        folder, md = common.set_output(None)
+        root = common.source_checkout()
+        if root is not None:
+            assert (folder, md) == (root / "benchmarks" / "results", root / "benchmarks" / "RESULTS.md")
+            folder, md = common.set_output(tmp_path / "new")
+            assert md.read_text() == (root / "benchmarks" / "RESULTS.md").read_text()
+    finally:
+        common._output.clear()
+
+
+def test_installed_package_writes_under_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "source_checkout", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    try:
+        folder, md = common.set_output("")
+        assert folder == tmp_path / "getfast-bench" and md == folder / "RESULTS.md"
+        common.write_json("x", {"a": 1})
+        assert json.loads((folder / "x.json").read_text()) == {"a": 1}
+        common.update_results_md("x", "body")
+        assert md.read_text().startswith("# Benchmark results")
+    finally:
+        common._output.clear()
+
+
+def test_sections_are_replaced_and_ordered_gpu_first(bench_out):
+    md = bench_out / "RESULTS.md"
+    md.write_text("# Benchmark results\n\nheader text\n")
+    for name in ("sim_loss", PAST_GPU_SECTION, "gpu-train", "deq", "gpu", "gpu-attention"):
+        common.update_results_md(name, f"body of {name}")
+    common.update_results_md("gpu-train", "new body")
+    text = md.read_text()
+    order = [line.split()[2] for line in text.splitlines() if line.startswith("<!-- BEGIN ")]
+    assert order == ["gpu", "gpu-attention", "gpu-train", PAST_GPU_SECTION, "deq", "sim_loss"]
+    assert text.startswith("# Benchmark results\n\nheader text\n")
+    assert "new body" in text and "body of gpu-train" not in text and text.count("BEGIN gpu-train") == 1
+
+
+def test_committed_results_state_that_no_gpu_run_happened_unless_one_did():
+    root = common.source_checkout()
+    if root is None:
+        pytest.skip("needs the source checkout")
+    text = (root / "benchmarks" / "RESULTS.md").read_text()
+    gpu = text[text.index("<!-- BEGIN gpu -->"):text.index("<!-- END gpu -->")]
+    past = text[text.index(f"<!-- BEGIN {PAST_GPU_SECTION} -->"):text.index(f"<!-- END {PAST_GPU_SECTION} -->")]
+    if "Last GPU run:" not in gpu:  # no GPU run written yet: no measured gpu-* section may exist
+        assert "No GPU run has happened yet" in gpu
+        assert not [s for s in ("attention", "sim_loss", "deq", "sampling", "train") if f"BEGIN gpu-{s} -->" in text]
+    assert "2026-11-22" in past and "H200" in past and "torch 2.11.0+cu130" in past and "triton 3.6.0" in past
+
+
+# --- models of work, device facts, formatting -------------------------------------------------------
+
+def test_attention_flops_reproduce_the_quoted_h200_rates():
+    fwd = gpu_common.attention_flops(128, 12, 256, 64, "fwd")
+    assert fwd == 4 * 128 * 12 * 256 * 256 * 64
+    assert gpu_common.attention_flops(128, 12, 256, 64, "fwd+bwd") == 3.5 * fwd
+    assert gpu_common.rate(fwd, 0.281) / 1e12 == pytest.approx(92, rel=0.01)  # 92 TFLOP/s at 0.281 ms
+    assert gpu_common.rate(3.5 * fwd, 1.20) / 1e12 == pytest.approx(75, rel=0.01)
+    with pytest.raises(ValueError, match="mode"):
+        gpu_common.attention_flops(1, 1, 1, 1, "bwd")
+
+
+def test_bytes_models():
+    n = 256 * 3 * 64 * 64
+    assert gpu_common.sim_loss_bytes(n, 4) == 9 * n * 4
+    assert gpu_common.rate(gpu_common.sim_loss_bytes(n, 4), 0.718) / 1e9 == pytest.approx(158, rel=0.01)
+    b = gpu_common.anderson_bytes(6, 128, 256 * 768, 4)
+    assert b == 22 * 128 * 256 * 768 * 4 and b / 1e9 == pytest.approx(2.21, rel=0.01)
+    assert gpu_common.share(gpu_common.rate(b, 0.547), 4.8e12) == pytest.approx(0.84, abs=0.01)
+    assert gpu_common.anderson_bytes(1, 2, 3, 2) == 7 * 2 * 3 * 2  # fixed point: m = 1
+    assert gpu_common.rate(None, 1.0) is None and gpu_common.share(1.0, None) is None
+
+
+@pytest.mark.parametrize("name, tbs", [
+    ("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0), ("NVIDIA H100 NVL", 3.9), ("NVIDIA H200", 4.8),
+    ("NVIDIA A100-SXM4-80GB", 2.039), ("NVIDIA A100 80GB PCIe", 1.935), ("NVIDIA A100-SXM4-40GB", 1.555),
+])
+def test_spec_sheet_bandwidth(name, tbs):
+    value, label = gpu_common.spec_sheet_bandwidth(name)
+    assert value == pytest.approx(tbs * 1e12)
+    assert gpu_common.peak_bandwidth(name)["source"].startswith("data sheet")
+
+
+def test_unknown_gpu_uses_clock_times_bus_width():
+    assert gpu_common.spec_sheet_bandwidth("NVIDIA L4") is None
+    pb = gpu_common.peak_bandwidth("NVIDIA L4", memory_clock_khz=2619000, bus_width_bits=5120)
+    assert pb["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3) and "bus width" in pb["source"]
+    assert gpu_common.peak_bandwidth("NVIDIA L4")["bytes_per_s"] is None
+
+
+def test_device_info_and_header_on_cpu():
+    info = gpu_common.device_info(torch.device("cpu"))
+    assert info["torch"] == torch.__version__ and info["peak_bandwidth"]["bytes_per_s"] is None
+    fake = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "total_memory_gib": 79.1, "torch": "2.11.0+cu130",
+            "torch_cuda": "13.0", "triton": "3.6.0", "matmul_bf16_tflops": 700.4, "tf32_matmul": False,
+            "peak_bandwidth": gpu_common.peak_bandwidth("NVIDIA H100 80GB HBM3")}
+    line = gpu_common.device_line(fake)
+    for part in ("NVIDIA H100 80GB HBM3", "3.35 TB/s", "torch 2.11.0+cu130", "triton 3.6.0", "700 TFLOP/s"):
+        assert part in line
+    header = runner.gpu_header({"device": fake, "machine": common.machine_info()}, quick=True, budget_s=330)
+    assert header.startswith("Last GPU run: NVIDIA H100") and "quick run; time budget 330 s" in header
+
+
+def test_budget_and_attempt():
+    assert gpu_common.Budget(None).allows(1e9) and gpu_common.Budget(0).left() == math.inf
+    b = gpu_common.Budget(5)
+    assert b.allows(1) and not b.allows(60) and b.skip_note(60).startswith("skipped: time budget")
+    assert gpu_common.attempt(lambda: 3) == (3, None)
+    value, err = gpu_common.attempt(lambda: 1 / 0)
+    assert value is None and err.startswith("ZeroDivisionError: ")
+
+
+def test_forced_backend_restores_the_environment(monkeypatch):
+    monkeypatch.setenv("GETFAST_BACKEND", "cpp")
+    with gpu_common.forced_backend("reference"):
+        assert gpu_common.os.environ["GETFAST_BACKEND"] == "reference"
+    with gpu_common.forced_backend(None):
+        assert "GETFAST_BACKEND" not in gpu_common.os.environ
+    assert gpu_common.os.environ["GETFAST_BACKEND"] == "cpp"
+
+
+def test_cell_formatting():
+    assert gpu_common.fmt(None) == "–" and gpu_common.fmt("err") == "err" and gpu_common.fmt(0.12345, ".2f") == "0.12"
+    assert gpu_common.fmt_pct(0.843) == "84 %" and gpu_common.fmt_ratio(0.3) == "**0.30×**"
+    assert gpu_common.markdown_safe("a|b\nc") == "a/b c" and gpu_common.markdown_safe(None) == "–"
+    assert gpu_common.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_gpu_reports_render_errors_and_skips_as_cells():
+    from getfast.bench import gpu_attention, gpu_deq, gpu_sampling, gpu_sim_loss, gpu_train
+    att = {"flops_model": "m", "skipped": [{"shape": [1, 2, 3, 4], "dtype": "float16", "why": "skipped: time budget"}],
+           "rows": [{"shape": [1, 2, 3, 4], "dtype": "bfloat16", "sdpa_backend": "flash", "default_backend": "reference",
+                     "triton_error": "RuntimeError: x|y", "fwd_sdpa_ms": 0.5, "fwd_sdpa_tflops": 100.0,
+                     "fwd+bwd_sdpa_ms": 1.0, "fwd+bwd_sdpa_tflops": 200.0}]}
+    text = gpu_attention.report(att)
+    assert "RuntimeError: x/y" in text and "100 (0.500 ms)" in text and "Not measured: 1·2·3·4 float16" in text
+    sl = {"c": 0.5, "bytes_model": "m", "skipped": [], "rows": [{"shape": [2, 3], "dtype": "float32", "impls": {
+        "eager": {"ms": 1.0, "gb_s": 10.0, "bw_share": 0.5, "speedup_vs_eager": 1.0, "error": None},
+        "triton": {"error": "wrong result: max relative difference 1 > 0.0001"}}}]}
+    assert "wrong result" in gpu_sim_loss.report(sl) and "50 %" in gpu_sim_loss.report(sl)
+    dq = {"m": 6, "lam": 1e-4, "n1": 5, "n2": 15, "torchdeq": "torchdeq not installed (x)", "bytes_model": "m",
+          "skipped": ["broyden bf16 per iteration (skipped: time budget)"], "to_tolerance": [],
+          "per_iteration": [{"solver": "anderson", "dtype": "float32", "B": 2, "D": 3, "impls": {
+              "getfast triton": {"ms_per_iter": 0.5, "gb_s": 4000.0, "bw_share": 0.84},
+              "torchdeq": {"error": "torchdeq not installed (x)"}}}]}
+    text = gpu_deq.report(dq)
+    assert "84 %" in text and "torchdeq not installed" in text and "Not measured: broyden bf16" in text
+    sp = {"plan": dict(gpu_sampling.DEFAULT_PLAN), "nfe_teacher": 35, "params_M": {"student": 62.2, "teacher": 55.7},
+          "skipped": [], "rows": [{"model": "student", "batch": 1, "variants": {
+              "eager fp32": {"ms": 9.4}, "eager bf16": {"ms": 9.0},
+              "CUDA graph bf16": {"ms": 2.0, "speedup_vs_teacher": 100.0}}}]}
+    text = gpu_sampling.report(sp)
+    assert "**4.50×**" in text and "**100.00×**" in text
+    tr = {"plan": dict(gpu_train.DEFAULT_PLAN), "intervals": 2, "log_every": 5, "skipped": ["x compiled (budget)"],
+          "rows": [{"model": "GET-B/2 distillation", "batch": 128, "eager": {"img_s": 700.0, "peak_bytes": 2**30},
+                    "compiled": {"error": "RuntimeError: boom"}, "compile_speedup": None}]}
+    text = gpu_train.report(tr)
+    assert "700" in text and "RuntimeError: boom" in text and "1.0 GiB" in text
+
+
+def test_config_imports_no_benchmark_module():
+    """Importing getfast.bench (what `getfast bench --help` does) stays light: no benchmark module loads."""
+    for name in list(bench.CPU_BENCHMARKS.values()) + list(bench.GPU_BENCHMARKS.values()):
+        sys.modules.pop(name, None)
+    bench.names("cpu")
+    bench.BenchConfig(device="cuda")
+    assert not any(name in sys.modules for name in bench.GPU_BENCHMARKS.values())

@@ -1,0 +1,172 @@
+"""The GPU benchmarks' code paths, run on tiny inputs: on CPU tensors everywhere (what a CPU-only machine
+can check — the numbers are meaningless and never recorded), and on CUDA tensors in the `gpu` tests."""
+import pytest
+import torch
+
+from getfast.bench import gpu_attention, gpu_common, gpu_deq, gpu_sampling, gpu_sim_loss, gpu_train
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny ops: one thread avoids OpenMP contention on a busy machine
+
+CPU = torch.device("cpu")
+TINY_SAMPLING = {"student": "GET-N/4", "teacher": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10,
+                 "batches": (2,), "heun_steps": 2, "student_iters": 2, "teacher_iters": 1}
+TINY_TRAIN = {"student": "GET-N/4", "teacher": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10,
+              "batch": 4, "bf16": False, "compile": False}
+
+
+def _no_errors(obj, path="res"):
+    """Every ``error`` field in a benchmark result is empty (the CPU-only ``needs a CUDA device`` excepted)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if "error" in k and v and v != "needs a CUDA device":
+                pytest.fail(f"{path}.{k}: {v}")
+            _no_errors(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_errors(v, f"{path}[{i}]")
+
+
+def test_sdpa_backend_is_named():
+    q = torch.randn(1, 2, 8, 4)
+    assert gpu_attention.sdpa_backend(q, q, q) in {"flash (CPU)", "math", "efficient", "flash", "cuDNN"}
+
+
+def test_attention_plan_covers_the_issue_shapes():
+    full, quick = gpu_attention.plan(False), gpu_attention.plan(True)
+    shapes = {s for s, _ in full}
+    assert {(128, 12, 256, 64), (4, 16, 4096, 64), (4, 16, 4096, 128)} <= shapes
+    assert any(s[2] == 1024 for s in shapes)
+    assert {d for _, d in full} == {torch.bfloat16, torch.float16} and len(quick) < len(full)
+
+
+def test_attention_rows_on_cpu():
+    """Triton under the interpreter vs SDPA, fwd and fwd+bwd, on a tiny shape."""
+    res = gpu_attention.run(CPU, True, gpu_common.Budget(None), cases=[((1, 2, 16, 8), torch.float32)])
+    _no_errors(res)
+    row = res["rows"][0]
+    assert row["default_backend"] == "reference" and row["max_abs_diff_vs_sdpa"] < 1e-5
+    for mode in ("fwd", "fwd+bwd"):
+        assert row[f"{mode}_triton_ms"] > 0 and row[f"{mode}_sdpa_ms"] > 0 and row[f"{mode}_ratio"] > 0
+    assert "| 1·2·16·8 | float32 |" in gpu_attention.report(res)
+
+
+def test_attention_budget_skips_are_reported():
+    b = gpu_common.Budget(1e-9)
+    res = gpu_attention.run(CPU, True, b, cases=[((1, 1, 4, 4), torch.float32)])
+    assert res["rows"] == [] and res["skipped"][0]["why"].startswith("skipped: time budget")
+
+
+def test_sim_loss_rows_on_cpu():
+    res = gpu_sim_loss.run(CPU, True, gpu_common.Budget(None), peak_bw=1e11,
+                           cases=[((3, 1, 5, 7), torch.float32), ((2, 3, 4), torch.bfloat16)])
+    _no_errors(res)
+    for row in res["rows"]:
+        assert set(row["impls"]) == {"eager", "cpp", "default"}
+        numel, itemsize = torch.Size(row["shape"]).numel(), 4 if row["dtype"] == "float32" else 2
+        assert row["model_bytes"] == 9 * numel * itemsize
+        for e in row["impls"].values():
+            assert e["ms"] > 0 and e["bw_share"] is not None
+    assert "fused, cpp" in gpu_sim_loss.report(res)
+
+
+def test_sim_loss_flags_a_wrong_backend(monkeypatch):
+    """A backend whose gradient disagrees with the float64 reference is reported, not timed."""
+    real = gpu_sim_loss._fused
+
+    def wrong(a, f, x, sigma, w, backend):
+        return tuple(2 * g for g in real(a, f, x, sigma, w, backend))
+
+    monkeypatch.setattr(gpu_sim_loss, "_fused", wrong)
+    row = gpu_sim_loss.measure((2, 3, 4), torch.float32, CPU, True, None)
+    assert row["impls"]["cpp"]["error"].startswith("wrong result") and "ms" not in row["impls"]["cpp"]
+    assert row["impls"]["eager"]["error"] is None
+
+
+def test_deq_rows_on_cpu():
+    res = gpu_deq.run(CPU, True, gpu_common.Budget(None), peak_bw=1e11, batch=2, dim=64,
+                      dtypes=(torch.float32,), solvers=("anderson",))
+    _no_errors({k: v for k, v in res.items() if k != "torchdeq"})
+    row = res["per_iteration"][0]
+    assert row["model_bytes"] == (3 * 6 + 4) * 2 * 64 * 4
+    assert {"getfast cpp", "getfast reference", "torchdeq"} <= set(row["impls"])
+    assert any(label.startswith("getfast default (") for label in row["impls"])
+    tol = res["to_tolerance"][0]
+    if gpu_deq.torchdeq_missing() is None:
+        assert tol["getfast_f_evals"] == tol["torchdeq_f_evals"]
+        assert tol["getfast_max_rel_residual"] < gpu_deq.TOL and tol["torchdeq_max_rel_residual"] < gpu_deq.TOL
+    assert "Time to tolerance" in gpu_deq.report(res)
+
+
+def test_deq_without_torchdeq_still_measures_getfast(monkeypatch):
+    monkeypatch.setattr(gpu_deq, "torchdeq_missing", lambda: "torchdeq not installed (test)")
+    row = gpu_deq.per_iteration("fixed_point", torch.float32, CPU, True, 2, 16, ("cpp",))
+    assert row["impls"]["torchdeq"] == {"error": "torchdeq not installed (test)"}
+    assert "ms_per_iter" in row["impls"]["getfast cpp"] and row["model_bytes"] == 7 * 2 * 16 * 4
+    tol = gpu_deq.to_tolerance("fixed_point", CPU, True, 2, 16)
+    assert tol["torchdeq_error"] == "torchdeq not installed (test)" and tol["getfast_f_evals"] > 1
+
+
+def test_sampling_rows_on_cpu_through_the_sampler():
+    res = gpu_sampling.run(CPU, True, gpu_common.Budget(None), plan=TINY_SAMPLING)
+    _no_errors(res)
+    assert res["path"] == gpu_sampling.SAMPLER_PATH
+    assert res["nfe_teacher"] == 3 and [r["model"] for r in res["rows"]] == ["student", "teacher"]
+    student = res["rows"][0]["variants"]
+    assert student["CUDA graph bf16"] == {"error": "needs a CUDA device"}
+    assert student["eager fp32"]["ms"] > 0 and student["eager bf16"]["speedup_vs_teacher"] > 0
+    assert "GET-N/4 one step" in gpu_sampling.report(res)
+
+
+def test_sampling_rows_on_cpu_on_the_modules():
+    res = gpu_sampling.run(CPU, True, gpu_common.Budget(None), plan={**TINY_SAMPLING, "use_sampler": False})
+    _no_errors(res)
+    assert res["path"].startswith("modules directly")
+    assert res["rows"][1]["variants"]["eager fp32"]["ms"] > 0
+
+
+@pytest.mark.slow
+def test_train_rows_on_cpu_through_the_loop():
+    res = gpu_train.run(CPU, True, gpu_common.Budget(None), plan=TINY_TRAIN, log_every=1, intervals=1)
+    _no_errors(res)
+    assert [r["model"] for r in res["rows"]] == ["GET-N/4 distillation", "UNet-XS EDM teacher step"]
+    for r in res["rows"]:
+        assert r["eager"]["img_s"] > 0 and r["eager"]["steps"] == 2 and "compiled" not in r
+    assert "GET-N/4 distillation" in gpu_train.report(res)
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_graphed_heun_replays_like_eager():
+    from getfast.diffusion import EDMPrecond, heun
+    from getfast.models import create
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    D = EDMPrecond(create("UNet-XS", img_resolution=8, in_channels=1, num_classes=10)).eval().to(dev)
+    z, labels = torch.randn(2, 1, 8, 8, device=dev), torch.tensor([1, 2], device=dev)
+    with torch.no_grad():
+        graphed = gpu_sampling.GraphedCall(lambda x: heun(D, x, 3, labels), z)
+        z2 = torch.randn_like(z)
+        torch.testing.assert_close(graphed(z2), heun(D, z2, 3, labels), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_rows_capture_a_graph():
+    plan = {**TINY_SAMPLING, "student_iters": 3, "teacher_iters": 2}
+    res = gpu_sampling.run(torch.device("cuda"), True, gpu_common.Budget(None), plan=plan)
+    _no_errors(res)
+    for row in res["rows"]:
+        assert row["variants"]["CUDA graph bf16"]["ms"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_rows_run_compiled():
+    dev = torch.device("cuda")
+    b = gpu_common.Budget(None)
+    att = gpu_attention.run(dev, True, b, cases=[((2, 2, 64, 32), torch.bfloat16)])
+    _no_errors(att)
+    assert att["rows"][0]["max_abs_diff_vs_sdpa"] < 3e-2
+    _no_errors(gpu_sim_loss.run(dev, True, b, cases=[((3, 1, 5, 7), torch.float32)]))
+    dq = gpu_deq.run(dev, True, b, batch=2, dim=256, dtypes=(torch.float32,), solvers=("anderson",))
+    _no_errors({k: v for k, v in dq.items() if k != "torchdeq"})
