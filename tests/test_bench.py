@@ -117,6 +117,25 @@ def test_cpu_runner_writes_results_and_keeps_going(monkeypatch, bench_out, capsy
     assert "skipped: optional package absent" in capsys.readouterr().out
 
 
+def test_checkout_benchmark_modules_join_the_cpu_set(monkeypatch, tmp_path, bench_out):
+    """A ``benchmarks/bench_<name>.py`` of the checkout (e.g. the host-overhead benchmark) runs with the others."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "bench_h5extra.py").write_text(
+        'TITLE = "extra"\n\ndef run(quick):\n    return {"x": 2, "quick": quick}\n\n'
+        'def report(res):\n    return f"x is {res[\'x\']}"\n')
+    (tmp_path / "benchmarks" / "bench_deq.py").write_text("raise RuntimeError('a shim is never loaded')\n")
+    monkeypatch.setattr(common, "source_checkout", lambda: tmp_path)
+    monkeypatch.delitem(sys.modules, "benchmarks.bench_h5extra", raising=False)
+    assert bench.checkout_benchmarks() == {"h5extra": str(tmp_path / "benchmarks" / "bench_h5extra.py")}
+    assert "h5extra" in bench.names("cpu") and "h5extra" not in bench.names("cuda")
+    try:
+        assert bench.run(bench.BenchConfig(only=("h5extra",), out=str(bench_out))) == 0
+    finally:
+        sys.modules.pop("benchmarks.bench_h5extra", None)
+    assert json.loads((bench_out / "h5extra.json").read_text()) == {"x": 2, "quick": False}
+    assert "## extra\n\nx is 2" in (bench_out / "RESULTS.md").read_text()
+
+
 def test_cpu_reports_render_from_the_committed_results():
     """Each CPU benchmark's report() renders the JSON its last real run left in benchmarks/results."""
     root = common.source_checkout()

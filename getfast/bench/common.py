@@ -63,9 +63,10 @@ def set_output(out: str | os.PathLike | None) -> tuple[Path, Path]:
     if out:
         folder = Path(out)
         md = folder / "RESULTS.md"
-        if not md.exists() and root is not None:
+        seed = root / "benchmarks" / "RESULTS.md" if root is not None else None
+        if not md.exists() and seed is not None and seed.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            md.write_text((root / "benchmarks" / "RESULTS.md").read_text())
+            md.write_text(seed.read_text())
     elif root is not None:
         folder, md = root / "benchmarks" / "results", root / "benchmarks" / "RESULTS.md"
     else:

@@ -99,6 +99,10 @@ def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path]:
     return student_path, teacher_path
 
 
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
 def _latency(fn, device, iters, warmup) -> dict:
     lat, err = attempt(lambda: latency_ms(fn, device, iters, warmup))
     return {"ms": lat["median"], "min_ms": lat["min"], "n": lat["n"]} if lat else {"error": err}
@@ -128,12 +132,15 @@ def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, ste
                 entry = {"error": f"replayed eagerly, not from a CUDA graph: {why}"}
             else:
                 eager = out.get("eager bf16", {}).get("_out")
-                replay = sampler(z, labels)
-                if eager is not None:
-                    entry["max_abs_diff_vs_eager_bf16"] = float((replay.float() - eager.float()).abs().max())
+                if eager is not None:  # only a deterministic sampler can be compared call for call
+                    entry["max_abs_diff_vs_eager_bf16"] = _diff(sampler(z, labels), eager)
                 entry.update(captures=g.captures, replays=g.replays, eager_calls=g.eager_calls)
         if name == "eager bf16" and "error" not in entry:
-            entry["_out"] = sampler(z, labels)
+            first, second = sampler(z, labels), sampler(z, labels)
+            if torch.equal(first, second):
+                entry["_out"] = first
+            else:
+                entry["nondeterministic"] = "two eager calls differ (random fixed-point start): replay not compared"
         out[name] = entry
         sampler = None
         if device.type == "cuda":
@@ -165,7 +172,9 @@ def module_variants(sample, z, device, iters: int, warmup: int) -> dict:
             out["CUDA graph bf16"] = {"error": f"capture failed: {err}"}
             return out
         replay = graphed(z).clone()
-        entry = {"max_abs_diff_vs_eager_bf16": float((replay.float() - graph_fn(z).float()).abs().max())}
+        first, second = graph_fn(z), graph_fn(z)
+        entry = ({"max_abs_diff_vs_eager_bf16": _diff(replay, first)} if torch.equal(first, second) else
+                 {"nondeterministic": "two eager calls differ (random fixed-point start): replay not compared"})
         entry.update(_latency(lambda: graphed(z), device, iters, warmup))
         out["CUDA graph bf16"] = entry
         graphed = None  # frees the graph and its memory pool before the next model
@@ -245,13 +254,17 @@ def report(res: dict) -> str:
         cells.append(fmt_ratio(eager / graph) if (eager and graph) else "–")
         cells.append(fmt_ratio(row["variants"].get("CUDA graph bf16", {}).get("speedup_vs_teacher"))
                      if row["model"] == "student" else "")
+        g = row["variants"].get("CUDA graph bf16", {})
+        cells.append(fmt(g.get("max_abs_diff_vs_eager_bf16"), ".2g") if "max_abs_diff_vs_eager_bf16" in g
+                     else ("random start: not compared" if row["variants"].get("eager bf16", {}).get("nondeterministic")
+                           else "–"))
         lines.append(cells)
     text = (f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights "
             f"({res['params_M']['student']:.1f}M / {res['params_M']['teacher']:.1f}M parameters), sampled through "
             f"{res.get('path', '?')}. Latency: synchronised wall ms per batch, median. Graph = one CUDA-graph capture "
             f"of the whole bf16 call, replayed.\n\n"
             + markdown_table(["sampler", "batch", *[f"{v} ms" for v in VARIANTS], "graph speed-up vs eager bf16",
-                              "one step vs teacher (graph)"], lines) + "\n")
+                              "one step vs teacher (graph)", "replay vs eager bf16, max abs diff"], lines) + "\n")
     if res["skipped"]:
         text += "\nNot measured: " + "; ".join(res["skipped"]) + "\n"
     return text

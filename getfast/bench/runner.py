@@ -44,7 +44,15 @@ def load_module(name: str, device: str):
     root = os.path.dirname(os.path.dirname(path))
     if root not in sys.path:  # such a module may import benchmarks.common
         sys.path.insert(0, root)
-    return importlib.import_module(mod_name)
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[mod_name]
+        raise
+    return mod
 
 
 def run_config(cfg: BenchConfig) -> int:
@@ -109,7 +117,8 @@ def _run_gpu(cfg: BenchConfig) -> int:
     from getfast.bench.gpu_common import Budget, attempt, device_info, matmul_tflops
 
     device = torch.device(cfg.device)
-    torch.cuda.set_device(device)
+    if device.index is not None:
+        torch.cuda.set_device(device)
     budget_s = cfg.budget_s or (QUICK_GPU_BUDGET_S if cfg.quick else None)
     budget = Budget(budget_s)
     info = {"machine": machine_info(), "device": device_info(device)}
