@@ -351,18 +351,19 @@ _NETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
 class _Precond(Persistent):
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type="SongUNet", **kw):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type="SongUNet", out_mult=1,
+                 **kw):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim, self.use_fp16 = img_resolution, img_channels, label_dim, use_fp16
         self.model = _NETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                       out_channels=img_channels, label_dim=label_dim, **kw)
+                                       out_channels=out_mult * img_channels, label_dim=label_dim, **kw)
 
     def forward(self, x, sigma, class_labels=None):
         s = sigma.reshape(-1, 1, 1, 1)
         if self.label_dim:
             class_labels = torch.zeros(1, self.label_dim) if class_labels is None else class_labels
         c_skip, c_out, c_in, c_noise = self.coeffs(s)
-        return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)
+        return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)[:, : self.img_channels]
 
 
 class EDMPrecond(_Precond):
@@ -406,6 +407,24 @@ class VEPrecond(_Precond):
         return torch.ones_like(s), s, torch.ones_like(s), torch.log(s / 2)
 
 
+class iDDPMPrecond(_Precond):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
+                 model_type="DhariwalUNet", **kw):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, out_mult=2, **kw)
+        self._record((), dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                              use_fp16=use_fp16, C_1=C_1, C_2=C_2, M=M, model_type=model_type, **kw))
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        abar = [math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2 for j in range(M + 1)]
+        u = [0.0] * (M + 1)
+        for j in range(M, 0, -1):
+            u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(abar[j - 1] / abar[j], C_1) - 1)
+        self.register_buffer("u", torch.tensor(u, dtype=torch.float32))
+
+    def coeffs(self, s):
+        idx = (s.reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(1).reshape(s.shape)
+        return torch.ones_like(s), -s, 1 / (1 + s**2).sqrt(), (self.M - 1 - idx).float()
+
+
 def _write(tmp_path, net, name="net.pkl", protocol=pickle.DEFAULT_PROTOCOL):
     path = tmp_path / name
     with open(path, "wb") as f:  # the layout of EDM's network-snapshot-*.pkl
@@ -426,6 +445,8 @@ CASES = {
                                               channel_mult=[1, 2, 2], attn_resolutions=[2])),
     "edm-adm-cond-augment": (EDMPrecond, dict(model_type="DhariwalUNet", label_dim=4, augment_dim=9, model_channels=32,
                                               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8, 4])),
+    "iddpm-adm-cond": (iDDPMPrecond, dict(model_type="DhariwalUNet", label_dim=4, model_channels=32,
+                                          channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])),
     "vp-adm": (VPPrecond, dict(model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 1], num_blocks=1,
                                attn_resolutions=[8])),
 }
@@ -457,7 +478,9 @@ def test_edm_pickle_matches_reference(tmp_path, case):
                 assert torch.allclose(D(x, sigma, None), ref(x, sigma, None), rtol=0, atol=2e-5 * want.abs().max())
     m = D.meta
     assert (m["resolution"], m["channels"], m["num_classes"]) == (8, 3, K)
-    assert m["precond"]["type"] == type(ref).__name__ and m["model"] == "EDM-" + CASES[case][1]["model_type"]
+    arch = "EDM-" + CASES[case][1]["model_type"]
+    assert m["precond"]["type"] == type(ref).__name__
+    assert m["model"] == (arch if m["precond"]["type"] == "EDMPrecond" else f"{arch}/{m['precond']['type']}")
     assert len(m["source"]["sha256"]) == 64 and not any(p.requires_grad for p in D.parameters())
 
 

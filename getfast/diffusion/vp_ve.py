@@ -7,8 +7,11 @@ four coefficients of D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise):
 * VP (Song et al. 2021): c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = (M−1)·t(σ), where t(σ) inverts
   σ(t) = √(exp(½β_d t² + β_min t) − 1).
 * VE (Song et al. 2021): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2).
+* iDDPM (Nichol & Dhariwal 2021): as VP but c_noise is the index of the nearest level of a discrete table.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -55,6 +58,42 @@ class VEPrecond(EDMPrecond):
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
 
 
-PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+class IDDPMPrecond(EDMPrecond):
+    """Improved-DDPM preconditioning (Karras et al. 2022, Table 1, "iDDPM"; Nichol & Dhariwal 2021) for a
+    backbone with 2·C output channels (the second half, the learned variance, is unused here):
+    c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = M − 1 − j(σ), where j(σ) is the index of the level
+    nearest to σ in the discrete table ``u`` built from the cosine ᾱ schedule (Table 1, "Time steps")."""
 
-__all__ = ["PRECONDITIONERS", "VEPrecond", "VPPrecond"]
+    def __init__(self, backbone: nn.Module, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000):
+        super().__init__(backbone)
+        self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
+        u = torch.zeros(M + 1)
+        for j in range(M, 0, -1):  # u_{j−1} = √((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1), u_M = 0
+            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        self.register_buffer("u", u)
+        self.sigma_min, self.sigma_max = float(u[M - 1]), float(u[0])
+
+    def alpha_bar(self, j):
+        """ᾱ_j = sin²(½π·j / (M·(C_2 + 1))), the cosine schedule in the "flipped" index j (Nichol & Dhariwal 2021)."""
+        j = torch.as_tensor(j)
+        return (0.5 * math.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
+
+    def round_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index of the table level nearest to each σ."""
+        d = torch.cdist(sigma.to(self.u.device, torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1))
+        return d.argmin(2).reshape(sigma.shape)
+
+    def coefficients(self, sigma: torch.Tensor):
+        c_noise = self.M - 1 - self.round_index(sigma).to(torch.float32)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+
+    def _denoise(self, x, sigma, labels, w):
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.coefficients(sigma))
+        F_x = self.backbone((c_in * x).to(x.dtype), c_noise.flatten(), class_labels=labels, w=w)
+        return c_skip * x + c_out * F_x[:, : self.img_channels].to(torch.float32)
+
+
+PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
+                   "iDDPMPrecond": IDDPMPrecond}
+
+__all__ = ["IDDPMPrecond", "PRECONDITIONERS", "VEPrecond", "VPPrecond"]

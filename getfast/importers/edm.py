@@ -37,6 +37,7 @@ _PRECOND_ARGS = {
     "VPPrecond": ("img_resolution", "img_channels", "label_dim", "use_fp16", "beta_d", "beta_min", "M", "epsilon_t",
                   "model_type"),
     "VEPrecond": ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "model_type"),
+    "iDDPMPrecond": ("img_resolution", "img_channels", "label_dim", "use_fp16", "C_1", "C_2", "M", "model_type"),
 }
 _PRECOND_DEFAULTS = {
     "EDMPrecond": dict(label_dim=0, use_fp16=False, sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5,
@@ -44,24 +45,26 @@ _PRECOND_DEFAULTS = {
     "VPPrecond": dict(label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
                       model_type="SongUNet"),
     "VEPrecond": dict(label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100.0, model_type="SongUNet"),
+    "iDDPMPrecond": dict(label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000, model_type="DhariwalUNet"),
 }
 # The preconditioner's own arguments, kept in meta["precond"] (img_* and label_dim go elsewhere).
 _PRECOND_PARAMS = {"EDMPrecond": ("sigma_min", "sigma_max", "sigma_data"),
                    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
-                   "VEPrecond": ("sigma_min", "sigma_max")}
+                   "VEPrecond": ("sigma_min", "sigma_max"),
+                   "iDDPMPrecond": ("C_1", "C_2", "M")}
 
 # EDM class name -> the getfast module type built for it (checked node by node).
 _CLASS_MAP = {
     "Conv2d": "EDMConv2d", "Linear": "EDMLinear", "GroupNorm": "GroupNorm", "UNetBlock": "EDMUNetBlock",
     "PositionalEmbedding": "PositionalEmbedding", "FourierEmbedding": "FourierEmbedding",
     "SongUNet": "SongUNet", "DhariwalUNet": "DhariwalUNet", "ModuleDict": "ModuleDict",
-    "EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPrecond": "VEPrecond",
+    "EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPrecond": "VEPrecond", "iDDPMPrecond": "IDDPMPrecond",
 }
 # Hyper-parameters an EDM module stores as attributes; where both sides have one they must agree.
 _CHECKED_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "up", "down", "fused_resample",
                   "num_groups", "eps", "num_heads", "skip_scale", "adaptive_scale", "dropout", "num_channels",
                   "max_positions", "endpoint", "label_dropout", "img_resolution", "img_channels", "sigma_data",
-                  "sigma_min", "sigma_max", "beta_d", "beta_min", "M", "epsilon_t")
+                  "sigma_min", "sigma_max", "beta_d", "beta_min", "M", "epsilon_t", "C_1", "C_2")
 
 
 class UnsafePickleError(ValueError):
@@ -270,7 +273,10 @@ def meta_from_record(rec: PersistentRecord, path="<pickle>") -> dict:
     precond = {"type": kind, **{k: _plain(kw.pop(k)) for k in _PRECOND_PARAMS[kind]}}
     res, ch, label_dim, use_fp16 = (kw.pop(k) for k in ("img_resolution", "img_channels", "label_dim", "use_fp16"))
     overrides = {k: _plain(v) for k, v in kw.items()}
-    return {"model": f"EDM-{arch}", "resolution": int(res), "channels": int(ch), "num_classes": int(label_dim),
+    # A VP/VE/iDDPM teacher's model name is deliberately not a registered backbone: code that rebuilds a
+    # teacher from the name alone (as an EDMPrecond) must fail loudly rather than get the wrong preconditioning.
+    model = f"EDM-{arch}" if kind == "EDMPrecond" else f"EDM-{arch}/{kind}"
+    return {"model": model, "resolution": int(res), "channels": int(ch), "num_classes": int(label_dim),
             "label_dropout": float(overrides.get("label_dropout", 0.0)), "data": None, "overrides": overrides,
             "precond": precond, "use_fp16": bool(use_fp16), "source": {"format": FORMAT}}
 
@@ -283,8 +289,10 @@ def build_from_meta(meta: dict) -> nn.Module:
     kind = p.pop("type")
     if kind not in PRECONDITIONERS:
         raise ValueError(f"precond: unknown preconditioning {kind!r}; known: {', '.join(PRECONDITIONERS)}")
+    extra = {"out_channels": 2 * meta["channels"]} if kind == "iDDPMPrecond" else {}  # + learned variance
     try:
-        backbone = build(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], **meta["overrides"])
+        backbone = build(meta["model"].split("/")[0], meta["resolution"], meta["channels"], meta["num_classes"],
+                         **meta["overrides"], **extra)
     except TypeError as e:
         raise ValueError(f"EDM backbone arguments not understood ({e})") from e
     if kind == "EDMPrecond":

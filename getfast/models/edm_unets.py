@@ -275,10 +275,9 @@ class SongUNet(nn.Module):
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, w=None):
-        if w is not None:
-            raise ValueError("w: EDM architectures have no guidance-weight input")
-        emb = self.embed(noise_labels, class_labels, augment_labels)
+    def encode(self, x, emb) -> list:
+        """The encoder's outputs, one per skip connection (the auxiliary skip/residual paths folded in), in
+        order; the last one is the decoder's input. Feature extractors use this instead of walking ``enc``."""
         skips, aux = [], x
         for name, block in self.enc.items():
             if "aux_down" in name:
@@ -290,6 +289,14 @@ class SongUNet(nn.Module):
             else:
                 x = block(x, emb) if isinstance(block, EDMUNetBlock) else block(x)
                 skips.append(x)
+        return skips
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, w=None):
+        if w is not None:
+            raise ValueError("w: EDM architectures have no guidance-weight input")
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        skips = self.encode(x, emb)
+        x = skips[-1]
         aux, tmp = None, None
         for name, block in self.dec.items():
             if "aux_up" in name:
@@ -364,14 +371,20 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(class_labels.to(emb.dtype))
         return F.silu(emb)
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, w=None):
-        if w is not None:
-            raise ValueError("w: EDM architectures have no guidance-weight input")
-        emb = self.embed(noise_labels, class_labels, augment_labels)
+    def encode(self, x, emb) -> list:
+        """The encoder's outputs, one per skip connection, in order; the last one is the decoder's input."""
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, EDMUNetBlock) else block(x)
             skips.append(x)
+        return skips
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, w=None):
+        if w is not None:
+            raise ValueError("w: EDM architectures have no guidance-weight input")
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        skips = self.encode(x, emb)
+        x = skips[-1]
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
