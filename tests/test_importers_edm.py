@@ -88,12 +88,14 @@ class Conv2d(Persistent):
             if kernel else None
         self.bias = nn.Parameter(0.1 * torch.randn(out_channels)) if kernel and bias else None
         f = torch.tensor(resample_filter, dtype=torch.float32)
-        self.register_buffer("resample_filter", (f[:, None] * f[None, :] / f.sum() ** 2)[None, None] if up or down else None)
+        fir = (f[:, None] * f[None, :] / f.sum() ** 2)[None, None]
+        self.register_buffer("resample_filter", fir if up or down else None)
 
     def _up(self, x):
         c = x.shape[1]
         k = self.resample_filter.shape[-1]
-        return F.conv_transpose2d(x, 4 * self.resample_filter.repeat(c, 1, 1, 1), stride=2, groups=c, padding=(k - 1) // 2)
+        return F.conv_transpose2d(x, 4 * self.resample_filter.repeat(c, 1, 1, 1), stride=2, groups=c,
+                                  padding=(k - 1) // 2)
 
     def _down(self, x, pad):
         c = x.shape[1]
@@ -206,7 +208,8 @@ class SongUNet(Persistent):
         E, N = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         bk = dict(emb_channels=E, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
                   resample_filter=resample_filter, resample_proj=True, adaptive_scale=False)
-        self.map_noise = PositionalEmbedding(N, endpoint=True) if embedding_type == "positional" else FourierEmbedding(N)
+        positional = embedding_type == "positional"
+        self.map_noise = PositionalEmbedding(N, endpoint=True) if positional else FourierEmbedding(N)
         self.map_label = Linear(label_dim, N) if label_dim else None
         self.map_augment = Linear(augment_dim, N, bias=False) if augment_dim else None
         self.map_layer0, self.map_layer1 = Linear(N, E), Linear(E, E)
@@ -354,7 +357,8 @@ class _Precond(Persistent):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type="SongUNet", out_mult=1,
                  **kw):
         super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim, self.use_fp16 = img_resolution, img_channels, label_dim, use_fp16
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.use_fp16 = label_dim, use_fp16
         self.model = _NETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
                                        out_channels=out_mult * img_channels, label_dim=label_dim, **kw)
 

@@ -74,7 +74,8 @@ class IDDPMPrecond(EDMPrecond):
         self.sigma_min, self.sigma_max = float(u[M - 1]), float(u[0])
 
     def alpha_bar(self, j):
-        """ᾱ_j = sin²(½π·j / (M·(C_2 + 1))), the cosine schedule in the "flipped" index j (Nichol & Dhariwal 2021)."""
+        """ᾱ_j = sin²(½π·j / (M·(C_2 + 1))): the cosine schedule, indexed from pure noise (j = 0)
+        (Nichol & Dhariwal 2021, cosine schedule; Karras et al. 2022, Table 1)."""
         j = torch.as_tensor(j)
         return (0.5 * math.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
 

@@ -216,7 +216,8 @@ def read_pickle(path) -> object:
             return _RestrictedUnpickler(f).load()
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{path}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError, KeyError) as e:
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError, KeyError,
+                RuntimeError) as e:
             raise ValueError(f"{path}: not a readable EDM pickle ({type(e).__name__}: {e})") from e
 
 

@@ -6,7 +6,8 @@ A discrete VP model is trained on z_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε at i
 
     D(x; σ) = c_skip·x + c_out·F(c_in·x; t(σ)),  c_in = 1/√(1+σ²),
     ε-prediction: c_skip = 1,          c_out = −σ                (x₀ = x − σ·ε̂)
-    v-prediction: c_skip = 1/(1+σ²),   c_out = −σ/√(1+σ²)        (x₀ = √ᾱ·z_t − √(1−ᾱ)·v̂; Salimans & Ho 2022)
+    v-prediction: c_skip = 1/(1+σ²),   c_out = −σ/√(1+σ²)        (x₀ = √ᾱ·z_t − √(1−ᾱ)·v̂;
+                                                                   Salimans & Ho 2022)
     sample:       c_skip = 0,          c_out = 1
 
 and t(σ) is the fractional timestep found by linear interpolation in log σ between the two neighbouring
@@ -68,6 +69,8 @@ class _UNetAdapter(nn.Module):
         super().__init__()
         self.unet = unet
         size = unet.config.sample_size
+        if not isinstance(size, int) and len(set(size)) != 1:
+            raise ValueError(f"sample_size: getfast teachers are square, this UNet is {tuple(size)}")
         self.img_resolution = int(size if isinstance(size, int) else size[0])
         self.in_channels = int(unet.config.in_channels)
         self.num_classes = int(num_classes)
@@ -129,7 +132,7 @@ class DiffusersDenoiser(EDMPrecond):
 
 
 def _json_safe(cfg) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dict(cfg).items()}, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    return json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
 def build_from_meta(meta: dict) -> DiffusersDenoiser:
@@ -160,7 +163,7 @@ def load_diffusers(path, device="cpu") -> DiffusersDenoiser:
     if abar is None:
         raise ValueError(f"{sched_file}: {cls_name} has no discrete ᾱ table (alphas_cumprod)")
     prediction = sched_cfg.get("prediction_type", "epsilon")
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True).float()
+    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False).float()
     net = DiffusersDenoiser(unet, abar, prediction)
     unet_cfg = _json_safe(unet.config)
     res = net.backbone.img_resolution

@@ -108,7 +108,8 @@ class EDMUNetBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.emb_channels = int(in_channels), int(out_channels), int(emb_channels)
         # EDM's rule, including its edge case: fewer channels than one head means no attention at all.
-        self.num_heads = 0 if not attention else int(num_heads) if num_heads is not None else out_channels // channels_per_head
+        heads = int(num_heads) if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = heads if attention else 0
         self.dropout = float(dropout)
         self.skip_scale = float(skip_scale)
         self.adaptive_scale = bool(adaptive_scale)
@@ -205,7 +206,8 @@ class SongUNet(nn.Module):
         _check_choice("embedding_type", embedding_type, ("fourier", "positional"))
         _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
         _check_choice("decoder_type", decoder_type, ("standard", "skip"))
-        self.img_resolution, self.in_channels, self.out_channels = int(img_resolution), int(in_channels), int(out_channels)
+        self.img_resolution = int(img_resolution)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.label_dim = self.num_classes = int(label_dim)
         self.augment_dim = int(augment_dim)
         self.label_dropout = float(label_dropout)  # recorded, never applied (see the module docstring)
@@ -231,11 +233,12 @@ class SongUNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = EDMUNetBlock(cout, cout, down=True, **blk)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = EDMConv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = EDMConv2d(caux, caux, 0, down=True,
+                                                                  resample_filter=resample_filter)
                     self.enc[f"{res}x{res}_aux_skip"] = EDMConv2d(caux, cout, 1)
                 if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = EDMConv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
-                                                                      fused_resample=True)
+                    self.enc[f"{res}x{res}_aux_residual"] = EDMConv2d(caux, cout, 3, down=True, fused_resample=True,
+                                                                      resample_filter=resample_filter)
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
@@ -320,7 +323,8 @@ class DhariwalUNet(nn.Module):
                  augment_dim: int = 0, model_channels: int = 192, channel_mult=(1, 2, 3, 4), channel_mult_emb: int = 4,
                  num_blocks: int = 3, attn_resolutions=(32, 16, 8), dropout: float = 0.10, label_dropout: float = 0):
         super().__init__()
-        self.img_resolution, self.in_channels, self.out_channels = int(img_resolution), int(in_channels), int(out_channels)
+        self.img_resolution = int(img_resolution)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.label_dim = self.num_classes = int(label_dim)
         self.augment_dim = int(augment_dim)
         self.label_dropout = float(label_dropout)  # recorded, never applied (see the module docstring)
