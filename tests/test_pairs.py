@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from getfast.cli import main as cli_main
-from getfast.data import PairDataError, PairDataset, PairsConfig, make_pairs, noise_batch, sample_noise
+from getfast.data import PairDataError, PairDataset, noise_batch, sample_noise
 from getfast.data.pairs import dequantize, quantize, sample_label
 from getfast.diffusion import heun
+from getfast.sampling import NonFiniteError, PairsConfig, make_pairs
 from getfast.teacher import build_denoiser, export, load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,14 +254,39 @@ def test_pair_dataset_errors(teacher, reference, tmp_path):
 
 
 def test_cli_errors(teacher, tmp_path, capsys):
-    assert cli_main(["make-pairs", "--teacher", str(teacher), "--out", str(tmp_path / "a")]) == 2
-    assert "n must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # --n is required
+        cli_main(["make-pairs", "--teacher", str(teacher), "--out", str(tmp_path / "a")])
+    assert info.value.code == 2 and "--n" in capsys.readouterr().err
+    assert cli_main(["make-pairs", "--teacher", str(teacher), "--n", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "n (--n) must be a positive number" in capsys.readouterr().err
     assert cli_main(["make-pairs", "--teacher", str(teacher), "--n", "4", "--cfg-scale", "2",
                      "--out", str(tmp_path / "b")]) == 2
     assert "needs --cond" in capsys.readouterr().err
     assert cli_main(["make-pairs", "--teacher", str(tmp_path / "nope.safetensors"), "--n", "4",
                      "--out", str(tmp_path / "c")]) == 2
-    assert "no teacher at" in capsys.readouterr().err
+    assert "nope.safetensors" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert cli_main(["make-pairs", "--teacher", str(teacher), "--n", "4", "--image-dtype", "bf16",
                      "--out", str(tmp_path / "d")]) == 2
-    assert "image_dtype must be one of" in capsys.readouterr().err
+    assert "image_dtype (--image-dtype) must be one of" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abcd")
+    with pytest.raises(ValueError, match="n .*must be a positive"):
+        PairsConfig(n=-1)
+    with pytest.raises(ValueError, match="cfg_scale .*finite"):
+        PairsConfig(n=4, cond=True, cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="device"):
+        PairsConfig(n=4, device="bogus")
+
+
+def test_nonfinite_teacher_output_is_an_error_naming_the_shard(tmp_path):
+    """A teacher whose activations overflow (finite weights) must not write a shard of zeros."""
+    torch.manual_seed(0)
+    D = build_denoiser("UNet-XS", 8, 1, 10)
+    with torch.no_grad():
+        for p in D.parameters():
+            p.add_(0.05 * torch.randn_like(p)).mul_(1e4)
+    path = tmp_path / "big.safetensors"
+    export(D, {"model": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10, "label_dropout": 0.1}, path)
+    out = tmp_path / "pairs"
+    with pytest.raises(NonFiniteError, match="shard-00000, samples \\[0, 4\\).*NaN/Inf"):
+        make_pairs(PairsConfig(teacher=str(path), out=str(out), **{**COMMON, "n": 4}))
+    assert not list(out.glob("shard-*"))

@@ -4,5 +4,5 @@ from getfast.data.datasets import (DatasetError, ImageDataset, load_dataset, loa
 
 __all__ = ["DatasetError", "ImageDataset", "load_dataset", "load_digits", "load_fashion_mnist",
            "load_image_folder", "load_npz", "resize"]
-from getfast.data.pairs import PairDataError, PairDataset, PairsConfig, make_pairs, noise_batch, sample_noise  # noqa: E402
-__all__ += ["PairDataError", "PairDataset", "PairsConfig", "make_pairs", "noise_batch", "sample_noise"]
+from getfast.data.pairs import PairDataError, PairDataset, noise_batch, sample_noise  # noqa: E402
+__all__ += ["PairDataError", "PairDataset", "noise_batch", "sample_noise"]

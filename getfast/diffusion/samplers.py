@@ -2,6 +2,9 @@
 
 Every sampler takes a denoiser ``D(x, sigma, class_labels, cfg_scale=...)`` and the initial noise
 ``z ~ N(0, I)`` and returns images. A one-step student is ``steps=1``.
+
+The noise levels are Python floats computed on the host, so a sampler never reads a device value: on a GPU
+a fixed-step sampler can be captured whole in a CUDA graph (:mod:`getfast.sampling.graphs`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,13 @@ def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rh
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
+def _sigma_list(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
+    """:func:`edm_sigmas` as host floats (the values of the CPU float64 schedule)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return edm_sigmas(steps, sigma_min, sigma_max, rho).tolist()
+
+
 def _call(D, x, sigma, class_labels, cfg_scale):
     sig = torch.full((x.shape[0],), float(sigma), device=x.device)
     kw = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
@@ -29,7 +39,7 @@ def _call(D, x, sigma, class_labels, cfg_scale):
 def heun(D, z, steps: int = 18, class_labels=None, cfg_scale=None, sigma_min=0.002, sigma_max=80.0, rho=7.0,
          S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, generator=None):
     """EDM's 2nd-order sampler (Algorithm 2): 2·steps − 1 network evaluations (35 for 18 steps)."""
-    t_steps = edm_sigmas(steps, sigma_min, sigma_max, rho, z.device)
+    t_steps = _sigma_list(steps, sigma_min, sigma_max, rho)
     x_next = z.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
@@ -38,7 +48,7 @@ def heun(D, z, steps: int = 18, class_labels=None, cfg_scale=None, sigma_min=0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             eps = torch.randn(x_cur.shape, generator=generator, device=z.device, dtype=torch.float64)
-            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
+            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * eps
         else:
             x_hat = x_cur
         d_cur = (x_hat - _call(D, x_hat.to(z.dtype), t_hat, class_labels, cfg_scale)) / t_hat
@@ -52,7 +62,7 @@ def heun(D, z, steps: int = 18, class_labels=None, cfg_scale=None, sigma_min=0.0
 @torch.no_grad()
 def euler(D, z, steps: int = 18, class_labels=None, cfg_scale=None, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's 1st-order ODE sampler: ``steps`` network evaluations. ``steps=1`` is a one-step generator."""
-    t_steps = edm_sigmas(steps, sigma_min, sigma_max, rho, z.device)
+    t_steps = _sigma_list(steps, sigma_min, sigma_max, rho)
     x = z.to(torch.float64) * t_steps[0]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
         d = (x - _call(D, x.to(z.dtype), t_cur, class_labels, cfg_scale)) / t_cur
@@ -90,6 +100,8 @@ def ddim_step(x_hat, z_t, t, t_next):
 @torch.no_grad()
 def ddim(D, z, steps: int, class_labels=None, cfg_scale=None, **kw):
     """DDIM sampler with ``steps`` uniform steps in t from 1 to 0; ``steps`` network evaluations."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     x = z
     ts = torch.linspace(1, 0, steps + 1, device=z.device)
     for t, t_next in zip(ts[:-1], ts[1:]):
