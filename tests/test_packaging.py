@@ -1,6 +1,7 @@
 """Packaging: half-precision committed weights that load as float32, the extras, and a plain (non-editable)
 install whose ``getfast bench`` works."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -87,3 +88,23 @@ def test_non_editable_wheel_install_runs_bench(tmp_path):
              "print({p.dtype for p in n.parameters()})")
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0 and "torch.float32" in out.stdout, out.stderr
+
+
+def _make(*args, **env):
+    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+def test_make_test_and_demo_set_up_the_data_first(tmp_path):
+    for target in ("test", "demo"):
+        out = _make("-n", target, "STAMPS=" + str(tmp_path / "stamps"))  # -n: print, run nothing
+        assert out.returncode == 0, out.stderr
+        recipe = out.stdout
+        assert "apt-get install -y -qq dataset-fashion-mnist" in recipe
+        run = "-m pytest -q tests" if target == "test" else "bin/getfast demo"
+        assert recipe.rindex("dataset-fashion-mnist") < recipe.rindex(run)
+    # data already present: nothing to do, nothing printed
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    out = _make("data", f"FMNIST_DIR={tmp_path}")
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
