@@ -1,13 +1,10 @@
 // getfast._C entry point: build information plus every family registered with GETFAST_BIND.
-#include <pybind11/stl.h>
-
 #include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "registry.h"
-#include "cuda/runtime.h"
 
 #ifdef GETFAST_WITH_OPENMP
 #include <omp.h>
@@ -26,38 +23,31 @@ std::vector<BindEntry>& bind_registry() {
   return entries;
 }
 
+// "80,90-real" (CMAKE_CUDA_ARCHITECTURES joined with ',') -> {80, 90}: each entry's leading digits.
 static std::vector<int> parse_archs() {
   std::vector<int> out;
 #ifdef GETFAST_CUDA_ARCHS
-  std::string s = GETFAST_CUDA_ARCHS;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t end = s.find(',', start);
-    if (end == std::string::npos) end = s.size();
-    std::string tok = s.substr(start, end - start);
-    std::string digits;
-    for (char ch : tok)
-      if (ch >= '0' && ch <= '9') digits.push_back(ch);
-      else if (ch == '-') break;  // "90-real" / "90-virtual"
-    if (!digits.empty()) out.push_back(std::stoi(digits));
-    start = end + 1;
+  const std::string s = GETFAST_CUDA_ARCHS;
+  for (size_t i = 0; i < s.size();) {
+    size_t j = i;
+    while (j < s.size() && s[j] >= '0' && s[j] <= '9') ++j;
+    if (j > i) out.push_back(std::stoi(s.substr(i, j - i)));
+    const size_t comma = s.find(',', i);
+    i = comma == std::string::npos ? s.size() : comma + 1;
   }
 #endif
   return out;
-}
-
-static std::vector<std::string> families() {
-  std::vector<std::string> names;
-  for (const auto& e : bind_registry()) names.emplace_back(e.family);
-  return names;
 }
 
 }  // namespace getfast
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "getfast native kernels (C++/OpenMP and CUDA; no libtorch)";
-
-  m.def("build_info", [] {
+  auto& reg = getfast::bind_registry();
+  std::sort(reg.begin(), reg.end(), [](const getfast::BindEntry& a, const getfast::BindEntry& b) {
+    return std::strcmp(a.family, b.family) < 0;
+  });
+  m.def("build_info", [&reg] {
     py::dict d;
     d["version"] = GETFAST_VERSION;
 #ifdef GETFAST_WITH_CUDA
@@ -75,10 +65,11 @@ PYBIND11_MODULE(_C, m) {
     d["openmp"] = false;
     d["omp_max_threads"] = 1;
 #endif
-    d["families"] = getfast::families();
+    py::list families;
+    for (const auto& e : reg) families.append(e.family);
+    d["families"] = families;
     return d;
   }, "Dict describing how this extension was built.");
-
   m.def("cuda_device_count", [] {
 #ifdef GETFAST_WITH_CUDA
     return getfast::cuda_device_count();
@@ -86,10 +77,5 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "Number of visible CUDA devices; 0 without CUDA support, a driver or a device.");
-
-  auto& reg = getfast::bind_registry();
-  std::sort(reg.begin(), reg.end(), [](const getfast::BindEntry& a, const getfast::BindEntry& b) {
-    return std::strcmp(a.family, b.family) < 0;
-  });
   for (const auto& e : reg) e.fn(m);
 }

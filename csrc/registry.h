@@ -1,53 +1,50 @@
-// getfast._C binding registry.
-//
-// Each kernel family registers its pybind11 functions from its own .cpp file:
-//
-//   #include "registry.h"
-//   GETFAST_BIND(sim_loss) {
-//     m.def("sim_loss_fwd_cpu", &sim_loss_fwd_cpu, "...");
-//   }
-//
-// The macro defines a static registrar object that appends the function to a global list
-// before the module is initialised; csrc/module.cpp calls every registered function (sorted by
-// family name, so the module's contents do not depend on link order) inside PYBIND11_MODULE.
-// Adding a family therefore never edits module.cpp or CMakeLists.txt (CMake globs csrc/**/*.cpp).
-//
-// No torch headers anywhere in csrc/: functions take raw pointers (as uintptr_t), sizes and,
-// for CUDA, the stream handle as uintptr_t.
+// getfast._C binding registry: each kernel family registers its functions from its own .cpp
+// file with GETFAST_BIND(family) { ... }, so adding a family never edits module.cpp or
+// CMakeLists.txt (CMake globs csrc/**/*.cpp). module.cpp runs every registered function, sorted
+// by family name, inside PYBIND11_MODULE.
 #pragma once
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
-#include <cstdint>
+#include <stdexcept>
 #include <string>
-#include <vector>
+
+#include "ops.h"
 
 namespace getfast {
 
 using BindFn = void (*)(pybind11::module_&);
-
 struct BindEntry {
   const char* family;
   BindFn fn;
 };
-
-// Defined in module.cpp (function-local static: no static-initialisation-order problem).
-std::vector<BindEntry>& bind_registry();
-
+std::vector<BindEntry>& bind_registry();  // module.cpp (function-local static)
 struct BindRegistrar {
   BindRegistrar(const char* family, BindFn fn) { bind_registry().push_back({family, fn}); }
 };
 
-// Pointer helpers for bindings: Python passes tensor.data_ptr() as an int.
-template <typename T>
-inline T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
+// CPU entry points run without the GIL; CUDA entry points turn an error string into RuntimeError.
+inline void def_cpu(pybind11::module_& m, const char* name,
+                    void (*fn)(int, const Ptrs&, const Ints&, const Reals&)) {
+  m.def(name, fn, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+inline void def_cuda(pybind11::module_& m, const char* name, CudaEntry fn) {
+  m.def(name, [fn, name](int dtype, const Ptrs& p, const Ints& n, const Reals& r, std::uintptr_t stream) {
+    if (const char* err = fn(dtype, p, n, r, stream)) throw std::runtime_error(std::string(name) + ": " + err);
+  });
 }
 
 }  // namespace getfast
 
-#define GETFAST_BIND(family)                                                          \
-  static void getfast_bind_##family(pybind11::module_& m);                            \
-  static ::getfast::BindRegistrar getfast_bind_registrar_##family(#family,            \
-                                                                  &getfast_bind_##family); \
-  static void getfast_bind_##family([[maybe_unused]] pybind11::module_& m)
+// The CUDA entry points exist only in a CUDA build.
+#ifdef GETFAST_WITH_CUDA
+#define GETFAST_DEF_CUDA(m, fn) ::getfast::def_cuda(m, #fn, &::getfast::fn)
+#else
+#define GETFAST_DEF_CUDA(m, fn) ((void)0)
+#endif
+
+#define GETFAST_BIND(family)                                                                   \
+  static void getfast_bind_##family(pybind11::module_& m);                                     \
+  static ::getfast::BindRegistrar getfast_bind_registrar_##family(#family, &getfast_bind_##family); \
+  static void getfast_bind_##family(pybind11::module_& m)

@@ -1,6 +1,6 @@
 """Fused Anderson-acceleration step in Triton (Anderson 1965; Walker & Ni 2011).
 
-Contract, buffer layouts and the plain-PyTorch reference: ``getfast/ops/anderson.py``. Three
+Contract, buffer layouts and the plain-PyTorch reference: ``getfast/ops/anderson/``. Three
 launches per iteration (``s = k % m``, ``n = min(k+1, m)``):
 
 ``_gram_kernel``   grid ``(nblk, B)``: streams its chunk of ``D`` once — ``g = fx − X[s]`` (stored to
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, chunking, f64_bits, manual_bf16, round_to, scalar
+from .common import BLOCK, INTERPRET, f64_bits, manual_bf16, round_to, scalar
 
 __all__ = ["anderson_step"]
 
@@ -209,12 +209,12 @@ def _mix_kernel(X, G, FX, BEST, WORK, m, B, D, s, nxt, n, CHUNK, tau_b, BLOCK: t
         tl.store(X + (nxt * B + b).to(tl.int64) * D + offs, out, mask=mask & (still | (nxt != s)))
 
 
-def anderson_step(X, G, H, fx, best, lowest, trace, status, k, tau, lam, tol, stop_rel, rtol, eps=1e-9) -> None:
-    """Launch the three kernels for iteration ``k`` (buffers validated by the caller)."""
+def anderson_step(X, G, H, best, lowest, trace, status, fx, k, tau, lam, tol, stop_rel, rtol, eps, nblk, chunk):
+    """Launch the three kernels for iteration ``k``: ``nblk`` programs of ``chunk`` elements (a
+    multiple of ``BLOCK``) per sample; buffers validated by the caller."""
     m, B, D = X.shape
     T = trace.shape[2]
     s, n, nxt = k % m, min(k + 1, m), (k + 1) % m
-    nblk, chunk = chunking(D, 1024)
     acc = H.dtype
     part = torch.empty(B, nblk, m + 2, dtype=acc, device=X.device)
     work = torch.empty(B, m + 1, dtype=acc, device=X.device)

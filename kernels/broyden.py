@@ -1,15 +1,7 @@
-"""Broyden low-rank inverse-Jacobian products in Triton (Broyden 1965; Bai et al. 2019).
+"""The fused Broyden iteration in Triton (Broyden 1965; Bai et al. 2019, §3.1.3).
 
-Contract and reference: ``getfast/ops/broyden.py``. One kernel pair serves both products,
-``out_b = −x_b + Σⱼ<n Bmⱼ,b ⟨Aⱼ,b, x_b⟩`` (``(A, Bm) = (V, U)`` for ``(−I + U Vᵀ) x``, ``(U, V)`` for
-``xᵀ (−I + U Vᵀ)``):
-
-``_dots_kernel``    grid ``(nblk, B)``: partial ``⟨Aⱼ, x⟩`` over the program's chunk → ``part[b, blk, j]``
-``_expand_kernel``  grid ``(nblk, B)``: sums its sample's partials (fixed order, deterministic)
-                    into a ``[NP]`` vector, then ``out = −x + Σⱼ cⱼ Bmⱼ`` over its chunk.
-
-The fused iteration ``getfast::broyden_step`` (math: ``getfast/ops/broyden.py``) is three
-launches, ``P = 3·mem + 4`` values per sample:
+Contract, buffers and the plain-PyTorch reference: ``getfast/ops/broyden/``. Three launches,
+``P = 3·mem + 4`` values per sample:
 
 ``_sdots_kernel``    grid ``(nblk, B)``: partial ``aⱼ = ⟨Uⱼ, Δx⟩``, ``bⱼ = ⟨Vⱼ, Δg⟩``, ``cⱼ = ⟨Vⱼ, g⟩``,
                      ``‖g‖²``, ``‖f‖²``, ``⟨Δx, Δg⟩``, ``⟨Δx, g⟩`` over the program's chunk
@@ -26,73 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, chunking, f64_bits, manual_bf16, round_to, scalar
+from .common import BLOCK, INTERPRET, f64_bits, manual_bf16, round_to, scalar
 
 __all__ = ["lowrank", "broyden_step"]
 
-@triton.jit(do_not_specialize=["n", "B", "D", "CHUNK"])
-def _dots_kernel(Am, X, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr):
-    blk = tl.program_id(0)
-    b = tl.program_id(1)
-    nblk = tl.num_programs(0)
-    ACC = PART.dtype.element_ty
-    offs_j = tl.arange(0, NP)
-    base = tl.arange(0, BLOCK)
-    start = blk * CHUNK
-    end = tl.minimum(start + CHUNK, D)
-    x_row = X + b.to(tl.int64) * D
-    dots = tl.zeros([NP], dtype=ACC)
-    for i0 in range(start, end, BLOCK):
-        offs = i0 + base
-        mask = offs < end
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-        for j in range(0, n):
-            a = tl.load(Am + (j * B + b).to(tl.int64) * D + offs, mask=mask, other=0.0).to(ACC)
-            dots += tl.where(offs_j == j, tl.sum(a * x, axis=0), 0.0)
-    tl.store(PART + (b * nblk + blk).to(tl.int64) * n + offs_j, dots, mask=offs_j < n)
-
-
-@triton.jit(do_not_specialize=["n", "B", "D", "CHUNK"])
-def _expand_kernel(Bm, X, OUT, PART, n, B, D, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr,
-                   MANUAL_BF16: tl.constexpr):
-    blk = tl.program_id(0)
-    b = tl.program_id(1)
-    nblk = tl.num_programs(0)
-    ACC = PART.dtype.element_ty
-    offs_j = tl.arange(0, NP)
-    c = tl.zeros([NP], dtype=ACC)
-    for q in range(0, nblk):
-        c += tl.load(PART + (b * nblk + q).to(tl.int64) * n + offs_j, mask=offs_j < n, other=0.0)
-    base = tl.arange(0, BLOCK)
-    start = blk * CHUNK
-    end = tl.minimum(start + CHUNK, D)
-    for i0 in range(start, end, BLOCK):
-        offs = i0 + base
-        mask = offs < end
-        acc = -tl.load(X + b.to(tl.int64) * D + offs, mask=mask, other=0.0).to(ACC)
-        for j in range(0, n):
-            cj = tl.sum(tl.where(offs_j == j, c, 0.0), axis=0)
-            v = tl.load(Bm + (j * B + b).to(tl.int64) * D + offs, mask=mask, other=0.0).to(ACC)
-            acc += cj * v
-        tl.store(OUT + b.to(tl.int64) * D + offs, round_to(acc, OUT.dtype.element_ty, MANUAL_BF16), mask=mask)
-
-
-def lowrank(A: torch.Tensor, Bm: torch.Tensor, x: torch.Tensor, n: int, out: torch.Tensor) -> None:
-    """``out = −x + Σⱼ<n Bmⱼ ⟨Aⱼ, x⟩`` per sample (inputs validated by the caller)."""
-    _, B, D = A.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    nblk, chunk = chunking(D, 256)
-    npow = max(2, triton.next_power_of_2(max(n, 1)))
-    part = torch.empty(B, nblk, max(n, 1), dtype=acc, device=x.device)
-    if n > 0:
-        _dots_kernel[(nblk, B)](A, x, part, n, B, D, chunk, NP=npow, BLOCK=BLOCK)
-    _expand_kernel[(nblk, B)](Bm, x, out, part, n, B, D, chunk, NP=npow, BLOCK=BLOCK,
-                              MANUAL_BF16=INTERPRET and x.dtype == torch.bfloat16)
-
-
-# --------------------------------------------------------------------------------------
-# the fused Broyden iteration
-# --------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["mem", "B", "D", "n", "CHUNK"])
 def _sdots_kernel(X, FX, U, V, GP, DX, PART, mem, B, D, n, CHUNK, NP: tl.constexpr, BLOCK: tl.constexpr,
                   MANUAL_BF16: tl.constexpr):
@@ -280,15 +209,15 @@ def _supdate_kernel(X, FX, U, V, GP, DX, BEST, COEF, mem, B, D, k, n, s, CHUNK, 
         tl.store(X + row + offs, xn, mask=mask)
 
 
-def broyden_step(x, fx, U, V, g_prev, dx, best, lowest, trace, status, k, tol, stop_rel) -> None:
-    """Launch the three kernels of one Broyden iteration (buffers validated by the caller)."""
+def broyden_step(x, U, V, g_prev, dx, best, lowest, trace, status, fx, k, tol, stop_rel, eps, nblk, chunk):
+    """Launch the three kernels of one Broyden iteration: ``nblk`` programs of ``chunk`` elements
+    per sample; buffers validated by the caller."""
     mem, B, D = U.shape
     T = trace.shape[2]
     n = min(k - 1, mem) if k > 0 else 0
     s = (k - 1) % mem if k > 0 else 0
     full = k > 0 and k - 1 >= mem
     acc = lowest.dtype
-    nblk, chunk = chunking(D, 256)
     P = 3 * mem + 4
     part = torch.empty(B, nblk, P, dtype=acc, device=x.device)
     coef = torch.empty(B, P, dtype=acc, device=x.device)
@@ -298,7 +227,7 @@ def broyden_step(x, fx, U, V, g_prev, dx, best, lowest, trace, status, k, tol, s
     _sdots_kernel[(nblk, B)](x, fx, U, V, g_prev, dx, part, mem, B, D, n, chunk, NP=npow, BLOCK=BLOCK,
                              MANUAL_BF16=manual)
     _sscal_kernel[(triton.cdiv(B, bb),)](lowest, trace, status, part, coef, mem, B, T, k, n, s, nblk,
-                                         f64_bits(tol), f64_bits(1e-9), FULL=bool(full), STOP_REL=bool(stop_rel),
+                                         f64_bits(tol), f64_bits(eps), FULL=bool(full), STOP_REL=bool(stop_rel),
                                          NP=npow, BB=bb)
     _supdate_kernel[(nblk, B)](x, fx, U, V, g_prev, dx, best, coef, mem, B, D, k, n, s, chunk, BLOCK=BLOCK,
                                MANUAL_BF16=manual)

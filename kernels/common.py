@@ -18,7 +18,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 1024  # elements per inner iteration of the streaming kernels
-CHUNK_TARGET = 4096  # elements per program along D (mirrors the CUDA launchers)
 
 
 def f64_bits(x: float) -> int:
@@ -51,10 +50,3 @@ def manual_bf16(dtype) -> bool:
     import torch
 
     return INTERPRET and dtype == torch.bfloat16
-
-
-def chunking(D: int, max_blocks: int) -> tuple[int, int]:
-    """``(programs, elements per program)`` along a flattened state of ``D`` elements."""
-    nblk = min(max_blocks, max(1, triton.cdiv(D, CHUNK_TARGET)))
-    chunk = triton.cdiv(triton.cdiv(D, nblk), BLOCK) * BLOCK
-    return triton.cdiv(D, chunk), chunk

@@ -1,4 +1,4 @@
-"""Triton kernels for the SIM score-divergence surrogate (math: getfast/ops/sim_loss_op.py).
+"""Triton kernels for the SIM score-divergence surrogate (math: getfast/ops/sim/__init__.py).
 
 Forward: one program per sample, looping over the sample's elements in blocks of ``BLOCK`` and
 accumulating ``dd = Σ(a−f)²`` and ``dw = Σ(a−f)(f−g)`` in fp32 (fp64 for float64 inputs; the
@@ -14,12 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import f64_bits, scalar
+
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
 
 
-@triton.jit
-def _sim_loss_fwd_kernel(a_ptr, f_ptr, g_ptr, sigma_ptr, c_ptr, loss_ptr, stats_ptr, N,
+@triton.jit(do_not_specialize=["c_bits"])
+def _sim_loss_fwd_kernel(a_ptr, f_ptr, g_ptr, sigma_ptr, c_bits, loss_ptr, stats_ptr, N,
                          BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * N
@@ -40,7 +42,7 @@ def _sim_loss_fwd_kernel(a_ptr, f_ptr, g_ptr, sigma_ptr, c_ptr, loss_ptr, stats_
     dd_s = tl.sum(dd, axis=0)
     dw_s = tl.sum(dw, axis=0)
     sg = tl.load(sigma_ptr + b)
-    c = tl.load(c_ptr)
+    c = scalar(c_bits, acc_ty)
     s = sg * sg
     r = tl.sqrt(dd_s / (s * s) + c * c)
     P = dw_s / s
@@ -79,13 +81,13 @@ def _sim_loss_bwd_kernel(grad_ptr, a_ptr, f_ptr, g_ptr, sigma_ptr, stats_ptr, ga
 
 
 def sim_loss_fwd(a: torch.Tensor, f: torch.Tensor, g: torch.Tensor, sigma: torch.Tensor,
-                 c: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor) -> None:
-    """Launch the forward. ``a, f, g``: contiguous (B, ...) inputs; ``sigma``, ``c`` (1-element),
-    ``loss`` (B,) and ``stats`` (B, 2) in the accumulation dtype. Writes ``loss`` and ``stats``."""
+                 c: float, loss: torch.Tensor, stats: torch.Tensor) -> None:
+    """Launch the forward. ``a, f, g``: contiguous (B, ...) inputs; ``sigma``, ``loss`` (B,) and
+    ``stats`` (B, 2) in the accumulation dtype. Writes ``loss`` and ``stats``."""
     B = a.shape[0]
     N = a.numel() // B
     block = min(FWD_BLOCK, triton.next_power_of_2(N))
-    _sim_loss_fwd_kernel[(B,)](a, f, g, sigma, c, loss, stats, N, BLOCK=block)
+    _sim_loss_fwd_kernel[(B,)](a, f, g, sigma, f64_bits(c), loss, stats, N, BLOCK=block)
 
 
 def sim_loss_bwd(grad: torch.Tensor, a: torch.Tensor, f: torch.Tensor, g: torch.Tensor,

@@ -48,6 +48,18 @@ def no_backend_env(monkeypatch):
     monkeypatch.delenv("GETFAST_BACKEND", raising=False)
 
 
+@pytest.fixture
+def nan_empty():
+    """Fresh ``torch.empty*`` tensors hold NaN (PyTorch's deterministic mode fills them), so an
+    output element a kernel leaves unwritten shows up as NaN."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+
+
 @pytest.fixture(scope="session")
 def nvcc_available():
     return shutil.which("nvcc") is not None

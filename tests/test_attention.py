@@ -3,13 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from getfast.ops import attention_op as attn_mod
-from getfast.ops.attention_op import attention
-
+from getfast.ops import attention
+from getfast.ops import flash_attention as FA
 
 
 def _kernels():
-    return attn_mod._kernels()
+    from getfast.kernels import attention as K
+
+    return K
 
 
 def _ref64(q, k, v, scale=None):
@@ -36,16 +37,13 @@ CASES = [  # (B, H, N, d)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_kernel_matches_sdpa_float64(shape, dtype):
+def test_triton_kernel_matches_sdpa_float64(shape, dtype, nan_empty):
     torch.manual_seed(0)
     B, H, N, D = shape
     q, k, v = (torch.randn(B, H, N, D).to(dtype) for _ in range(3))
     scale = D ** -0.5
     kern = _kernels()
-    # poison the outputs: every element must be written
-    out = torch.full((B, H, N, D), float("nan"), dtype=dtype)
-    lse = torch.full((B, H, N), float("nan"))
-    out, lse = kern.attention_fwd(q, k, v, scale, out=out, lse=lse)
+    out, lse = kern.attention_fwd(q, k, v, scale)  # outputs start as NaN: every element must be written
     (q64, k64, v64), ref = _ref64(q, k, v, scale)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert _rel_err(out, ref) < TOL[dtype]
@@ -54,8 +52,7 @@ def test_triton_kernel_matches_sdpa_float64(shape, dtype):
 
     do = torch.randn(B, H, N, D).to(dtype)
     ref.backward(do.double())
-    grads = [torch.full((B, H, N, D), float("nan"), dtype=dtype) for _ in range(3)]
-    dq, dk, dv = kern.attention_bwd(do, q, k, v, out, lse, scale, *grads)
+    dq, dk, dv = kern.attention_bwd(do, q, k, v, out, lse, scale)
     for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
         assert torch.isfinite(g).all(), name
         assert _rel_err(g, r) < TOL[dtype] * (2 if dtype == torch.bfloat16 else 1), name
@@ -81,7 +78,7 @@ def test_public_op_triton_backend_autograd(monkeypatch, dtype):
     qkv = torch.randn(B, N, 3 * H * D).to(dtype).requires_grad_()
     q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     monkeypatch.setenv("GETFAST_BACKEND", "triton")
-    assert attn_mod.select_backend(q) == "triton"
+    assert FA.ATTENTION.choose(q.device, q.dtype) == "triton"
     out = attention(q, k, v)
     do = torch.randn_like(out)
     (g,) = torch.autograd.grad(out, qkv, do)
@@ -120,24 +117,26 @@ def test_opcheck(monkeypatch, backend):
     torch.library.opcheck(torch.ops.getfast.attention_fwd.default, (*args, 0.25))
 
 
-def test_default_dispatch_cpu_is_sdpa(monkeypatch):
+def test_default_dispatch_is_sdpa(monkeypatch):
     monkeypatch.delenv("GETFAST_BACKEND", raising=False)
     q = torch.randn(1, 1, 5, 8)
-    assert attn_mod.select_backend(q) == "reference"
+    for dev in ("cpu", "cuda"):  # measured on H200: the Triton kernel is slower than SDPA
+        assert FA.ATTENTION._resolve("", torch.device(dev), torch.bfloat16) == "reference"
     torch.testing.assert_close(attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
 
 
-@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
 def test_torch_compile_fullgraph(monkeypatch, backend):
-    if backend is None:
+    if backend is None:  # the default: SDPA itself
         monkeypatch.delenv("GETFAST_BACKEND", raising=False)
-    else:
+    else:  # the custom op on one backend
         monkeypatch.setenv("GETFAST_BACKEND", backend)
     torch.manual_seed(5)
     q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
 
-    def loss(q, k, v):
-        return attention(q, k, v).square().sum()
+    def loss(q, k, v):  # GETFAST_BACKEND=reference: the custom op's own reference launcher
+        out = torch.ops.getfast.attention_fwd(q, k, v, 0.25)[0] if backend == "reference" else attention(q, k, v)
+        return out.square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
@@ -170,10 +169,12 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     with pytest.raises(ValueError, match="k"):
         torch.ops.getfast.attention_fwd(q, torch.randn(1, 2, 5, 4), q, 1.0)
     monkeypatch.setenv("GETFAST_BACKEND", "triton")
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(RuntimeError, match="does not support torch.float64"):
         attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="head dimension 320"):
+        attention(*(torch.randn(1, 1, 4, 320) for _ in range(3)))
     monkeypatch.setenv("GETFAST_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="attention"):
+    with pytest.raises(RuntimeError, match="has no 'cpp' backend"):
         attention(q, q, q)
 
 

@@ -344,9 +344,9 @@ def test_low_precision_states(name, dtype, monkeypatch):
     seen = []
     real_step = S.anderson_step
 
-    def spy(X, G, H, *args, **kwargs):
-        seen.append((X.dtype, G.dtype, H.dtype))
-        return real_step(X, G, H, *args, **kwargs)
+    def spy(state, *args, **kwargs):
+        seen.append((state.X.dtype, state.G.dtype, state.H.dtype))
+        return real_step(state, *args, **kwargs)
 
     monkeypatch.setattr(S, "anderson_step", spy)
     f, z0 = _problem(B=4, D=64, dtype=dtype)
@@ -376,3 +376,53 @@ def test_solver_runs_without_autograd_and_returns_detached():
     z, st = deq.anderson(lambda v: torch.tanh(0.1 * v @ W), z0.requires_grad_(), max_iter=5, tol=None,
                          backend="reference")
     assert not z.requires_grad and z.grad_fn is None
+
+
+# --------------------------------------------------------------------------------------
+# inputs a user may pass, and memory held for max_iter
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_non_contiguous_z0_is_accepted(name, backend):
+    f, z0 = _problem(B=3, D=10)
+    zt = torch.randn(10, 3, dtype=torch.float64).t()  # (B, D) with transposed strides
+    assert not zt.is_contiguous()
+    z, st = deq.solve(f, zt, solver=name, max_iter=6, tol=None, backend=backend)
+    zc, sc = deq.solve(f, zt.contiguous(), solver=name, max_iter=6, tol=None, backend=backend)
+    assert torch.equal(z, zc) and torch.equal(st["abs_trace"], sc["abs_trace"])
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_errors_name_the_public_argument(name):
+    f, z0 = _problem(B=2, D=5)
+    with pytest.raises(ValueError, match=r"^f must return a tensor shaped like z0 \(2, 5\)"):
+        deq.solve(lambda z: z[:, :4], z0, solver=name, max_iter=3)
+    with pytest.raises(ValueError, match="^z0 must be"):
+        deq.solve(f, z0.long(), solver=name, max_iter=3)
+    with pytest.raises(ValueError, match="^z0 must be a non-empty tensor"):
+        deq.solve(f, z0[:, :0], solver=name, max_iter=3)
+
+
+def test_history_grows_on_demand_instead_of_max_iter(monkeypatch):
+    """max_iter bounds the work, not the memory held up front: a solve that converges in a few
+    dozen iterations allocates a few dozen history columns even with max_iter = 10**5 / 10**7."""
+    sizes = []
+    real_new_zeros, real_zeros_like = torch.Tensor.new_zeros, torch.zeros_like
+
+    def new_zeros(self, size, *a, **k):
+        sizes.append(math.prod(size) if isinstance(size, (tuple, list)) else size)
+        return real_new_zeros(self, size, *a, **k)
+
+    def zeros_like(t, *a, **k):
+        sizes.append(t.numel())
+        return real_zeros_like(t, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
+    monkeypatch.setattr(torch, "zeros_like", zeros_like)
+    f, z0 = _problem(B=2, D=16)
+    for solver, max_iter in (("broyden", 10**5), ("anderson", 10**7), ("fixed_point", 10**7)):
+        sizes.clear()
+        z, st = deq.solve(f, z0, solver=solver, max_iter=max_iter, tol=1e-8, backend="cpp")
+        assert st["converged"].all(), solver
+        n = st["abs_trace"].shape[1]
+        assert n < 200 and max(sizes) <= 2 * 2 * 16 * max(64, n), (solver, n, max(sizes))

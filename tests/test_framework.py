@@ -1,4 +1,6 @@
-"""The op contract: backend selection, validation helpers, _C loading, the CuPy guard."""
+"""The op layer's one mechanism: define_op's validation and dispatch, the measured defaults,
+describe(), the _C build, the CuPy guard and the Triton interpreter rule."""
+import os
 import shutil
 import sys
 import types
@@ -8,151 +10,142 @@ import torch
 
 from getfast.ops import _cupy
 from getfast.ops import _framework as F
+from getfast.ops.anderson import ANDERSON_STEP
+from getfast.ops.broyden import BROYDEN_STEP
+from getfast.ops.flash_attention import ATTENTION
+from getfast.ops.sim import SIM_LOSS
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+# A toy op: ``out = x * w`` with a per-row weight, declared like every real op.
+TOY = F.define_op(F.OpSpec(
+    schema="_toy_scale(Tensor x, Tensor w, Tensor idx, float eps) -> Tensor",
+    args={"x": "B * state", "w": "B acc", "idx": "3 B int32"},
+    launchers={"reference": lambda x, w, idx, eps: x * w.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)},
+    fake=lambda x, w, idx, eps: torch.empty_like(x),
+    check=lambda dims, *args: F.check_real("eps", args[-1], positive=True),
+))
 
 
 def test_load_C_and_build_info():
-    C = F.load_C()
-    info = C.build_info()
-    for key in ("cuda_compiled", "cuda_archs", "openmp", "version"):
+    info = F.build_info()
+    for key in ("cuda_compiled", "cuda_archs", "openmp", "version", "families"):
         assert key in info
-    assert isinstance(info["cuda_archs"], list) and all(isinstance(x, int) for x in info["cuda_archs"])
+    assert all(isinstance(x, int) for x in info["cuda_archs"])
     assert info["openmp"] is True
-    assert "sim_loss" in info["families"]
+    assert {"anderson", "broyden", "sim_loss"} <= set(info["families"])
     if not torch.cuda.is_available():
-        assert C.cuda_device_count() == 0
+        assert F.load_C().cuda_device_count() == 0
 
 
 def test_cuda_compiled_whenever_nvcc_on_path():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    info = F.load_C().build_info()
-    assert info["cuda_compiled"] is True
-    assert info["cuda_archs"], "CUDA compiled with no architectures"
-    assert hasattr(F.load_C(), "sim_loss_fwd_cuda")
+    info = F.build_info()
+    assert info["cuda_compiled"] is True and info["cuda_archs"] == [80, 90]
+    C = F.load_C()
+    for sym in ("sim_loss_fwd_cuda", "sim_loss_bwd_cuda", "anderson_step_cuda", "broyden_step_cuda"):
+        assert hasattr(C, sym), sym
 
 
 def test_kernels_package_importable():
-    import getfast.kernels
+    import getfast.kernels.common as kc
     import getfast.kernels.sim_loss as ks
 
-    assert hasattr(ks, "sim_loss_fwd") and hasattr(ks, "sim_loss_bwd")
+    assert hasattr(ks, "sim_loss_fwd") and hasattr(ks, "sim_loss_bwd") and hasattr(kc, "scalar")
 
 
-def test_select_backend_rules(monkeypatch):
-    F.register_op("_test_op", backends=("reference", "cpp"))
-    monkeypatch.delenv("GETFAST_BACKEND", raising=False)
-    assert F.select_backend("_test_op", "cpu") == "cpp"
-    assert F.available_backends("_test_op", "cpu") == ["reference", "cpp"]
+def test_validation_messages_name_the_argument():
+    x, w, idx = torch.zeros(2, 3), torch.ones(2), torch.zeros(3, 2, dtype=torch.int32)
+    assert TOY.validate(x, w, idx, 1.0) == {"B": 2, "*": (3,)}
+    cases = [
+        ((x.long(), w, idx, 1.0), r"^x must be float32/float64/float16/bfloat16, got torch.int64"),
+        ((x, w.double(), idx, 1.0), r"^w must have dtype torch.float32, got torch.float64"),
+        ((x.double(), w, idx, 1.0), r"^w must have dtype torch.float64"),
+        ((x, torch.ones(3), idx, 1.0), r"^w must have shape \(B=2\), got \(3,\)"),
+        ((x, w, idx[:2], 1.0), r"^idx must have shape \(3, B=2\), got \(2, 2\)"),
+        ((x, w, idx.float(), 1.0), r"^idx must have dtype torch.int32"),
+        ((x.t(), torch.ones(3), idx[:, :1].expand(3, 3).contiguous(), 1.0), r"^x must be contiguous"),
+        ((torch.zeros(0, 3), torch.ones(0), torch.zeros(3, 0, dtype=torch.int32), 1.0), r"^x must not be empty"),
+        ((x, w.to("meta"), idx, 1.0), r"^w is on meta but x is on cpu"),
+        (([0.0], w, idx, 1.0), r"^x must be a torch.Tensor, got list"),
+        ((x, w, idx, 0.0), r"^eps must be > 0"),
+        ((x, w, idx, torch.tensor(1.0)), r"^eps must be a finite real number"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            TOY.validate(*args)
+    with pytest.raises(ValueError, match="^w must have shape"):  # the torch.library op validates too
+        torch.ops.getfast._toy_scale(x, torch.ones(3), idx, 1.0)
+    torch.testing.assert_close(TOY(x + 1, w * 2, idx, 1.0), 2 * (x + 1))
+    res = torch.library.opcheck(torch.ops.getfast._toy_scale.default, (x.requires_grad_(False), w, idx, 1.0))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_forced_backend_rules(monkeypatch):
+    x, w, idx = torch.zeros(2, 3), torch.ones(2), torch.zeros(3, 2, dtype=torch.int32)
     monkeypatch.setenv("GETFAST_BACKEND", "reference")
-    assert F.select_backend("_test_op", torch.zeros(1)) == "reference"
-    monkeypatch.setenv("GETFAST_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="has no 'triton' backend"):
-        F.select_backend("_test_op", "cpu")
+    assert TOY.choose(CPU, torch.float32) == "reference"
     monkeypatch.setenv("GETFAST_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="CPU tensors only"):
-        F.select_backend("_test_op", "meta")
-    # reference-only op: default falls back to reference (with a one-time warning)
-    F.register_op("_test_ref_only", backends=("reference",))
+    with pytest.raises(RuntimeError, match="has no 'cpp' backend"):
+        TOY(x, w, idx, 1.0)
+    monkeypatch.setenv("GETFAST_BACKEND", "bogus")
+    with pytest.raises(RuntimeError, match="'bogus' is not a backend"):
+        TOY(x, w, idx, 1.0)
     monkeypatch.delenv("GETFAST_BACKEND")
-    assert F.select_backend("_test_ref_only", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="the cpp backend runs on CPU tensors only"):
+        SIM_LOSS.choose(torch.device("meta"), torch.float32, "cpp")
+    assert TOY.choose(CPU, torch.float32) == "reference"  # no DEFAULTS entry: the built-in
 
 
-def test_triton_on_cpu_requires_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    why = F.backend_unavailable_reason("sim_loss", "triton", "cpu")
+def test_measured_defaults_are_the_rule():
+    """On CUDA the defaults follow the H200 measurements; without one a fused backend is never
+    the default; on this CPU the fused C++ kernels measured faster than the built-ins."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GETFAST_BACKEND", raising=False)
+        assert ATTENTION._resolve("", CUDA, torch.bfloat16) == "reference"  # SDPA
+        assert SIM_LOSS._resolve("", CUDA, torch.float32) == "reference"  # eager composition
+        assert ANDERSON_STEP._resolve("", CUDA, torch.float32) == "triton"
+        assert BROYDEN_STEP._resolve("", CUDA, torch.float32) == "reference"  # unmeasured
+        for op in (SIM_LOSS, ANDERSON_STEP, BROYDEN_STEP):
+            assert op._resolve("", CPU, torch.float32) == "cpp"
+        assert ATTENTION._resolve("", CPU, torch.float32) == "reference"
+    for (name, device), (backend, why) in F.DEFAULTS.items():
+        assert backend in F.OPS[name].spec.launchers and why
+        assert backend == "reference" or "measured" in why, (name, device)
+
+
+def test_unavailable_default_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    monkeypatch.delenv("GETFAST_BACKEND", raising=False)
+    monkeypatch.setitem(F.DEFAULTS, ("_toy_scale", "cpu"), ("cpp", "pretend it was measured"))
+    F._warned.discard(("_toy_scale", "cpu"))
+    with pytest.warns(RuntimeWarning, match="default backend 'cpp' is unavailable"):
+        assert TOY._resolve("", CPU, torch.float32) == "reference"
+
+
+def test_describe_lists_every_op_and_why():
+    text = F.describe(print_it=False)
+    for name in ("attention_fwd", "sim_loss", "anderson_step", "broyden_step"):
+        assert f"getfast::{name} " in text
+    assert "SDPA: the Triton kernel measured 0.30-0.77x SDPA on H200" in text
+    assert "sim_loss_backward" not in text  # backward ops follow their forward
+    assert "runnable here: reference, triton, cpp" in text
+
+
+def test_choice_is_cached_per_env_value(monkeypatch):
+    monkeypatch.setenv("GETFAST_BACKEND", "reference")
+    assert SIM_LOSS.choose(CPU, torch.float64) == "reference"
+    monkeypatch.setenv("GETFAST_BACKEND", "cpp")
+    assert SIM_LOSS.choose(CPU, torch.float64) == "cpp"
+
+
+def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
+    monkeypatch.setattr(F, "triton_interpreting", lambda: False)
+    why = SIM_LOSS.unavailable("triton", CPU)
     assert why is not None and "TRITON_INTERPRET=1" in why
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert F.backend_unavailable_reason("sim_loss", "triton", "cpu") is None
-
-
-def test_check_tensor_messages():
-    t = torch.zeros(2, 3)
-    assert F.check_tensor("x", t, dtypes=(torch.float32,), shape=(2, None)) is t
-    with pytest.raises(ValueError, match=r"^x must have dtype"):
-        F.check_tensor("x", t, dtypes=(torch.float64,))
-    with pytest.raises(ValueError, match=r"^x must have shape \(2, 4\)"):
-        F.check_tensor("x", t, shape=(2, 4))
-    with pytest.raises(ValueError, match=r"^x must have at least 3"):
-        F.check_tensor("x", t, ndim_min=3)
-    with pytest.raises(ValueError, match=r"^x must be contiguous"):
-        F.check_tensor("x", t.t())
-    with pytest.raises(ValueError, match=r"^x must not be empty"):
-        F.check_tensor("x", torch.zeros(0, 3))
-    with pytest.raises(ValueError, match=r"^x must be on device meta"):
-        F.check_tensor("x", t, device="meta")
-    with pytest.raises(ValueError, match=r"^x must be a torch.Tensor"):
-        F.check_tensor("x", [1.0])
-    with pytest.raises(ValueError, match="y is on meta"):
-        F.check_same_device(x=t, y=torch.zeros(2, device="meta"))
-    with pytest.raises(ValueError, match="y has shape"):
-        F.check_same_shape(x=t, y=torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        F.check_scalar("eps", 0.0, positive=True)
-    with pytest.raises(ValueError, match="eps must be a real number"):
-        F.check_scalar("eps", "1")
-    assert F.check_scalar("eps", torch.tensor(2.0)) == 2.0
-
-
-def test_stream_and_dtype_helpers():
-    assert F.current_stream_ptr("cpu") == 0
-    assert F.dtype_code(torch.float32) == 0 and F.dtype_code(torch.bfloat16) == 3
-    with pytest.raises(ValueError):
-        F.dtype_code(torch.int8)
-    assert F.acc_dtype(torch.bfloat16) == torch.float32 and F.acc_dtype(torch.float64) == torch.float64
-
-
-# ---- CuPy JIT path ---------------------------------------------------------------------
-def test_cupy_source_found():
-    assert _cupy.source_path("sim_loss").name == "sim_loss.cu"
-    with pytest.raises(RuntimeError, match="not found"):
-        _cupy.source_path("no_such_family")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
-def test_cupy_path_clear_error_without_gpu():
-    why = _cupy.unavailable_reason()
-    assert why is not None
-    with pytest.raises(RuntimeError, match="CuPy JIT path .* unavailable"):
-        _cupy.get_kernel("sim_loss", "sim_loss_fwd_f32")
-
-
-def test_cupy_guard_with_driverless_cupy(monkeypatch):
-    """A cupy that imports but whose runtime raises (no driver) must give a clear error."""
-    fake = types.ModuleType("cupy")
-
-    class CUDARuntimeError(RuntimeError):
-        pass
-
-    def get_device_count():
-        raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
-
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    why = _cupy.unavailable_reason()
-    assert "no CUDA driver" in why and "cudaErrorInsufficientDriver" in why
-    with pytest.raises(RuntimeError, match="no CUDA driver"):
-        _cupy.get_kernel("sim_loss", "sim_loss_fwd_f32")
-
-
-def test_cupy_broken_import_is_guarded(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def broken(name, *a, **k):
-        if name == "cupy":
-            raise OSError("libcuda.so.1: cannot open shared object file")
-        return real_import(name, *a, **k)
-
-    monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    monkeypatch.setattr(builtins, "__import__", broken)
-    monkeypatch.setattr("importlib.import_module", lambda n, *a: broken(n))
-    assert "cupy is not importable" in _cupy.unavailable_reason()
 
 
 def test_conftest_interpreter_only_without_cuda(monkeypatch):
-    import os
-
     import conftest
     import getfast.kernels.common as kc
 
@@ -168,3 +161,47 @@ def test_conftest_interpreter_only_without_cuda(monkeypatch):
     conftest.use_triton_interpreter(env)
     assert env == {}  # compiled Triton on a GPU machine
     assert kc.INTERPRET == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+# ---- CuPy JIT path ---------------------------------------------------------------------
+def test_cupy_source_found():
+    assert _cupy.source_path("sim_loss").name == "sim_loss.cu"
+    with pytest.raises(RuntimeError, match="not found"):
+        _cupy.source_path("no_such_family")
+
+
+def test_cupy_path_only_for_ops_that_have_one(monkeypatch):
+    """With _C lacking CUDA, a working CuPy makes `cuda` available for sim_loss only."""
+    monkeypatch.setattr(_cupy, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(F, "load_C", lambda required=True: None)
+    assert SIM_LOSS.unavailable("cuda", CUDA) is None
+    for op in (ANDERSON_STEP, BROYDEN_STEP):
+        assert "no CuPy path" in op.unavailable("cuda", CUDA)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_cupy_path_clear_error_without_gpu():
+    assert _cupy.unavailable_reason() is not None
+    with pytest.raises(RuntimeError, match="CuPy JIT path .* unavailable"):
+        _cupy.launch("sim_loss", "getfast::sim_loss_fwd<float, float>", (1,), (256,), (), device=CUDA)
+
+
+def test_cupy_guard_with_driverless_cupy(monkeypatch):
+    """A cupy that imports but whose runtime raises (no driver) must give a clear error."""
+    fake = types.ModuleType("cupy")
+
+    def get_device_count():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    why = _cupy.unavailable_reason()
+    assert "no CUDA driver" in why and "cudaErrorInsufficientDriver" in why
+
+
+def test_cupy_broken_import_is_guarded(monkeypatch):
+    def broken(name, *a):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr("importlib.import_module", broken)
+    assert "cupy is not importable" in _cupy.unavailable_reason()

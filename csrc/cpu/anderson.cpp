@@ -1,5 +1,5 @@
 // Fused Anderson-acceleration step on CPU (Anderson 1965; Walker & Ni 2011). Contract, buffer
-// layouts and the reference: getfast/ops/anderson.py. Per sample b, with s = k % m,
+// layouts and the reference: getfast/ops/anderson/. Per sample b, with s = k % m,
 // n = min(k+1, m), nxt = (k+1) % m:
 //   pass 1 (one read of the live residual history):
 //       g = fx - X[s]; G[s] = g (state dtype); dots_j = <G[s], G[j]> (j < n); |g|^2; |fx|^2
@@ -17,19 +17,13 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/deq_common.h"
+#include "cpu/common.h"
 #include "registry.h"
-#ifdef GETFAST_WITH_CUDA
-#include <stdexcept>
-#include <string>
-
-#include "cuda/anderson.h"
-#endif
 
 namespace getfast {
 namespace {
 
-constexpr int kMaxM = 32;  // mirrors getfast/ops/anderson.py MAX_M
+constexpr int kMaxM = 32;  // getfast/ops/anderson MAX_M
 
 // Solve (Hn + lam I) w = 1 by Cholesky (n x n, row-major with stride ld), alpha = w / sum(w).
 // Returns false when a pivot is <= rtol * its diagonal, or alpha is not finite.
@@ -75,19 +69,25 @@ bool small_solve(const A* Hn, int64_t ld, int n, A lam, A rtol, A* alpha) {
   return ok;
 }
 
+// ptrs: X, G, H, best, lowest, trace, status, fx; ints: m, B, D, T, k, stop_rel; reals: tau,
+// lam, tol, rtol, eps.
 template <typename T>
-void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T* best,
-                        typename deq::Io<T>::acc* lowest, typename deq::Io<T>::acc* trace,
-                        int32_t* status, int64_t m, int64_t B, int64_t D, int64_t Tn, int64_t k,
-                        double tau_d, double lam_d, double tol_d, bool stop_rel, double rtol_d) {
-  using IO = deq::Io<T>;
+void anderson_step_impl(const Ptrs& p, const Ints& n_, const Reals& r) {
+  using IO = cpu::Io<T>;
   using A = typename IO::acc;
+  T *X = ptr<T>(p[0]), *G = ptr<T>(p[1]), *best = ptr<T>(p[3]);
+  A *H = ptr<A>(p[2]), *lowest = ptr<A>(p[4]), *trace = ptr<A>(p[5]);
+  int32_t* status = ptr<int32_t>(p[6]);
+  const T* fx = ptr<const T>(p[7]);
+  const int64_t m = n_[0], B = n_[1], D = n_[2], Tn = n_[3], k = n_[4];
+  const bool stop_rel = n_[5] != 0;
+  const double tau_d = r[0], lam_d = r[1], tol_d = r[2], rtol_d = r[3];
   const int64_t s = k % m;
   const int n = static_cast<int>(std::min<int64_t>(k + 1, m));
   const int64_t nxt = (k + 1) % m;
   const A tau = static_cast<A>(tau_d), lam = static_cast<A>(lam_d), rtol = static_cast<A>(rtol_d);
   const A inf = std::numeric_limits<A>::infinity();
-  constexpr A rel_eps = A(1e-9);
+  const A rel_eps = static_cast<A>(r[4]);
 
   // Parallel over samples only when there is enough work to amortise waking the team (on a
   // loaded machine an idle-waiting OpenMP barrier costs more than a small step).
@@ -100,9 +100,9 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
     // ---- pass 1: residual, Gram row, norms ----
     double dots[kMaxM] = {0};
     double ss_g = 0.0, ss_f = 0.0;
-    A gblk[deq::kBlock];
-    for (int64_t i0 = 0; i0 < D; i0 += deq::kBlock) {
-      const int64_t len = std::min<int64_t>(deq::kBlock, D - i0);
+    A gblk[cpu::kBlock];
+    for (int64_t i0 = 0; i0 < D; i0 += cpu::kBlock) {
+      const int64_t len = std::min<int64_t>(cpu::kBlock, D - i0);
       A sg = A(0), sf = A(0), sgs = A(0);
 #pragma omp simd reduction(+ : sg, sf, sgs)
       for (int64_t i = 0; i < len; ++i) {
@@ -173,9 +173,9 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
     // ---- pass 2: mixing (running) or hold (frozen), lowest-residual copy ----
     T* xn = X + (nxt * B + b) * D;
     T* bb = best + b * D;
-    A blk[deq::kBlock];
-    for (int64_t i0 = 0; i0 < D; i0 += deq::kBlock) {
-      const int64_t len = std::min<int64_t>(deq::kBlock, D - i0);
+    A blk[cpu::kBlock];
+    for (int64_t i0 = 0; i0 < D; i0 += cpu::kBlock) {
+      const int64_t len = std::min<int64_t>(cpu::kBlock, D - i0);
       // best first: fx may alias X[s] (f returning its input), which the mix may overwrite
       if (improved)
         for (int64_t i = 0; i < len; ++i) bb[i0 + i] = fb[i0 + i];
@@ -196,54 +196,16 @@ void anderson_step_impl(T* X, T* G, typename deq::Io<T>::acc* H, const T* fx, T*
   }
 }
 
-void anderson_step_cpu(int dtype, std::uintptr_t X, std::uintptr_t G, std::uintptr_t H,
-                       std::uintptr_t fx, std::uintptr_t best, std::uintptr_t lowest,
-                       std::uintptr_t trace, std::uintptr_t status, int64_t m, int64_t B, int64_t D,
-                       int64_t Tn, int64_t k, double tau, double lam, double tol, bool stop_rel,
-                       double rtol) {
-  if (m < 1 || m > kMaxM) throw pybind11::value_error("anderson_step_cpu: m must be in [1, 32]");
-  if (k < 0 || k >= Tn) throw pybind11::value_error("anderson_step_cpu: k out of range of trace");
-  using deq::bf16_t;
-  using deq::half_t;
-#define GETFAST_ANDERSON_CALL(T)                                                                \
-  anderson_step_impl<T>(ptr<T>(X), ptr<T>(G), ptr<deq::Io<T>::acc>(H), ptr<const T>(fx),       \
-                        ptr<T>(best), ptr<deq::Io<T>::acc>(lowest), ptr<deq::Io<T>::acc>(trace), \
-                        ptr<int32_t>(status), m, B, D, Tn, k, tau, lam, tol, stop_rel, rtol)
-  switch (dtype) {
-    case 0: GETFAST_ANDERSON_CALL(float); break;
-    case 1: GETFAST_ANDERSON_CALL(double); break;
-    case 2: GETFAST_ANDERSON_CALL(half_t); break;
-    case 3: GETFAST_ANDERSON_CALL(bf16_t); break;
-    default: throw pybind11::value_error("anderson_step_cpu: unknown dtype code");
-  }
-#undef GETFAST_ANDERSON_CALL
+void anderson_step_cpu(int dtype, const Ptrs& p, const Ints& n, const Reals& r) {
+  if (n[0] < 1 || n[0] > kMaxM) throw std::invalid_argument("anderson_step_cpu: m must be in [1, 32]");
+  if (n[4] < 0 || n[4] >= n[3]) throw std::invalid_argument("anderson_step_cpu: k out of range of trace");
+  cpu::by_dtype(dtype, [&](auto t) { anderson_step_impl<decltype(t)>(p, n, r); });
 }
 
 }  // namespace
 }  // namespace getfast
 
 GETFAST_BIND(anderson) {
-  namespace py = pybind11;
-  using namespace py::literals;
-  m.def("anderson_step_cpu", &getfast::anderson_step_cpu, "dtype"_a, "X"_a, "G"_a, "H"_a, "fx"_a,
-        "best"_a, "lowest"_a, "trace"_a, "status"_a, "m"_a, "B"_a, "D"_a, "T"_a, "k"_a, "tau"_a,
-        "lam"_a, "tol"_a, "stop_rel"_a, "rtol"_a,
-        "Fused Anderson step on CPU (buffers as data pointers; see getfast/ops/anderson.py).",
-        py::call_guard<py::gil_scoped_release>());
-#ifdef GETFAST_WITH_CUDA
-  m.def(
-      "anderson_step_cuda",
-      [](int dtype, std::uintptr_t X, std::uintptr_t G, std::uintptr_t H, std::uintptr_t fx,
-         std::uintptr_t best, std::uintptr_t lowest, std::uintptr_t trace, std::uintptr_t status,
-         int64_t m, int64_t B, int64_t D, int64_t Tn, int64_t k, double tau, double lam,
-         double tol, bool stop_rel, double rtol, std::uintptr_t work, std::uintptr_t stream) {
-        if (const char* err = getfast::anderson_step_cuda(dtype, X, G, H, fx, best, lowest, trace,
-                                                          status, m, B, D, Tn, k, tau, lam, tol,
-                                                          stop_rel, rtol, work, stream))
-          throw std::runtime_error(std::string("anderson_step_cuda: ") + err);
-      },
-      "dtype"_a, "X"_a, "G"_a, "H"_a, "fx"_a, "best"_a, "lowest"_a, "trace"_a, "status"_a, "m"_a,
-      "B"_a, "D"_a, "T"_a, "k"_a, "tau"_a, "lam"_a, "tol"_a, "stop_rel"_a, "rtol"_a, "work"_a,
-      "stream"_a, "Fused Anderson step on CUDA, launched on `stream` (see getfast/ops/anderson.py).");
-#endif
+  getfast::def_cpu(m, "anderson_step_cpu", &getfast::anderson_step_cpu);
+  GETFAST_DEF_CUDA(m, anderson_step_cuda);
 }

@@ -1,16 +1,14 @@
-// Small CUDA runtime queries used by module.cpp (compiled only when GETFAST_WITH_CUDA).
-#ifndef __CUDACC_RTC__
+// CUDA runtime queries for module.cpp (compiled only when GETFAST_WITH_CUDA).
 #include <cuda_runtime.h>
 
-#include "runtime.h"
+#include "../ops.h"
 
 namespace getfast {
 
 int cuda_device_count() {
   int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the error so later calls start clean
     return 0;
   }
   return n;
@@ -22,10 +20,4 @@ int cuda_runtime_version() {
   return v;
 }
 
-const char* cuda_last_error() {
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 }  // namespace getfast
-#endif

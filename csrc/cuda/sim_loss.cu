@@ -1,222 +1,93 @@
-// SIM score-divergence surrogate on CUDA (math: getfast/ops/sim_loss_op.py).
-//
-// This file is compiled two ways:
-//  * by nvcc into getfast._C (the host launchers at the bottom are then compiled too), and
-//  * by NVRTC through cupy.RawModule (getfast/ops/_cupy.py): __CUDACC_RTC__ is defined, so
-//    only the extern "C" kernels are seen. Keep the device part free of host headers.
-//
-// Launch configuration (mirrored in getfast/ops/sim_loss_op.py for the CuPy path):
-//   forward : grid (B), block SIM_LOSS_THREADS; one block per sample, fp32 (fp64 for double)
-//             accumulation, warp-shuffle + shared-memory reduction.
-//   backward: grid (ceil(N / SIM_LOSS_THREADS / SIM_LOSS_ITEMS), min(B, 65535)),
-//             block SIM_LOSS_THREADS; elementwise using the per-sample stats (r, P).
-#ifndef GETFAST_NO_HALF
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+// SIM score-divergence surrogate on CUDA (math: getfast/ops/sim/__init__.py). Compiled by nvcc
+// into getfast._C, or by NVRTC through CuPy (getfast/ops/_cupy.py, which instantiates the kernel
+// templates by name), so the device part is free of host headers.
+//   forward : grid (B), 256 threads; one block per sample: Σd², Σd·w, then r, P and the loss.
+//   backward: grid (⌈N / 1024⌉, min(B, 65535)), 256 threads; elementwise from the stats (r, P).
+#include "common.cuh"
 
-#define SIM_LOSS_THREADS 256
-#define SIM_LOSS_ITEMS 4
+namespace getfast {
 
-namespace getfast_sim_loss {
-
-__device__ __forceinline__ float to_acc(float x, float) { return x; }
-__device__ __forceinline__ double to_acc(double x, double) { return x; }
-__device__ __forceinline__ float from_acc(float x, float*) { return x; }
-__device__ __forceinline__ double from_acc(double x, double*) { return x; }
-#ifndef GETFAST_NO_HALF
-__device__ __forceinline__ float to_acc(__half x, float) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x, float) { return __bfloat162float(x); }
-__device__ __forceinline__ __half from_acc(float x, __half*) { return __float2half_rn(x); }
-__device__ __forceinline__ __nv_bfloat16 from_acc(float x, __nv_bfloat16*) {
-  return __float2bfloat16_rn(x);
-}
-#endif
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T, typename Acc>
-__device__ void fwd_impl(const T* __restrict__ a, const T* __restrict__ f,
-                         const T* __restrict__ g, const Acc* __restrict__ sigma, Acc c,
-                         long long N, Acc* __restrict__ loss, Acc* __restrict__ stats) {
-  __shared__ Acc s_dd[32];
-  __shared__ Acc s_dw[32];
+template <typename T, typename A>
+__global__ void __launch_bounds__(256)
+    sim_loss_fwd(const T* __restrict__ a, const T* __restrict__ f, const T* __restrict__ g,
+                 const A* __restrict__ sigma, A* __restrict__ loss, A* __restrict__ stats, long long B,
+                 long long N, A c) {
+  __shared__ A sh[32];
   const long long b = blockIdx.x;
-  const T* ab = a + b * N;
-  const T* fb = f + b * N;
-  const T* gb = g + b * N;
-  Acc dd = Acc(0), dw = Acc(0);
+  A dd = A(0), dw = A(0);
   for (long long i = threadIdx.x; i < N; i += blockDim.x) {
-    const Acc fi = to_acc(fb[i], Acc(0));
-    const Acc d = to_acc(ab[i], Acc(0)) - fi;
-    const Acc w = fi - to_acc(gb[i], Acc(0));
+    const A fi = ld(f[b * N + i]);
+    const A d = ld(a[b * N + i]) - fi;
+    const A w = fi - ld(g[b * N + i]);
     dd += d * d;
     dw += d * w;
   }
-  dd = warp_sum(dd);
-  dw = warp_sum(dw);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  if (lane == 0) {
-    s_dd[warp] = dd;
-    s_dw[warp] = dw;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    dd = lane < nwarps ? s_dd[lane] : Acc(0);
-    dw = lane < nwarps ? s_dw[lane] : Acc(0);
-    dd = warp_sum(dd);
-    dw = warp_sum(dw);
-    if (lane == 0) {
-      const Acc sg = sigma[b];
-      const Acc s = sg * sg;
-      const Acc r = sqrt(dd / (s * s) + c * c);
-      const Acc P = dw / s;
-      loss[b] = P / (r * s);
-      stats[2 * b] = r;
-      stats[2 * b + 1] = P;
-    }
+  dd = block_sum(dd, sh);
+  dw = block_sum(dw, sh);
+  if (threadIdx.x == 0) {
+    const A s = sigma[b] * sigma[b];
+    const A r = sqrt(dd / (s * s) + c * c);
+    const A P = dw / s;
+    loss[b] = P / (r * s);
+    stats[2 * b] = r;
+    stats[2 * b + 1] = P;
   }
 }
 
-template <typename T, typename Acc>
-__device__ void bwd_impl(const Acc* __restrict__ grad, const T* __restrict__ a,
-                         const T* __restrict__ f, const T* __restrict__ g,
-                         const Acc* __restrict__ sigma, const Acc* __restrict__ stats,
-                         long long B, long long N, T* __restrict__ ga, T* __restrict__ gf,
-                         T* __restrict__ gg) {
+template <typename T, typename A>
+__global__ void __launch_bounds__(256)
+    sim_loss_bwd(const A* __restrict__ grad, const T* __restrict__ a, const T* __restrict__ f,
+                 const T* __restrict__ g, const A* __restrict__ sigma, const A* __restrict__ stats,
+                 T* __restrict__ ga, T* __restrict__ gf, T* __restrict__ gg, long long B, long long N) {
   for (long long b = blockIdx.y; b < B; b += gridDim.y) {
-    const Acc sg = sigma[b];
-    const Acc s = sg * sg;
-    const Acc r = stats[2 * b];
-    const Acc P = stats[2 * b + 1];
-    const Acc alpha = grad[b] / (r * s * s);
-    const Acc beta = alpha * P / (r * r * s);
-    const long long base = b * N;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += step) {
-      const Acc fi = to_acc(f[base + i], Acc(0));
-      const Acc d = to_acc(a[base + i], Acc(0)) - fi;
-      const Acc w = fi - to_acc(g[base + i], Acc(0));
-      const Acc x = alpha * w - beta * d;
-      const Acc z = -alpha * d;
-      ga[base + i] = from_acc(x, (T*)nullptr);
-      gg[base + i] = from_acc(z, (T*)nullptr);
-      gf[base + i] = from_acc(-x - z, (T*)nullptr);
+    const A s = sigma[b] * sigma[b];
+    const A r = stats[2 * b], P = stats[2 * b + 1];
+    const A alpha = grad[b] / (r * s * s);
+    const A beta = alpha * P / (r * r * s);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long long)gridDim.x * blockDim.x) {
+      const long long o = b * N + i;
+      const A fi = ld(f[o]);
+      const A d = ld(a[o]) - fi;
+      const A x = alpha * (fi - ld(g[o])) - beta * d;
+      const A z = -alpha * d;
+      st(ga + o, x);
+      st(gg + o, z);
+      st(gf + o, -x - z);
     }
   }
-}
-
-}  // namespace getfast_sim_loss
-
-#define GETFAST_SIM_LOSS_KERNELS(SUFFIX, T, ACC)                                               \
-  extern "C" __global__ void __launch_bounds__(SIM_LOSS_THREADS)                               \
-      sim_loss_fwd_##SUFFIX(const T* a, const T* f, const T* g, const ACC* sigma, ACC c,       \
-                            long long N, ACC* loss, ACC* stats) {                              \
-    getfast_sim_loss::fwd_impl<T, ACC>(a, f, g, sigma, c, N, loss, stats);                     \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(SIM_LOSS_THREADS)                               \
-      sim_loss_bwd_##SUFFIX(const ACC* grad, const T* a, const T* f, const T* g,               \
-                            const ACC* sigma, const ACC* stats, long long B, long long N,      \
-                            T* ga, T* gf, T* gg) {                                             \
-    getfast_sim_loss::bwd_impl<T, ACC>(grad, a, f, g, sigma, stats, B, N, ga, gf, gg);         \
-  }
-
-GETFAST_SIM_LOSS_KERNELS(f32, float, float)
-GETFAST_SIM_LOSS_KERNELS(f64, double, double)
-#ifndef GETFAST_NO_HALF
-GETFAST_SIM_LOSS_KERNELS(f16, __half, float)
-GETFAST_SIM_LOSS_KERNELS(bf16, __nv_bfloat16, float)
-#endif
-
-// ---- host launchers (nvcc only) --------------------------------------------------------
-#ifndef __CUDACC_RTC__
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-
-#include "sim_loss.h"
-
-namespace getfast {
-namespace {
-
-unsigned bwd_chunks(int64_t N) {
-  const int64_t per_block = int64_t(SIM_LOSS_THREADS) * SIM_LOSS_ITEMS;
-  const int64_t chunks = (N + per_block - 1) / per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(chunks, 1 << 20)));
-}
-
-template <typename T, typename Acc>
-void launch_fwd(std::uintptr_t a, std::uintptr_t f, std::uintptr_t g, std::uintptr_t sigma,
-                double c, int64_t B, int64_t N, std::uintptr_t loss, std::uintptr_t stats,
-                cudaStream_t st, void (*kernel)(const T*, const T*, const T*, const Acc*, Acc,
-                                                long long, Acc*, Acc*)) {
-  kernel<<<dim3(static_cast<unsigned>(B)), dim3(SIM_LOSS_THREADS), 0, st>>>(
-      reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(f),
-      reinterpret_cast<const T*>(g), reinterpret_cast<const Acc*>(sigma), static_cast<Acc>(c),
-      static_cast<long long>(N), reinterpret_cast<Acc*>(loss), reinterpret_cast<Acc*>(stats));
-}
-
-template <typename T, typename Acc>
-void launch_bwd(std::uintptr_t grad, std::uintptr_t a, std::uintptr_t f, std::uintptr_t g,
-                std::uintptr_t sigma, std::uintptr_t stats, int64_t B, int64_t N,
-                std::uintptr_t ga, std::uintptr_t gf, std::uintptr_t gg, cudaStream_t st,
-                void (*kernel)(const Acc*, const T*, const T*, const T*, const Acc*, const Acc*,
-                               long long, long long, T*, T*, T*)) {
-  dim3 grid(bwd_chunks(N), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-  kernel<<<grid, dim3(SIM_LOSS_THREADS), 0, st>>>(
-      reinterpret_cast<const Acc*>(grad), reinterpret_cast<const T*>(a),
-      reinterpret_cast<const T*>(f), reinterpret_cast<const T*>(g),
-      reinterpret_cast<const Acc*>(sigma), reinterpret_cast<const Acc*>(stats),
-      static_cast<long long>(B), static_cast<long long>(N), reinterpret_cast<T*>(ga),
-      reinterpret_cast<T*>(gf), reinterpret_cast<T*>(gg));
-}
-
-const char* last_error() {
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-}  // namespace
-
-const char* sim_loss_fwd_cuda(int dtype, std::uintptr_t a, std::uintptr_t f, std::uintptr_t g,
-                              std::uintptr_t sigma, double c, int64_t B, int64_t N,
-                              std::uintptr_t loss, std::uintptr_t stats, std::uintptr_t stream) {
-  if (B <= 0 || N <= 0) return nullptr;
-  if (B > 0x7fffffffLL) return "batch too large for one grid";
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_fwd<float, float>(a, f, g, sigma, c, B, N, loss, stats, st, sim_loss_fwd_f32); break;
-    case 1: launch_fwd<double, double>(a, f, g, sigma, c, B, N, loss, stats, st, sim_loss_fwd_f64); break;
-    case 2: launch_fwd<__half, float>(a, f, g, sigma, c, B, N, loss, stats, st, sim_loss_fwd_f16); break;
-    case 3: launch_fwd<__nv_bfloat16, float>(a, f, g, sigma, c, B, N, loss, stats, st, sim_loss_fwd_bf16); break;
-    default: return "unknown dtype code";
-  }
-  return last_error();
-}
-
-const char* sim_loss_bwd_cuda(int dtype, std::uintptr_t grad, std::uintptr_t a, std::uintptr_t f,
-                              std::uintptr_t g, std::uintptr_t sigma, std::uintptr_t stats,
-                              int64_t B, int64_t N, std::uintptr_t ga, std::uintptr_t gf,
-                              std::uintptr_t gg, std::uintptr_t stream) {
-  if (B <= 0 || N <= 0) return nullptr;
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_bwd<float, float>(grad, a, f, g, sigma, stats, B, N, ga, gf, gg, st, sim_loss_bwd_f32); break;
-    case 1: launch_bwd<double, double>(grad, a, f, g, sigma, stats, B, N, ga, gf, gg, st, sim_loss_bwd_f64); break;
-    case 2: launch_bwd<__half, float>(grad, a, f, g, sigma, stats, B, N, ga, gf, gg, st, sim_loss_bwd_f16); break;
-    case 3: launch_bwd<__nv_bfloat16, float>(grad, a, f, g, sigma, stats, B, N, ga, gf, gg, st, sim_loss_bwd_bf16); break;
-    default: return "unknown dtype code";
-  }
-  return last_error();
 }
 
 }  // namespace getfast
-#endif  // __CUDACC_RTC__
+
+#ifndef __CUDACC_RTC__
+namespace getfast {
+
+// fwd ptrs: a, f, g, sigma, loss, stats; ints: B, N; reals: c.
+const char* sim_loss_fwd_cuda(int dtype, const Ptrs& p, const Ints& n, const Reals& r, std::uintptr_t stream) {
+  if (n[0] <= 0 || n[1] <= 0) return nullptr;
+  return by_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    sim_loss_fwd<T, A><<<unsigned(n[0]), 256, 0, as_stream(stream)>>>(
+        ptr<const T>(p[0]), ptr<const T>(p[1]), ptr<const T>(p[2]), ptr<const A>(p[3]), ptr<A>(p[4]), ptr<A>(p[5]),
+        n[0], n[1], A(r[0]));
+    return launched();
+  });
+}
+
+// bwd ptrs: grad, a, f, g, sigma, stats, grad_a, grad_f, grad_g; ints: B, N.
+const char* sim_loss_bwd_cuda(int dtype, const Ptrs& p, const Ints& n, const Reals&, std::uintptr_t stream) {
+  if (n[0] <= 0 || n[1] <= 0) return nullptr;
+  const dim3 grid(unsigned(std::min<int64_t>((n[1] + 1023) / 1024, 1 << 20)), unsigned(std::min<int64_t>(n[0], 65535)));
+  return by_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    sim_loss_bwd<T, A><<<grid, 256, 0, as_stream(stream)>>>(
+        ptr<const A>(p[0]), ptr<const T>(p[1]), ptr<const T>(p[2]), ptr<const T>(p[3]), ptr<const A>(p[4]),
+        ptr<const A>(p[5]), ptr<T>(p[6]), ptr<T>(p[7]), ptr<T>(p[8]), n[0], n[1]);
+    return launched();
+  });
+}
+
+}  // namespace getfast
+#endif

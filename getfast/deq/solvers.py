@@ -50,9 +50,9 @@ from typing import Callable
 
 import torch
 
-from getfast.ops import _framework as fw
-from getfast.ops.anderson import MAX_M, anderson_step
-from getfast.ops.broyden import broyden_step
+from getfast.ops import BACKENDS
+from getfast.ops.anderson import MAX_M, AndersonState, anderson_step
+from getfast.ops.broyden import BroydenState, broyden_step
 
 __all__ = [
     "fixed_point",
@@ -66,6 +66,7 @@ __all__ = [
 
 Tensor = torch.Tensor
 _STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_TRACE0 = 32  # trace columns allocated up front; doubled on demand up to max_iter
 
 
 # --------------------------------------------------------------------------------------
@@ -93,8 +94,8 @@ def _check_common(f, z0, max_iter, tol, stop_mode, check_every, backend) -> None
             raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-    if backend is not None and backend not in fw.BACKENDS:
-        raise ValueError(f"backend must be None or one of {fw.BACKENDS}, got {backend!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
 def _check_float(name: str, v, *, positive=False, nonnegative=False) -> float:
@@ -107,26 +108,33 @@ def _check_float(name: str, v, *, positive=False, nonnegative=False) -> float:
     return float(v)
 
 
-def _eval(f: Callable, z: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """``f(z)`` as a contiguous ``(B, D)`` tensor of the state dtype; checks the shape."""
+def _start(z0: Tensor) -> Tensor:
+    """``z0`` as a detached, contiguous ``(B, D)`` tensor (any strides accepted)."""
+    return z0.detach().reshape(z0.shape[0], -1).contiguous()
+
+
+def _eval(f: Callable, z: Tensor, z0: Tensor) -> Tensor:
+    """``f(z)`` as a contiguous ``(B, D)`` tensor of ``z0``'s dtype; checks shape and device."""
     out = f(z)
-    if not isinstance(out, torch.Tensor) or out.shape != shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"f must return a tensor shaped like z0 {tuple(shape)}, got {got}")
-    if out.dtype != dtype:
-        out = out.to(dtype)
-    return out.reshape(shape[0], -1).contiguous()
+    if not isinstance(out, torch.Tensor) or out.shape != z0.shape or out.device != z0.device:
+        got = f"{tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"f must return a tensor shaped like z0 {tuple(z0.shape)} on {z0.device}, got {got}")
+    return out.to(z0.dtype).reshape(z0.shape[0], -1).contiguous()
 
 
-def _init_stats(B: int, max_iter: int, acc: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
-    lowest = torch.zeros(3, B, dtype=acc, device=device)
-    lowest[:2] = float("inf")
-    trace = torch.zeros(2, B, max_iter, dtype=acc, device=device)
-    status = torch.zeros(B, dtype=torch.int32, device=device)
-    return lowest, trace, status
+def _room(state, k: int, max_iter: int):
+    """``state`` with a trace long enough for iteration ``k`` (doubled on demand, so a solve that
+    stops early never holds ``max_iter`` columns)."""
+    T = state.trace.shape[2]
+    if k < T:
+        return state
+    trace = state.trace.new_zeros((2, state.trace.shape[1], min(max_iter, 2 * T)))
+    trace[:, :, :T] = state.trace
+    return state._replace(trace=trace)
 
 
-def _stats(lowest: Tensor, trace: Tensor, status: Tensor, n: int) -> dict:
+def _stats(state, n: int) -> dict:
+    lowest, trace, status = state.lowest, state.trace, state.status
     return {
         "abs_lowest": lowest[0],
         "rel_lowest": lowest[1],
@@ -148,28 +156,17 @@ def _all_frozen(status: Tensor) -> bool:
 # --------------------------------------------------------------------------------------
 def _anderson_loop(f, z0, m, lam, tau, max_iter, tol, stop_mode, check_every, backend):
     with torch.no_grad():
-        z0 = z0.detach()
-        shape, dt, dev = z0.shape, z0.dtype, z0.device
-        B = shape[0]
-        D = z0.numel() // B
-        acc = fw.acc_dtype(dt)
-        X = torch.zeros(m, B, D, dtype=dt, device=dev)
-        X[0].copy_(z0.reshape(B, D))
-        G = torch.zeros_like(X)
-        H = torch.zeros(B, m, m, dtype=acc, device=dev)
-        best = z0.reshape(B, D).clone()
-        lowest, trace, status = _init_stats(B, max_iter, acc, dev)
+        state = AndersonState.new(_start(z0), m, min(max_iter, _TRACE0))
         n_run = max_iter
         for k in range(max_iter):
-            fx = _eval(f, X[k % m].view(shape), shape, dt)
-            anderson_step(X, G, H, fx, best, lowest, trace, status, k, tau=tau, lam=lam, tol=tol,
-                          stop_mode=stop_mode, backend=backend)
-            if tol is not None and (k + 1) % check_every == 0 and k + 1 < max_iter and _all_frozen(status):
+            state = _room(state, k, max_iter)
+            fx = _eval(f, state.X[k % m].view(z0.shape), z0)
+            anderson_step(state, fx, k, tau=tau, lam=lam, tol=tol, stop_mode=stop_mode, backend=backend,
+                          validate=k == 0)
+            if tol is not None and (k + 1) % check_every == 0 and k + 1 < max_iter and _all_frozen(state.status):
                 n_run = k + 1
                 break
-        return best.view(shape), _stats(lowest, trace, status, n_run)
-
-
+        return state.best.view(z0.shape), _stats(state, n_run)
 def fixed_point(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -240,7 +237,8 @@ def broyden(
     """Broyden's good method for ``g(z) = f(z) − z = 0`` (Broyden 1965; Bai et al. 2019, §3.1.3).
 
     The inverse Jacobian of ``g`` is estimated as ``B = −I + U Vᵀ`` from the last ``memory``
-    rank-one updates (ring buffer; ``None`` keeps all ``max_iter``, as torchdeq):
+    rank-one updates (a ring grown on demand, so memory is held only for the iterations run;
+    ``None`` keeps all ``max_iter``, as torchdeq):
     ``vᵀ = Δzᵀ B``, ``u = (Δz − B Δg) / (vᵀ Δg)``, then ``z ← z − B g(z)``; one fused
     ``getfast::broyden_step`` per iteration. An update whose denominator is zero or non-finite
     is skipped for that sample. Returns the lowest-residual iterate ``z`` per sample (torchdeq's
@@ -251,27 +249,20 @@ def broyden(
         _check_int("memory", memory, 1)
     mem = max_iter if memory is None else memory
     with torch.no_grad():
-        z0 = z0.detach()
-        shape, dt, dev = z0.shape, z0.dtype, z0.device
-        B = shape[0]
-        D = z0.numel() // B
-        acc = fw.acc_dtype(dt)
-        U = torch.zeros(mem, B, D, dtype=dt, device=dev)
-        V = torch.zeros_like(U)
-        x = z0.reshape(B, D).clone()
-        best = x.clone()
-        g_prev = torch.zeros_like(x)
-        dx = torch.zeros_like(x)
-        lowest, trace, status = _init_stats(B, max_iter, acc, dev)
+        state = BroydenState.new(_start(z0), min(mem, 8), min(max_iter, _TRACE0))
         n_run = max_iter
         for k in range(max_iter):
-            fx = _eval(f, x.view(shape), shape, dt)
-            broyden_step(x, fx, U, V, g_prev, dx, best, lowest, trace, status, k, tol=tol, stop_mode=stop_mode,
-                         backend=backend)
-            if tol is not None and (k + 1) % check_every == 0 and k + 1 < max_iter and _all_frozen(status):
+            state = _room(state, k, max_iter)
+            C = state.U.shape[0]
+            if k - 1 >= C and C < mem:  # the ring has not wrapped yet: grow it instead
+                grow = state.U.new_zeros((min(mem, 2 * C) - C, *state.U.shape[1:]))
+                state = state._replace(U=torch.cat([state.U, grow]), V=torch.cat([state.V, grow]))
+            fx = _eval(f, state.x.view(z0.shape), z0)
+            broyden_step(state, fx, k, tol=tol, stop_mode=stop_mode, backend=backend, validate=k == 0)
+            if tol is not None and (k + 1) % check_every == 0 and k + 1 < max_iter and _all_frozen(state.status):
                 n_run = k + 1
                 break
-        return best.view(shape), _stats(lowest, trace, status, n_run)
+        return state.best.view(z0.shape), _stats(state, n_run)
 
 
 # --------------------------------------------------------------------------------------

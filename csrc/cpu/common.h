@@ -1,14 +1,18 @@
-// Helpers shared by the DEQ solver families on CPU (csrc/cpu/anderson.cpp, broyden.cpp):
-// float16/bfloat16 storage conversions (round-to-nearest-even, as torch) and load/store traits
-// that map a storage type to its accumulation type (double for double, float otherwise).
+// Helpers shared by the CPU kernels: float16/bfloat16 storage conversions (round-to-nearest-even,
+// as torch), load/store traits mapping a storage type to its accumulation type (double for
+// double, float otherwise) and the dtype-code dispatch.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
 
 namespace getfast {
-namespace deq {
+namespace cpu {
 
 struct half_t {
   uint16_t bits;
@@ -106,5 +110,17 @@ struct Io<bf16_t> {
 // Elements per cache block for the two-pass loops (fits L1 with a few history streams).
 constexpr int64_t kBlock = 512;
 
-}  // namespace deq
+// Calls f(T{}) with the storage type of the dtype code (ValueError in Python for a bad code).
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 1: f(double{}); break;
+    case 2: f(half_t{}); break;
+    case 3: f(bf16_t{}); break;
+    default: throw std::invalid_argument("unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace cpu
 }  // namespace getfast
