@@ -316,6 +316,8 @@ def _interrupted_hint(ns, cfg, argv) -> str:
         if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
             args.append("--resume")
         args = [a for a in args if a != "--overwrite" and not a.startswith("--overwrite=")]
+        if "--out" not in args and not any(a.startswith("--out=") for a in args):
+            args += ["--out", str(cfg.out)]
         return (f"interrupted; the run in {cfg.out} continues from its last checkpoint with: "
                 f"getfast {shlex.join(args)}")
     if ns.command == "make-pairs":

@@ -211,6 +211,28 @@ def test_samplers_never_read_device_values(name):
     assert out.device.type == "meta" and out.shape == z.shape
 
 
+@pytest.mark.parametrize("name,kw", [("get-n4-fashion-mnist", {}), ("vit-n4-fashion-mnist", {}),
+                                     ("sim-fashion-mnist", {}), ("guided-2-fashion-mnist", {"cfg_scale": 2.0}),
+                                     ("fashion-mnist", {"steps": 2}), ("fashion-mnist", {"sampler": "ddim", "steps": 2})])
+def test_whole_sampling_calls_read_no_device_values(name, kw):
+    """What a CUDA graph captures — the sampler's body, the finiteness flags and (GET) the fixed-point solve
+    with ``tol=None`` — runs on the meta device, where any host read of a tensor value raises."""
+    path = EMBEDDED.get(name, STUDENTS / f"{name}.safetensors")
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    s = load(str(path), **kw)
+    s.net.to("meta")
+    z = torch.empty(2, *s.shape, device="meta")
+    labels = torch.zeros(2, dtype=torch.int64, device="meta")
+    solvers = ("fixed_point", "anderson", "broyden") if name.startswith("get") else (None,)
+    for solver in solvers:
+        if solver is not None:
+            import dataclasses
+            s.net.config = dataclasses.replace(s.net.config, solver=solver, tol=None)
+        x, bad = s._body(z, labels)
+        assert x.shape == z.shape and x.device.type == "meta" and bad.shape == (2,) and bad.dtype == torch.bool
+
+
 @pytest.mark.parametrize("steps", [0, -2, 1.5, True])
 def test_samplers_refuse_bad_steps(steps):
     z = torch.zeros(1, 1, 2, 2)
@@ -339,19 +361,33 @@ def test_cuda_graph_capture_happens_and_replay_equals_eager(name, kw):
         assert graphed.graphs.replays >= 4 and graphed.graphs.eager_calls == 0
 
 
+def test_graph_mode_drops_a_solver_tolerance():
+    """Inside a CUDA graph the fixed-point solve must run its fixed iteration count: no convergence test."""
+    import dataclasses
+
+    from getfast.models.get import CONFIGS, GET
+    from getfast.sampling.sampler import _zero_sync_solver
+    net = GET(8, 1, 0, dataclasses.replace(CONFIGS["GET-N/4"], tol=1e-3))
+    _zero_sync_solver(net)
+    assert net.config.tol is None and net.config.eval_iters == CONFIGS["GET-N/4"].eval_iters
+
+
 @pytest.mark.gpu
-def test_get_solver_runs_zero_sync_inside_the_graph():
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_get_with_each_solver_is_captured_on_the_gpu(solver):
+    import dataclasses
     path = STUDENTS / "get-n4-fashion-mnist.safetensors"
     if not path.exists():
         pytest.skip("committed GET student missing")
-    import dataclasses
-    s = load(str(path), device="cuda", compile=True)
-    s.net.config = dataclasses.replace(s.net.config, tol=1e-3)  # a tolerance would sync: capture must drop it
-    s2 = load(str(path), device="cuda", compile=True)
-    assert s2.net.config.tol is None
+    eager = load(str(path), device="cuda", bf16=False)
+    graphed = load(str(path), device="cuda", bf16=False, compile=True)
+    for s in (eager, graphed):
+        s.net.config = dataclasses.replace(s.net.config, solver=solver, tol=None)
     z = torch.randn(2, 1, 28, 28, device="cuda")
-    s2(z, torch.tensor([0, 1], device="cuda"))
-    assert s2.graphs.captures == 1 and not s2.graphs.reasons
+    labels = torch.tensor([0, 1], device="cuda")
+    graphed(z, labels)
+    torch.testing.assert_close(_same_seed(graphed, z, labels), _same_seed(eager, z, labels), rtol=0, atol=0)
+    assert graphed.graphs.captures == 1 and not graphed.graphs.reasons, graphed.graphs.reasons
 
 
 @pytest.mark.gpu

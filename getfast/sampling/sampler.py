@@ -113,12 +113,6 @@ class Sampler:
         model = getattr(self.net, "meta", {}).get("config", {}).get("model")
         return f"one-step {self.method} student" + (f" ({model})" if model else "")
 
-    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` standard normal inputs on the sampler's device (drawn on the CPU when ``generator`` is given)."""
-        if generator is not None:
-            return torch.randn(n, *self.shape, generator=generator).to(self.device)
-        return torch.randn(n, *self.shape, device=self.device)
-
     def _check_inputs(self, z, labels):
         if not torch.is_tensor(z) or z.ndim != 4 or tuple(z.shape[1:]) != tuple(self.shape):
             got = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
