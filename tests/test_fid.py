@@ -395,3 +395,29 @@ def test_evaluate_record_for_each_kind_of_gen(tmp_path):
         assert F.evaluate(gen_like, ref, **kw)["fid"] == pytest.approx(rec["fid"], rel=1e-6)
     with pytest.raises(ValueError, match="gen"):
         F.evaluate(tmp_path / "missing", ref, **kw)
+
+
+def test_fid_command_samples_a_checkpoint_through_evaluate(tmp_path, monkeypatch, capsys):
+    """``getfast fid`` on a checkpoint: the sampler's images go through ``evaluate``; the record names the
+    checkpoint, its network evaluations and the seed, and is written atomically to --out."""
+    import json
+
+    from getfast.cli import main
+    from getfast.teacher import build_denoiser, export
+    import math
+    ext = CountingExtractor()
+    monkeypatch.setattr(F, "get_extractor", lambda online=False, device=None: ext)
+    monkeypatch.setenv("GETFAST_CACHE", str(tmp_path / "cache"))  # the reference statistics' cache
+    torch.manual_seed(0)
+    D = build_denoiser("UNet-XS", 8, 1, 10)
+    teacher = tmp_path / "teacher.safetensors"
+    export(D, {"model": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10, "label_dropout": 0.1}, teacher)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, x=_blobs(np.random.default_rng(0), 6, size=8))
+    out = tmp_path / "fid.json"
+    assert main(["fid", "--gen", str(teacher), "--ref", str(ref), "--n", "4", "--ref-n", "0", "--steps", "1",
+                 "--batch", "2", "--device", "cpu", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["gen"] == str(teacher) and rec["nfe"] == 1 and rec["n"] == 4 and rec["ref_n"] == 6 and rec["seed"] == 0
+    assert math.isfinite(rec["fid"]) and ext.images == 4 + 6
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rec
