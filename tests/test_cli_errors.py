@@ -299,3 +299,20 @@ def test_subprocess_user_error_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     # the last line is the whole report (a library warning printed on import may precede it)
     assert r.stderr.strip().splitlines()[-1] == "getfast sample: error: steps (--steps) must be an integer >= 1, got 0"
+
+
+def test_tf32_flag_sets_cuda_matmul_and_cudnn(monkeypatch):
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        cli._set_tf32(True, ["cuda"])
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        cli._set_tf32(False, ["cuda:0"])
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        cli._set_tf32(True, ["cpu"])  # CPU runs leave the settings alone
+        assert not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        cli._set_tf32(True, ["auto"])  # auto picks CUDA when there is one
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert _parse(["sample", "--no-tf32"]).tf32 is False and _parse(["make-pairs", "--n", "1"]).tf32 is True
