@@ -5,6 +5,8 @@ import json
 import platform
 from pathlib import Path
 
+from getfast.io import atomic_write_json, atomic_write_text
+
 
 def _log_summary(run_dir: Path) -> dict:
     lines = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
@@ -32,7 +34,7 @@ def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: di
     card = {"title": title, "weights": weights.name, "command": command, "seed": cfg["loop"]["seed"],
             "config": cfg, **_log_summary(run_dir), "machine": f"{platform.machine()} CPU, torch threads 1-2",
             **(extra or {})}
-    weights.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    atomic_write_json(weights.with_suffix(".json"), card)
     md = [f"# {title}\n", f"Weights: `{weights.name}` (EMA, safetensors)\n", "Command:\n", f"```\n{command}\n```\n",
           f"- seed: {card['seed']}", f"- trained: {card['kimg']:.1f} kimg in {card['steps']} steps, "
           f"wall time {card['wall_time_min']} min on {card['machine']} (shared with other work)",
@@ -41,5 +43,5 @@ def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: di
         md.append(f"- {k}: {v}")
     if grid:
         md.append(f"\n![samples]({grid})\n")
-    weights.with_suffix(".md").write_text("\n".join(md) + "\n")
+    atomic_write_text(weights.with_suffix(".md"), "\n".join(md) + "\n")
     return weights.with_suffix(".md")

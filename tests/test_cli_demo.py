@@ -124,3 +124,22 @@ def test_benchmark_entry_point_knows_every_benchmark():
     assert {"deq", "models", "pairs", "sim_loss"} <= set(bench.names())
     with pytest.raises(SystemExit):
         bench.main(["--only", "no-such-benchmark"])
+
+
+def test_model_card_sums_resumed_segments(tmp_path):
+    import json
+
+    from getfast.cards import write_card
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"loop": {"seed": 3}, "method": {"method": "sim"}}))
+    logs = [{"step": 10, "kimg": 0.1, "time": 60.0, "loss": 2.0, "img_per_s": 5.0},
+            {"step": 20, "kimg": 0.2, "time": 120.0, "loss": 1.0, "img_per_s": 5.0},
+            {"step": 30, "kimg": 0.3, "time": 30.0, "loss": 0.5, "img_per_s": 6.0}]  # resumed: the clock restarted
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
+    weights = tmp_path / "sim.safetensors"
+    md = write_card(weights, run, "getfast distill sim", "SIM student", extra={"fid": 12.5}, grid="sim.png")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["seed"] == 3 and card["steps"] == 30 and card["wall_time_min"] == 2.5 and card["fid"] == 12.5
+    assert card["final_losses_last10_logs"] == {"loss": 3.5 / 3}
+    assert "getfast distill sim" in md.read_text() and "![samples](sim.png)" in md.read_text()
