@@ -308,14 +308,29 @@ def _command_name(ns) -> str:
     return f"{ns.command} {ns.method}" if getattr(ns, "method", None) else ns.command
 
 
+def _drop_flags(argv, names) -> list[str]:
+    """``argv`` without the boolean options ``names`` (``--x``, ``--x VALUE``, ``--x=VALUE``, ``--no-x``)."""
+    from getfast.options import BOOL_WORDS
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a[2:].split("=", 1)[0]
+        if a.startswith("--") and (name in names or (name.startswith("no-") and name[3:] in names)):
+            if "=" not in a and not name.startswith("no-") and i + 1 < len(argv) \
+                    and argv[i + 1].lower() in BOOL_WORDS:
+                skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def _interrupted_hint(ns, cfg, argv) -> str:
     if cfg is None:
         return "interrupted"
     if ns.command in ("train-teacher", "distill"):
-        args = list(argv)
-        if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
-            args.append("--resume")
-        args = [a for a in args if a != "--overwrite" and not a.startswith("--overwrite=")]
+        args = _drop_flags(argv, ("resume", "overwrite")) + ["--resume"]
         if "--out" not in args and not any(a.startswith("--out=") for a in args):
             args += ["--out", str(cfg.out)]
         return (f"interrupted; the run in {cfg.out} continues from its last checkpoint with: "

@@ -16,7 +16,7 @@ import re
 import types
 import typing
 
-__all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float"]
+__all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float", "BOOL_WORDS"]
 
 
 # --- parsing values ----------------------------------------------------------------------------------
@@ -24,6 +24,7 @@ __all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+BOOL_WORDS = _TRUE | _FALSE
 
 
 def parse_bool(s: str) -> bool:

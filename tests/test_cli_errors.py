@@ -275,6 +275,8 @@ def test_ctrl_c_says_how_to_resume(capsys, tmp_path, teacher, monkeypatch):
     rc, err = _run(capsys, args)
     assert rc == 130 and "interrupted" in err and f"--out {out}" in err and err.endswith("--resume"), err
     assert "Traceback" not in err
+    rc, err = _run(capsys, args + ["--resume", "no", "--overwrite"])  # the hint replaces both with --resume
+    assert rc == 130 and err.endswith(f"--kimg 0.01 --out {out} --resume") and "--overwrite" not in err, err
     monkeypatch.setattr(sampling, "make_pairs", interrupted)
     rc, err = _run(capsys, ["make-pairs", "--n", "4", "--teacher", teacher, "--out", str(tmp_path / "p")])
     assert rc == 130 and "same command again" in err and str(tmp_path / "p") in err
