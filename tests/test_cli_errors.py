@@ -54,8 +54,13 @@ def _user_error(capsys, args, *names, cmd=None):
 
 # --- parsing: strict booleans, X | None, finite floats -------------------------------------------------
 
+_PARSER = []
+
+
 def _parse(args):
-    return cli.build_parser().parse_args(args)
+    if not _PARSER:  # building the parser is the slow part; parsing does not change it
+        _PARSER.append(cli.build_parser())
+    return _PARSER[0].parse_args(args)
 
 
 def test_booleans_accept_exactly_the_boolean_words():
@@ -90,7 +95,7 @@ def test_booleans_accept_exactly_the_boolean_words():
 ])
 def test_parse_errors_are_one_line(capsys, args, option):
     with pytest.raises(SystemExit) as info:  # parsing only: an option that parsed by mistake starts no work
-        cli.build_parser().parse_args(args)
+        _parse(args)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and "\n" not in err and option in err, err
     assert err.startswith("getfast "), err
