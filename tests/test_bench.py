@@ -275,6 +275,13 @@ def test_forced_backend_restores_the_environment(monkeypatch):
     assert gpu_common.os.environ["GETFAST_BACKEND"] == "cpp"
 
 
+def test_contention_note_only_on_an_oversubscribed_machine():
+    assert common.contention_note({"load_avg_1m": 1.5, "cpu_count": 2}) == ""
+    assert common.contention_note({"load_avg_1m": None, "cpu_count": 2}) == ""
+    note = common.contention_note({"load_avg_1m": 8.4, "cpu_count": 2}, "quote ratios")
+    assert "load average 8.4 on 2 cores" in note and note.endswith("quote ratios.")
+
+
 def test_cell_formatting():
     assert gpu_common.fmt(None) == "–" and gpu_common.fmt("err") == "err" and gpu_common.fmt(0.12345, ".2f") == "0.12"
     assert gpu_common.fmt_pct(0.843) == "84 %" and gpu_common.fmt_ratio(0.3) == "**0.30×**"

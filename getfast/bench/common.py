@@ -273,6 +273,16 @@ def section_order(name: str) -> tuple[int, str]:
     return (1 if name.startswith("gpu-") else 3, name)
 
 
+def contention_note(info: dict, robust: str = "the single-thread CPU-time figures are the contention-robust ones") -> str:
+    """A sentence for a report when the machine was oversubscribed while it ran (1-minute load
+    average above the core count), naming what to quote instead (``robust``); else ``""``."""
+    load, cores = info.get("load_avg_1m"), info.get("cpu_count") or 1
+    if load is None or load <= cores:
+        return ""
+    return (f" The machine was oversubscribed while this ran (load average {load:.1f} on {cores} cores): wall-clock "
+            f"times are noisy; {robust}.")
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from getfast.bench.common import (
     Skipped,
+    contention_note,
     cpu_peak_bytes,
     fmt_bytes,
     machine_info,
@@ -413,7 +414,7 @@ def report(res: dict) -> str:
         f"(**{s['speedup_cpu_1thread']:.1f}×**); model of bytes moved by the fused step (3m+4)·B·D·4 = "
         f"{fmt_bytes(s['bytes_fused_model'])}.\n\n"
         f"**Memory** (Anderson, m={w['m']}, 12 iterations):\n\n{mem}\n"
-        + ("\n(quick run)\n" if res["quick"] else "")
+        + ("\n(quick run)" if res["quick"] else "") + contention_note(res["machine"]) + "\n"
     )
 
 

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from getfast.bench.common import machine_info, machine_line, markdown_table, median_time, update_results_md, write_json
+from getfast.bench.common import (contention_note, machine_info, machine_line, markdown_table, median_time,
+                                  update_results_md, write_json)
 
 NAME = "models"
 TITLE = "models — one step vs many, and torch.compile"
@@ -125,7 +126,10 @@ def report(result: dict) -> str:
     return (f"Machine: {machine_line(result['machine'])}.\n\n"
             f"Sampling latency at 28×28×1, one batch, medians of torch.utils.benchmark:\n\n{lat}\n\n"
             f"Training throughput, eager vs `torch.compile` (default mode), same process:\n\n{tr}\n"
-            + ("\n(quick run)\n" if result.get("quick") else ""))
+            + ("\n(quick run)" if result.get("quick") else "")
+            + contention_note(result["machine"], "even the ratios move with the load here, since the "
+                                              "teacher and the students, and eager and compiled, are timed one after "
+                                              "the other rather than interleaved") + "\n")
 
 
 def main(argv=None) -> dict:
