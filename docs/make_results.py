@@ -79,7 +79,7 @@ def make_sampler(ckpt):
     import getfast.sampling as sampling
     if hasattr(sampling, "load"):  # the Sampler entry point
         s = sampling.load(str(ckpt))
-        return s, tuple(s.shape), s.num_classes, s.nfe
+        return s, tuple(s.shape), s.num_classes, s.evaluations
     return sampling.load_sampler(str(ckpt))
 
 

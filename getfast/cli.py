@@ -113,8 +113,9 @@ class FIDConfig:
             raise ValueError(f"gen (--gen) {self.gen!r}: no such file or folder (and not an embedded teacher: "
                              f"{', '.join(sorted(EMBEDDED))})")
         if p.is_dir():
+            from getfast.importers import is_diffusers_dir
             run = (p / "student.safetensors").exists() or (p / "teacher.safetensors").exists() \
-                or (p / "config.json").exists() or any(p.glob("ckpt-*.pt"))
+                or (p / "config.json").exists() or any(p.glob("ckpt-*.pt")) or is_diffusers_dir(p)
             return "checkpoint" if run else "images"
         return "images" if p.suffix.lower() == ".npz" else "checkpoint"
 
@@ -221,6 +222,17 @@ def _prep_bench(ns):
     return (lambda: run(cfg)), cfg
 
 
+def _prep_convert(ns):
+    from getfast.importers import ConvertConfig, convert
+    cfg = take_config(ConvertConfig, ns)
+    if not cfg.src or not cfg.out:
+        raise ValueError("convert needs --from (an EDM .pkl or a diffusers folder) and --out (a .safetensors file)")
+    if not Path(cfg.src).expanduser().exists():
+        raise ValueError(f"from (--from) {cfg.src!r}: no such file or folder")
+    _check_out(cfg.out, "file")
+    return (lambda: convert(cfg)), cfg
+
+
 def _prep_fid(ns):
     cfg = take_config(FIDConfig, ns)
     _check_devices([cfg])
@@ -277,6 +289,7 @@ def _add(sub, name, prep, configs, help, **defaults):
 def build_parser() -> argparse.ArgumentParser:
     from getfast.bench import BenchConfig
     from getfast.demo import DemoConfig
+    from getfast.importers import ConvertConfig
     from getfast.methods import METHODS
     from getfast.sampling import PairsConfig, SampleConfig
     from getfast.teacher import TeacherConfig
@@ -295,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "bench", _prep_bench, [BenchConfig], "run the benchmarks and regenerate their RESULTS.md sections")
     _add(sub, "demo", _prep_demo, [DemoConfig], "distil, sample, measure and write runs/demo/report.html")
     _add(sub, "sample", _prep_sample, [SampleConfig], "draw a sample grid from a teacher or student")
+    _add(sub, "convert", _prep_convert, [ConvertConfig],
+         "convert an NVlabs/edm pickle or a diffusers UNet folder into a getfast teacher file with a model card")
     mp = _add(sub, "make-pairs", _prep_make_pairs, [PairsConfig],
               "sample noise/image pairs from a teacher (resumable, shards by rank)")
     mp.epilog = ("Under torchrun put -- before the subcommand (torchrun -m getfast.cli -- make-pairs --n ...): "

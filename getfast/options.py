@@ -117,6 +117,7 @@ def add_config(parser: argparse.ArgumentParser, cls, skip=()) -> list[str]:
         if f.name in skip or not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = (flag, *f.metadata.get("aliases", ()))  # e.g. ConvertConfig.src is also --from
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         tp, optional = _unwrap_optional(hints[f.name])
@@ -127,16 +128,16 @@ def add_config(parser: argparse.ArgumentParser, cls, skip=()) -> list[str]:
             kw["default"] = default
         origin = typing.get_origin(tp)
         if tp is bool:  # --x, --x VALUE, --x=VALUE, and a separate --no-x that takes no value
-            group.add_argument(flag, nargs="?", const=True, type=_optional(parse_bool) if optional else parse_bool,
+            group.add_argument(*flags, nargs="?", const=True, type=_optional(parse_bool) if optional else parse_bool,
                                metavar="BOOL" + ("|none" if optional else ""), **kw)
             group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False, default=argparse.SUPPRESS,
                                help=f"same as {flag} false")
         elif tp in _PARSERS:
             parse = _PARSERS[tp]
-            group.add_argument(flag, type=_optional(parse) if optional else parse, metavar=tp.__name__.upper(), **kw)
+            group.add_argument(*flags, type=_optional(parse) if optional else parse, metavar=tp.__name__.upper(), **kw)
         elif origin is typing.Literal:
             values = typing.get_args(tp)
-            group.add_argument(flag, type=_optional(_choices(values)) if optional else _choices(values),
+            group.add_argument(*flags, type=_optional(_choices(values)) if optional else _choices(values),
                                metavar="{" + ",".join(map(str, values)) + "}", **kw)
         elif tp is tuple or origin is tuple:
             args = typing.get_args(tp)
@@ -151,7 +152,7 @@ def add_config(parser: argparse.ArgumentParser, cls, skip=()) -> list[str]:
                 nargs = "*"
             if elem not in _PARSERS or elem is bool:
                 raise TypeError(f"{cls.__name__}.{f.name}: tuple of {elem} is not supported on the command line")
-            group.add_argument(flag, nargs=nargs, type=_PARSERS[elem], metavar=elem.__name__.upper(), **kw)
+            group.add_argument(*flags, nargs=nargs, type=_PARSERS[elem], metavar=elem.__name__.upper(), **kw)
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: type {hints[f.name]} cannot be parsed from the command line")
         added.append(f.name)

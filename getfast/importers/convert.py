@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class ConvertConfig:
     """Convert a teacher from another format (NVlabs/edm pickle, diffusers folder) into a getfast teacher file."""
 
-    src: str = ""            # EDM .pkl (network-snapshot or released checkpoint) or a diffusers pipeline/UNet folder
+    src: str = field(default="", metadata={"aliases": ("--from",)})  # EDM .pkl (network-snapshot or released checkpoint) or a diffusers pipeline/UNet folder
     out: str = ""            # output .safetensors; a model card (.md and .json) is written beside it
     key: str = "ema"         # which entry of an EDM training snapshot to convert
     dtype: str = "float32"   # on-disk weight precision: float32 | float16 | bfloat16 (loading upcasts to float32)
