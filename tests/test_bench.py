@@ -26,7 +26,7 @@ def bench_out(tmp_path):
 def test_config_defaults_are_the_cpu_benchmarks():
     cfg = bench.BenchConfig()
     assert (cfg.device, cfg.quick, cfg.only, cfg.out, cfg.budget_s) == ("cpu", False, (), "", 0.0)
-    assert {"deq", "models", "pairs", "sim_loss"} <= set(cfg.chosen())
+    assert {"deq", "models", "overhead", "pairs", "sim_loss"} <= set(cfg.chosen())
     assert bench.names("cuda") == ["attention", "sim_loss", "deq", "sampling", "train"]
     assert bench.BenchConfig(device="cuda:1", only="deq").only == ("deq",)
 
@@ -136,13 +136,24 @@ def test_checkout_benchmark_modules_join_the_cpu_set(monkeypatch, tmp_path, benc
     assert "## extra\n\nx is 2" in (bench_out / "RESULTS.md").read_text()
 
 
+def test_cpu_benchmarks_ship_in_the_package_with_one_shape():
+    """Every CPU benchmark is a getfast.bench module (so it is in the wheel) with NAME, TITLE, run and report;
+    the checkout's benchmarks/bench_<name>.py files are only entry points to them."""
+    import importlib
+    for name, module in bench.CPU_BENCHMARKS.items():
+        mod = importlib.import_module(module)
+        assert mod.NAME == name and mod.TITLE and callable(mod.run) and callable(mod.report)
+    if common.source_checkout() is not None:
+        assert bench.checkout_benchmarks() == {}
+
+
 def test_cpu_reports_render_from_the_committed_results():
     """Each CPU benchmark's report() renders the JSON its last real run left in benchmarks/results."""
     root = common.source_checkout()
     if root is None:
         pytest.skip("needs the source checkout")
-    from getfast.bench import deq, models, pairs, sim_loss
-    for mod in (deq, models, pairs, sim_loss):
+    from getfast.bench import deq, models, overhead, pairs, sim_loss
+    for mod in (deq, models, overhead, pairs, sim_loss):
         path = root / "benchmarks" / "results" / f"{mod.NAME}.json"
         if not path.exists():
             continue

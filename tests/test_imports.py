@@ -24,12 +24,6 @@ LAYERS = [
 
 # Edges that break the rule today, each waiting for a change in a file another engineer owns.
 KNOWN_EXCEPTIONS = {
-    # Cycle cli -> bench -> bench.runner -> cli: the runner takes add_config/take_config from getfast.cli; they
-    # live in getfast.options (cli re-exports them), so getfast/bench/runner.py should import them from there.
-    ("getfast.bench.runner", "getfast.cli"),
-    # Cycle bench <-> bench.runner: getfast/bench/__init__.py's run() imports the runner inside the function, the
-    # runner imports BenchConfig and the benchmark tables from the package; a module both import would end it.
-    ("getfast.bench", "getfast.bench.runner"),
     # Cycle teacher <-> importers.convert: teacher.load hands foreign files to the importers, and convert imports
     # teacher.build_denoiser back; build_denoiser belongs below both (e.g. getfast.diffusion or getfast.models).
     ("getfast.importers.convert", "getfast.teacher"),

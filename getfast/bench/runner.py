@@ -10,7 +10,9 @@ import sys
 import time
 import traceback
 
-from getfast.bench import GPU_BENCHMARKS, QUICK_GPU_BUDGET_S, BenchConfig, CPU_BENCHMARKS, checkout_benchmarks
+import getfast.bench.config
+from getfast.bench.config import CPU_BENCHMARKS, GPU_BENCHMARKS, QUICK_GPU_BUDGET_S, BenchConfig, checkout_benchmarks
+from getfast.options import add_config, take_config
 
 
 def check_device(cfg: BenchConfig) -> None:
@@ -159,10 +161,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    import getfast.bench
-    from getfast.cli import add_config
-
-    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.__doc__,
+    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.config.__doc__,
                                  formatter_class=_HelpFormatter)
     add_config(ap, BenchConfig)
     return ap
@@ -170,8 +169,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
     """Command line: parse, validate (one-line error and exit status 2 on bad options or no GPU), run."""
-    from getfast.cli import take_config
-
     ap = build_parser(prog)
     ns = ap.parse_args(argv)
     try:
