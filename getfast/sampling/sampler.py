@@ -64,8 +64,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{_opt('device')} {name!r}: no CUDA device is available on this machine "
-                             f"(use cpu or auto)")
+            # The callers' valid choices differ (sampling takes auto, the benchmarks do not): name none.
+            raise ValueError(f"{_opt('device')} {name!r}: no CUDA device is visible on this machine "
+                             f"(torch.cuda.is_available() is False)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{_opt('device')} {name!r}: this machine has {torch.cuda.device_count()} "
                              f"CUDA device(s)")
