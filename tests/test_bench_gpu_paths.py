@@ -117,6 +117,64 @@ def test_sampling_rows_on_cpu_through_the_sampler():
     assert "GET-N/4 one step" in gpu_sampling.report(res)
 
 
+class _StandInCapture:
+    """Stands in for the CUDA capture of getfast.sampling.graphs on CPU tensors: "capture" runs fn on the static
+    inputs, "replay" recomputes into the same outputs; ``fail`` makes the capture raise (the sampler then runs
+    eagerly and records why)."""
+
+    name = "cpu-stand-in"
+
+    def __init__(self, fail: str | None = None):
+        self.fail = fail
+
+    def unavailable(self, z):
+        return None
+
+    def capture(self, fn, static_z, static_labels):
+        from getfast.sampling.graphs import Captured
+        if self.fail:
+            raise RuntimeError(self.fail)
+        out = tuple(fn(static_z, static_labels))
+
+        def replay():
+            for o, new in zip(out, fn(static_z, static_labels)):
+                o.copy_(new)
+        return Captured(static_z, static_labels, out, replay)
+
+
+def _teacher_sample(plan=TINY_SAMPLING):
+    from getfast.diffusion import heun
+    _, teacher = gpu_sampling.models(plan)
+    labels = torch.tensor([1, 2])
+    return lambda x: heun(teacher, x, plan["heun_steps"], labels), torch.randn(2, 1, 8, 8)
+
+
+def test_module_graph_row_replays_through_the_library_capture():
+    sample, z = _teacher_sample()
+    out = gpu_sampling.module_variants(sample, z, CPU, iters=2, warmup=1, graph_backend=_StandInCapture())
+    _no_errors(out)
+    row = out["CUDA graph bf16"]
+    assert row["ms"] > 0 and row["captures"] == 1 and row["replays"] >= 3 and row["eager_calls"] == 0
+    assert row["max_abs_diff_vs_eager_bf16"] == 0.0  # the replay recomputes the same deterministic Heun call
+
+
+def test_a_graph_row_that_fell_back_to_eager_is_an_error(tmp_path):
+    sample, z = _teacher_sample()
+    out = gpu_sampling.module_variants(sample, z, CPU, iters=1, warmup=0, graph_backend=_StandInCapture("no graphs"))
+    assert "ms" not in out["CUDA graph bf16"]
+    assert out["CUDA graph bf16"]["error"].startswith("replayed eagerly, not from a CUDA graph: capture failed")
+    assert "no graphs" in out["CUDA graph bf16"]["error"] and out["eager bf16"]["ms"] > 0
+    student_ckpt, _ = gpu_sampling.export_checkpoints(TINY_SAMPLING, tmp_path)
+    for backend, ok in ((_StandInCapture("no graphs"), False), (_StandInCapture(), True)):
+        row = gpu_sampling.sampler_variants(student_ckpt, torch.randn(1, 1, 8, 8), None, CPU, 1, 0,
+                                            graph_backend=backend)["CUDA graph bf16"]
+        if ok:
+            assert row["ms"] > 0 and row["captures"] == 1 and row["eager_calls"] == 0, row
+        else:
+            assert "ms" not in row and "replayed eagerly" in row["error"] and "no graphs" in row["error"]
+    assert gpu_sampling.graph_entry(None, True)["error"].endswith("no graph captured")
+
+
 def test_sampling_rows_on_cpu_on_the_modules():
     res = gpu_sampling.run(CPU, True, gpu_common.Budget(None), plan={**TINY_SAMPLING, "use_sampler": False})
     _no_errors(res)
@@ -137,27 +195,17 @@ def test_train_rows_on_cpu_through_the_loop():
 # --- on a GPU ---------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_graphed_heun_replays_like_eager():
-    from getfast.diffusion import EDMPrecond, heun
-    from getfast.models import create
-
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    D = EDMPrecond(create("UNet-XS", img_resolution=8, in_channels=1, num_classes=10)).eval().to(dev)
-    z, labels = torch.randn(2, 1, 8, 8, device=dev), torch.tensor([1, 2], device=dev)
-    with torch.no_grad():
-        graphed = gpu_sampling.GraphedCall(lambda x: heun(D, x, 3, labels), z)
-        z2 = torch.randn_like(z)
-        torch.testing.assert_close(graphed(z2), heun(D, z2, 3, labels), rtol=0, atol=0)
-
-
-@pytest.mark.gpu
 def test_gpu_sampling_rows_capture_a_graph():
     plan = {**TINY_SAMPLING, "student_iters": 3, "teacher_iters": 2}
     res = gpu_sampling.run(torch.device("cuda"), True, gpu_common.Budget(None), plan=plan)
     _no_errors(res)
     for row in res["rows"]:
         assert row["variants"]["CUDA graph bf16"]["ms"] > 0
+    res = gpu_sampling.run(torch.device("cuda"), True, gpu_common.Budget(None), plan={**plan, "use_sampler": False})
+    _no_errors(res)
+    assert res["path"].startswith("modules directly")
+    for row in res["rows"]:
+        assert row["variants"]["CUDA graph bf16"]["ms"] > 0 and row["variants"]["CUDA graph bf16"]["eager_calls"] == 0
 
 
 @pytest.mark.gpu

@@ -15,9 +15,10 @@ sampler ``getfast sample`` uses, its input checks and finite-output check includ
   captured once per batch shape and replayed; the row is an error if the sampler fell back to
   eager (its reason is shown). The replay is checked against the eager bf16 result.
 
-Where ``getfast.sampling.load`` is missing or cannot load the exported checkpoints, the same
-variants run on the modules directly, the graph captured by :class:`GraphedCall`; the section
-names which path ran. Latency = host wall time from call to finished result, synchronised,
+Where the exported checkpoints cannot be loaded, the same variants run on the modules directly —
+the teacher through ``getfast.diffusion.heun``, the graph captured by
+:class:`getfast.sampling.graphs.GraphCache`, the capture ``load(..., compile=True)`` uses — and the
+section names which path ran and why. Latency = host wall time from call to finished result, synchronised,
 median of several calls.
 """
 from __future__ import annotations
@@ -35,29 +36,6 @@ TITLE = "GPU sampling latency — one-step GET-B/2 vs UNet-DDPMpp teacher (Heun,
 
 VARIANTS = ("eager fp32", "eager bf16", "CUDA graph bf16")
 SAMPLER_PATH = "getfast.sampling.load (the Sampler of `getfast sample`)"
-
-
-class GraphedCall:
-    """``fn(*inputs)`` captured once in a CUDA graph on static copies of ``inputs``; calling it
-    copies new inputs into the static buffers, replays, and returns the static output."""
-
-    def __init__(self, fn, *inputs, warmup: int = 3):
-        self.inputs = tuple(t.clone() for t in inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (allocator, autotuning, lazy init)
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
-
-    def __call__(self, *inputs):
-        for dst, src in zip(self.inputs, inputs):
-            dst.copy_(src)
-        self.graph.replay()
-        return self.output
 
 
 def _autocast(device, enabled: bool, cache: bool = True):
@@ -108,28 +86,31 @@ def _latency(fn, device, iters, warmup) -> dict:
     return {"ms": lat["median"], "min_ms": lat["min"], "n": lat["n"]} if lat else {"error": err}
 
 
-def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, steps: int | None = None) -> dict:
+def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, steps: int | None = None,
+                     graph_backend=None) -> dict:
     """Latency of ``getfast.sampling.load(ckpt)`` eager fp32, eager bf16 and CUDA-graph bf16
-    (``steps``: the teacher's Heun steps; None for a one-step student)."""
+    (``steps``: the teacher's Heun steps; None for a one-step student). ``graph_backend`` replaces the
+    CUDA capture of the graph row (tests run its bookkeeping on the CPU with a stand-in)."""
     from getfast.sampling import load
 
     out: dict = {}
     for name, bf16, graph in (("eager fp32", False, False), ("eager bf16", True, False), ("CUDA graph bf16", True, True)):
-        if graph and device.type != "cuda":
+        if graph and device.type != "cuda" and graph_backend is None:
             out[name] = {"error": "needs a CUDA device"}
             continue
         notes: list[str] = []
-        sampler, err = attempt(lambda: load(str(ckpt), steps=steps, device=device, bf16=bf16, compile=graph,
-                                            log=notes.append))
+        kw = {} if not graph else {"compile": True} if graph_backend is None else {"graph_backend": graph_backend}
+        sampler, err = attempt(lambda: load(str(ckpt), steps=steps, device=device, bf16=bf16, log=notes.append,
+                                            **kw))
         if err:
             out[name] = {"error": err}
             continue
         entry = _latency(lambda: sampler(z, labels), device, iters, warmup)
         if graph and "error" not in entry:
             g = sampler.graphs
-            if g is None or g.captures < 1 or g.reasons:
-                why = "; ".join(g.reasons.values()) if g is not None and g.reasons else "no graph captured"
-                entry = {"error": f"replayed eagerly, not from a CUDA graph: {why}"}
+            bad = graph_entry(g, g is not None and g.replays >= 1)
+            if bad:
+                entry = bad
             else:
                 eager = out.get("eager bf16", {}).get("_out")
                 if eager is not None:  # only a deterministic sampler can be compared call for call
@@ -150,8 +131,21 @@ def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, ste
     return out
 
 
-def module_variants(sample, z, device, iters: int, warmup: int) -> dict:
-    """The same variants on a module directly (``sample(z)``), the graph captured by :class:`GraphedCall`."""
+def graph_entry(graphs, replayed: bool) -> dict | None:
+    """An error entry when a call that should have replayed a CUDA graph ran eagerly (with the capture's
+    reason), else None: a graph row must never time the eager path under the graph's name."""
+    if graphs is not None and replayed and graphs.captures >= 1 and not graphs.reasons:
+        return None
+    why = "; ".join(graphs.reasons.values()) if graphs is not None and graphs.reasons else "no graph captured"
+    return {"error": f"replayed eagerly, not from a CUDA graph: {why}"}
+
+
+def module_variants(sample, z, device, iters: int, warmup: int, graph_backend=None) -> dict:
+    """The same variants on a module directly (``sample(z)``), the graph captured and replayed by
+    :class:`getfast.sampling.graphs.GraphCache` (the capture of ``getfast.sampling.load(..., compile=True)``;
+    ``graph_backend`` replaces the CUDA capture, for tests)."""
+    from getfast.sampling.graphs import GraphCache
+
     out: dict = {}
     with torch.no_grad():
         for name, bf16 in (("eager fp32", False), ("eager bf16", True)):
@@ -159,25 +153,33 @@ def module_variants(sample, z, device, iters: int, warmup: int) -> dict:
                 with _autocast(device, bf16):
                     return sample(z)
             out[name] = _latency(call, device, iters, warmup)
-        if device.type != "cuda":
+        if device.type != "cuda" and graph_backend is None:
             out["CUDA graph bf16"] = {"error": "needs a CUDA device"}
             return out
 
-        def graph_fn(x):
+        def graph_fn(x, labels):
             with _autocast(device, True, cache=False):
-                return sample(x)
+                return (sample(x),)
 
-        graphed, err = attempt(lambda: GraphedCall(graph_fn, z))
-        if err:
-            out["CUDA graph bf16"] = {"error": f"capture failed: {err}"}
+        notes: list[str] = []
+        graphs = GraphCache(graph_fn, backend=graph_backend, max_graphs=1, log=notes.append)
+        replay, err = attempt(lambda: graphs(z)[0])
+        bad = {"error": f"capture failed: {err}"} if err else graph_entry(graphs, graphs.replays >= 1)
+        if bad:
+            out["CUDA graph bf16"] = bad
             return out
-        replay = graphed(z).clone()
-        first, second = graph_fn(z), graph_fn(z)
+        first, second = graph_fn(z, None)[0], graph_fn(z, None)[0]
         entry = ({"max_abs_diff_vs_eager_bf16": _diff(replay, first)} if torch.equal(first, second) else
                  {"nondeterministic": "two eager calls differ (random fixed-point start): replay not compared"})
-        entry.update(_latency(lambda: graphed(z), device, iters, warmup))
+        entry.update(_latency(lambda: graphs(z), device, iters, warmup))
+        if "error" not in entry:
+            bad = graph_entry(graphs, True)
+            if bad:  # a later signature fell back: the timed calls were not all replays
+                entry = bad
+            else:
+                entry.update(captures=graphs.captures, replays=graphs.replays, eager_calls=graphs.eager_calls)
         out["CUDA graph bf16"] = entry
-        graphed = None  # frees the graph and its memory pool before the next model
+        graphs = None  # frees the graph and its memory pool before the next model
     return out
 
 
@@ -199,7 +201,7 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
     with tempfile.TemporaryDirectory() as td:
         ckpts, why = (None, "plan asks for the modules") if not plan["use_sampler"] else \
             attempt(lambda: export_checkpoints(plan, Path(td)))
-        res["path"] = SAMPLER_PATH if ckpts else f"modules directly, graph by GraphedCall ({why})"
+        res["path"] = SAMPLER_PATH if ckpts else f"modules directly, graph by GraphCache ({why})"
         if ckpts is None:
             from getfast.diffusion import heun
 
