@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from getfast.options import add_config, take_config  # noqa: F401  (re-exported: the benchmarks' parser uses them)
+from getfast.options import add_config, take_config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
