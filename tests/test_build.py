@@ -24,8 +24,10 @@ def test_wheel_contents(tmp_path):
     assert len(wheels) == 1, wheels
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.startswith("getfast/_C") and n.endswith(".so") for n in names), names
-    assert "getfast/kernels/sim_loss.py" in names
-    assert "getfast/kernels/__init__.py" in names
+    for op in ("anderson", "broyden", "flash_attention", "sim"):
+        assert f"getfast/ops/{op}/naive.py" in names and f"getfast/ops/{op}/__init__.py" in names
+    for kernel in ("__init__", "common", "anderson", "broyden", "attention", "sim_loss"):
+        assert f"getfast/kernels/{kernel}.py" in names
     assert "getfast/ops/_framework.py" in names
-    assert "getfast/_cuda_src/sim_loss.cu" in names
+    assert {"getfast/_cuda_src/sim_loss.cu", "getfast/_cuda_src/common.cuh"} <= set(names)  # the CuPy path
     assert not any(n.startswith(("build/", ".venv/", "tests/")) for n in names)

@@ -194,11 +194,12 @@ class Op:
         _LIB.impl(self.name, self._dispatched, "CompositeExplicitAutograd")
         qualname = f"getfast::{self.name}"
         torch.library.register_fake(qualname, self._fake, lib=_LIB)
-        self._function = None
+        self._functions = None  # backend -> its autograd function, for ops with a backward
         if spec.backward is not None:
             setup, backward = spec.backward
             torch.library.register_autograd(qualname, backward, setup_context=setup, lib=_LIB)
-            self._function = _autograd_function(self.name, spec.launchers, setup, backward)
+            self._functions = {b: _autograd_function(self.name, fn, b, setup, backward)
+                               for b, fn in spec.launchers.items()}
         self.torch_op = getattr(torch.ops.getfast, self.name).default
 
     # ---- validation ----------------------------------------------------------------------
@@ -333,10 +334,10 @@ class Op:
 
     def launch(self, backend: str, *args):
         """The eager path on a backend :meth:`choose` returned, for validated arguments."""
-        if self._function is not None and torch.is_grad_enabled():
+        if self._functions is not None and torch.is_grad_enabled():
             for i in self._ti:
                 if args[i].requires_grad:
-                    return self._function.apply(backend, *args)
+                    return self._functions[backend].apply(*args)
         return self.spec.launchers[backend](*args)
 
     def from_backward(self, ctx, *args):
@@ -416,22 +417,19 @@ def _check_shape(name: str, shape: tuple, got: torch.Size, dims: dict) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(got)}")
 
 
-def _autograd_function(name: str, launchers: dict, setup: Callable, backward: Callable):
-    """A plain ``torch.autograd.Function`` over the launchers (the eager path; the same
+def _autograd_function(name: str, launcher: Callable, backend: str, setup: Callable, backward: Callable):
+    """A plain ``torch.autograd.Function`` over one backend's launcher (the eager path; the same
     ``setup_context``/``backward`` as the ``torch.library`` registration)."""
 
-    def forward(ctx, backend, *args):
+    def forward(ctx, *args):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
-        out = launchers[backend](*args)
+        out = launcher(*args)
         setup(ctx, args, out)
         ctx.backend = backend
         return out
 
-    def bwd(ctx, *grads):
-        return (None, *backward(ctx, *grads))
-
-    return type(f"{name}_function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+    return type(f"{name}_{backend}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def define_op(spec: OpSpec) -> Op:
