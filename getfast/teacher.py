@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,8 +9,10 @@ import torch
 
 from getfast.data import load_dataset
 from getfast.diffusion import EDMLoss, EDMPrecond, heun
-from getfast.models import create
-from getfast.train.loop import clip_and_step, sample_generators
+from getfast.models import create, known_models
+from getfast.models.get import CONFIGS as _GET_CONFIGS
+from getfast.models.vit import CONFIGS as _VIT_CONFIGS
+from getfast.train.loop import check_bool, check_number, sample_generators, save_weights
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"fashion-mnist": ASSETS / "teacher-fashion-mnist.safetensors"}
@@ -27,19 +28,52 @@ class TeacherConfig:
     lr: float = 1e-3              # Adam learning rate (after warm-up)
     grad_clip: float = 1.0        # max gradient norm (0: off)
     P_mean: float = -1.2          # ln σ ~ N(P_mean, P_std²) in training (EDM)
-    P_std: float = 1.2
+    P_std: float = 1.2            # (EDM: 1.2; must be > 0)
+
+    def __post_init__(self):
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data (--data) must name a dataset, got {self.data!r}")
+        check_teacher_model(self.model)
+        check_number("resolution", self.resolution, lo=0, integer=True)
+        check_bool("cond", self.cond)
+        check_number("label_dropout", self.label_dropout, lo=0, hi=1, hi_open=True)
+        check_number("lr", self.lr, lo=0, lo_open=True)
+        check_number("grad_clip", self.grad_clip, lo=0)
+        check_number("P_mean", self.P_mean)
+        check_number("P_std", self.P_std, lo=0, lo_open=True)
+
+
+def teacher_models() -> list[str]:
+    """Registered models that can be a teacher: EDM backbones F(x; c_noise, labels), not one-step students."""
+    return [m for m in known_models() if m not in _GET_CONFIGS and m not in _VIT_CONFIGS]
+
+
+def check_teacher_model(model) -> str:
+    if model not in teacher_models():
+        student = model in _GET_CONFIGS or model in _VIT_CONFIGS
+        why = (f"{model!r} is a one-step student (distil it with `getfast distill get --model {model}`)"
+               if student else f"unknown model {model!r}")
+        raise ValueError(f"model (--model): {why}; a teacher is an EDM denoiser backbone, one of: "
+                         f"{', '.join(teacher_models())}")
+    return model
 
 
 def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, label_dropout: float = 0.0,
                    **overrides) -> EDMPrecond:
+    """An EDM denoiser over the named backbone. ``label_dropout`` is accepted for callers that pass a teacher's
+    training setting and is checked, but not used: the denoiser never drops labels (the training step does)."""
+    check_teacher_model(model)
+    check_number("label_dropout", label_dropout, lo=0, hi=1, hi_open=True)
     backbone = create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
-    return EDMPrecond(backbone, label_dropout=label_dropout)
+    return EDMPrecond(backbone)
 
 
 class TeacherMethod:
     """EDM denoising score matching (Karras et al. 2022, Eq. 2) on the shared training loop."""
 
     ema_module = "net"
+    product = "teacher.safetensors"
+    lr_options = {"net": "lr"}
 
     def __init__(self, cfg: TeacherConfig, seed: int = 0):
         """``seed`` draws the initial weights (torch's default seed is random per process, so without it two
@@ -59,10 +93,14 @@ class TeacherMethod:
             net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"], 0.0)
         self.modules = {"net": net}
         self.optimizers = {"net": torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)}
+        self.grad_clip = cfg.grad_clip
         self.loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std)
 
     def config(self):
         return {"method": "teacher", **asdict(self.cfg)}
+
+    def product_metadata(self) -> dict[str, str]:
+        return {"getfast": json.dumps(self.meta)}
 
     def setup(self, wrap):
         self.net = wrap(self.modules["net"])
@@ -82,20 +120,18 @@ class TeacherMethod:
             u[j] = torch.rand((), generator=g)
         return rnd.to(x.device), noise.to(x.device, x.dtype), u.to(x.device)
 
-    def step(self, batch, step):
+    def losses(self, batch, step):
+        """EDM's denoising loss (Karras et al. 2022, Eq. 2) on this step's draws; label dropout (label −1 = no
+        class) trains the unconditional branch used by classifier-free guidance."""
         x, labels = batch
         rnd, noise, u = self._draw(x, step)
         sigma = (rnd * self.loss.P_std + self.loss.P_mean).exp()  # EDMLoss.sample_sigma, from our draws
         if self.meta["num_classes"]:
-            if self.meta["label_dropout"] > 0:  # label -1 = "no class" (a zero one-hot row), as EDMPrecond's dropout
+            if self.meta["label_dropout"] > 0:  # label -1 = "no class": EDMPrecond maps it to a zero one-hot row
                 labels = torch.where(u < self.meta["label_dropout"], torch.full_like(labels, -1), labels)
         else:
             labels = None
-        loss = self.loss(self.net, x, labels, sigma=sigma, noise=noise).mean()
-        self.optimizers["net"].zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(self.optimizers["net"], self.modules["net"].parameters(), self.cfg.grad_clip or None)
-        return {"loss": loss.detach()}
+        return {"net": self.loss(self.net, x, labels, sigma=sigma, noise=noise).mean()}
 
     def sample_grid(self, ema, n):
         z = torch.randn(n, self.meta["channels"], self.meta["resolution"], self.meta["resolution"],
@@ -105,19 +141,8 @@ class TeacherMethod:
 
 
 def export(denoiser: EDMPrecond, meta: dict, path) -> None:
-    """Save a denoiser's weights as safetensors with the metadata needed to rebuild it."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={"getfast": json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; exported weights are meant to be shared
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Save a denoiser's weights as safetensors with the metadata needed to rebuild it (mode 0644)."""
+    save_weights(denoiser, path, {"getfast": json.dumps(meta)})
 
 
 def _read_export(path: Path):
@@ -158,8 +183,10 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
         from getfast.train.loop import load_ema
         state, cfg = load_ema(path)
         meta = _meta_from_config(cfg)
-    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
-                         meta.get("label_dropout", 0.0), **meta.get("overrides", {}))
+    # The loaded denoiser is a deterministic function of (x, σ, label): label dropout was a property of
+    # training this teacher (recorded in ``meta``), never of the copies that students start from.
+    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
+                         **meta.get("overrides", {}))
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -210,6 +210,94 @@ def test_get_grad_checkpoint_matches():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
 
 
+def test_get_grad_modes_are_distinct_and_validated():
+    with pytest.raises(ValueError, match="train_solver_iters"):
+        get_mod.build("GET-N/4", grad="phantom")  # a phantom gradient starts from a solver's output
+    with pytest.raises(ValueError, match="train_solver_iters"):
+        get_mod.build("GET-N/4", grad="unrolled", train_solver_iters=3)
+    with pytest.raises(ValueError, match="solver"):
+        get_mod.build("GET-N/4", solver="bogus")
+    with pytest.raises(ValueError, match="tau"):
+        get_mod.build("GET-N/4", tau=0.0)
+
+
+def _tiny_get64(**kw):
+    torch.manual_seed(0)
+    m = get_mod.build("GET-N/4", img_resolution=4, in_channels=1, width=16, heads=2, inj_depth=1, deq_mlp_ratio=2,
+                      **kw).double()
+    with torch.no_grad():
+        for blk in m.deq_blocks:  # a contractive equilibrium map, so the solver has a fixed point to find
+            for p in blk.parameters():
+                p.mul_(0.3)
+        m.final_layer.linear.weight.normal_(std=0.3)
+    return m.train()
+
+
+def _fd_check(m, loss_fn, names, h=1e-6):
+    """Autograd gradient of ``loss_fn()`` against central finite differences on a few entries of each parameter."""
+    m.zero_grad()
+    loss_fn().backward()
+    params = dict(m.named_parameters())
+    for name in names:
+        p = params[name]
+        flat = p.detach().view(-1)
+        for i in (0, flat.numel() // 2, flat.numel() - 1):
+            old = float(flat[i])
+            with torch.no_grad():
+                flat[i] = old + h
+                up = float(loss_fn())
+                flat[i] = old - h
+                down = float(loss_fn())
+                flat[i] = old
+            fd = (up - down) / (2 * h)
+            assert abs(float(p.grad.view(-1)[i]) - fd) <= 1e-6 + 1e-5 * abs(fd), (name, i, float(p.grad.view(-1)[i]), fd)
+
+
+_GRAD_PARAMS = ["qkv_inj.weight", "deq_blocks.0.attn.qkv.weight", "deq_blocks.2.mlp.fc2.weight",
+                "final_layer.linear.weight", "patch_embed.proj.weight"]
+
+
+def test_unrolled_gradient_matches_finite_differences():
+    """grad='unrolled': the gradient is exactly that of the loss through the 6 steps from the noise start."""
+    m = _tiny_get64(grad="unrolled", grad_steps=6)
+    x, z0 = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 16, dtype=torch.float64)
+    target = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+
+    def loss():
+        return sum(0.8 ** (5 - k) * (s - target).square().mean() for k, s in enumerate(m(x, z0=z0)))
+    _fd_check(m, loss, _GRAD_PARAMS)
+
+
+def test_phantom_gradient_matches_finite_differences():
+    """grad='phantom' (Geng et al. 2021): the solver runs without gradient, then k damped steps
+    z ← τ·f(z) + (1 − τ)·z start from its output; the gradient is that of the loss through those k steps with the
+    solver's output held fixed, which finite differences see when z* is computed once at the unperturbed weights."""
+    m = _tiny_get64(grad="phantom", train_solver_iters=8, grad_steps=2, tau=0.6)
+    x, z0 = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 16, dtype=torch.float64)
+    target = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    from getfast.deq import solve
+    with torch.no_grad():
+        _, offs = m.inject(x)
+        z_star, _ = solve(lambda z: m.equilibrium_step(z, *offs), z0, solver="fixed_point", max_iter=8)
+
+    def phantom_loss():  # the function the phantom gradient differentiates, written out
+        _, offs = m.inject(x)
+        z, total = z_star, 0.0
+        for k in range(2):
+            z = 0.6 * m.equilibrium_step(z, *offs) + 0.4 * z
+            total = total + 0.8 ** (1 - k) * (m.decode(z) - target).square().mean()
+        return total
+
+    m.zero_grad()
+    states = m(x, z0=z0)
+    sum(0.8 ** (1 - k) * (s - target).square().mean() for k, s in enumerate(states)).backward()
+    model_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    _fd_check(m, phantom_loss, _GRAD_PARAMS)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(model_grads[n], p.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_get_phantom_with_solver_iterations():
     m = _small_get(grad="phantom", train_solver_iters=3, grad_steps=2, tau=0.6)
     _randomise_decoder(m)
@@ -250,15 +338,13 @@ def test_class_conditioning_and_null_class():
         get_mod.build("GET-N/4", 28, 1, num_classes=10)(x)  # no null class: labels required
     with pytest.raises(ValueError, match="class_labels"):
         _small_get()(x, labels)  # unconditional model
-    with pytest.raises(ValueError, match="label_dropout"):
+    with pytest.raises(TypeError):  # label dropout belongs to a training method, not to the network
         get_mod.build("GET-N/4", 28, 1, num_classes=10, label_dropout=0.1)
-    # label dropout routes to the null class in training only
-    m2 = get_mod.build("GET-N/4", 28, 1, num_classes=10, null_class=True, label_dropout=1.0)
-    emb = m2.class_embed
+    # the embedding is the same in training mode: a student is a deterministic function of (noise, label)
+    emb = m.class_embed
     emb.train()
-    torch.testing.assert_close(emb(labels, 4), emb.table.weight[10].expand(4, 1, -1).reshape(4, 1, -1))
-    emb.eval()
     torch.testing.assert_close(emb(labels, 4), emb.table(labels).unsqueeze(1))
+    assert emb.null_label == 10
 
 
 def test_vit_forward_backward():

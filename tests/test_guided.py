@@ -9,7 +9,7 @@ import torch
 from getfast.diffusion import ddim, ddim_step, vp_alpha_sigma, vp_denoise
 from getfast.methods import toy
 from getfast.methods.guided import GuidedConfig, GuidedMethod, make_w_student, pd_target, snr_weight
-from getfast.train.loop import EMA
+from getfast.train import LoopConfig, load_ema, train
 
 SHAPE = (2, 1, 1)
 CLASS_MEANS = torch.tensor([[1.0, 0.5], [-1.0, 0.5], [0.0, -1.0]]).reshape(3, *SHAPE)
@@ -24,15 +24,13 @@ def _data():
     return toy.gaussian_samples(4096, torch.zeros(SHAPE), STD, class_means=CLASS_MEANS, seed=1)
 
 
-def _train(method, student, steps, batch=256):
-    method.setup(lambda m: m)
-    ema = EMA(student)
-    g = torch.Generator().manual_seed(0)
-    for s in range(steps):
-        out = method.step(method.data.batch(torch.randint(0, len(method.data), (batch,), generator=g)), s)
-        ema.update(student, (s + 1) * batch, batch, 500, 0.05)
-    assert all(torch.isfinite(v) for v in out.values())
-    return ema.module
+def _train(method, student, steps, out, batch=256):
+    rec = train(method, LoopConfig(out=str(out), kimg=steps * batch / 1000, batch=batch, warmup_kimg=0, log_every=steps,
+                                   ckpt_every=steps, grid_every=0, grid_n=0, progress=False, device="cpu"))
+    assert rec["loss"] > 0
+    ema = copy.deepcopy(student)
+    ema.load_state_dict(load_ema(out)[0])
+    return ema
 
 
 def _tiny_teacher(cond=True):
@@ -76,6 +74,11 @@ def test_pd_target_makes_one_step_land_on_two_teacher_steps():
 
 
 def test_config_validation():
+    assert GuidedConfig().pd_start == 256  # the paper starts progressive distillation at 256 (latent) / 1024 steps
+    for bad in (dict(w_max=float("inf")), dict(lr=0.0), dict(lr_pd=-1.0), dict(t_min=0.0), dict(grad_clip=-1.0),
+                dict(pd_kimg=float("nan")), dict(grid_w=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GuidedConfig(**bad)
     with pytest.raises(ValueError, match="power of two"):
         GuidedConfig(pd_start=12)
     with pytest.raises(ValueError, match="stage"):
@@ -90,7 +93,7 @@ def test_config_validation():
 
 # --- convergence on analytic teachers ------------------------------------------------------------------------
 
-def test_stage1_student_matches_the_guided_teacher_on_held_out_inputs(one_thread):
+def test_stage1_student_matches_the_guided_teacher_on_held_out_inputs(one_thread, tmp_path):
     """Stage 1 on the analytic class-conditional Gaussian: the w-conditioned student (teacher + zero-initialised
     MLP correction) must reproduce (1+w)·x̂_c − w·x̂_u at held-out (x, class, t ~ U[0.001, 1], w ~ U[0, 4]).
     Bound: RMSE < 0.06 (measured 0.024 after 500 steps); the untrained student (= the conditional teacher,
@@ -114,11 +117,11 @@ def test_stage1_student_matches_the_guided_teacher_on_held_out_inputs(one_thread
             return float((vp_denoise(net, z, t, held.labels, w=w) - target).pow(2).mean().sqrt())
 
     assert rmse(student) > 0.06 * 10
-    ema = _train(m, student, 500)
+    ema = _train(m, student, 500, tmp_path)
     assert rmse(ema) < 0.06, rmse(ema)
 
 
-def test_progressive_round_halves_the_steps(one_thread):
+def test_progressive_round_halves_the_steps(one_thread, tmp_path):
     """One round 2 → 1 step on the analytic guided Gaussian teacher: the 1-step student's DDIM samples match the
     teacher's 2-step samples in distribution (max mean/std error over 3 classes × w ∈ {0, 2, 4} < 0.02; measured
     0.003 after 200 steps) and pointwise; the untrained student (the teacher at 1 step) is 0.20 off."""
@@ -142,7 +145,7 @@ def test_progressive_round_halves_the_steps(one_thread):
 
     before = worst(student)
     assert before[0] > 0.02, before
-    ema = _train(m, student, 200)
+    ema = _train(m, student, 200, tmp_path)
     after = worst(ema)
     assert after[0] < 0.02 and after[1] < 0.02, after
 

@@ -177,7 +177,14 @@ def test_teacher_step_math_and_label_dropout():
     """The step draws σ, noise and label dropout per sample from the loop's generators; the loss is EDM's
     (Karras et al. 2022, Eq. 2) on exactly those draws, and the network does not drop labels again."""
     m = TeacherMethod(TeacherConfig(data="digits", model="UNet-XS", resolution=8, cond=True, label_dropout=0.5))
-    assert m.modules["net"].label_dropout == 0.0 and m.meta["label_dropout"] == 0.5
+    assert m.meta["label_dropout"] == 0.5
+    net = m.modules["net"].train()
+    x0, sig, lab = torch.randn(64, 1, 8, 8), torch.full((64,), 1.0), torch.arange(64) % 10
+    with torch.no_grad():  # in training mode the network itself is a deterministic function of its inputs
+        for p in net.parameters():  # (zero-initialised convolutions would hide the label)
+            p.add_(0.05 * torch.randn_like(p))
+        assert torch.equal(net(x0, sig, lab), net(x0, sig, lab))
+        assert not torch.equal(net(x0, sig, lab), net(x0, sig, None))
     m.setup(lambda mod: mod)
     m.run_info = RunInfo(seed=0, batch=16, rank=0, world=1)
     x, y = m.data.batch(torch.arange(16))
@@ -186,7 +193,7 @@ def test_teacher_step_math_and_label_dropout():
     assert 0 < int(dropped.sum()) < 16
     sigma = (rnd * 1.2 - 1.2).exp()
     expected = EDMLoss()(m.net, x, torch.where(dropped, -1, y), sigma=sigma, noise=noise).mean()
-    assert m.step((x, y), 3)["loss"] == expected  # bit-identical: same draws, same math
+    assert m.losses((x, y), 3)["net"] == expected  # bit-identical: same draws, same math
     # the draws have the distributions of EDM's training: ln σ ~ N(-1.2, 1.2²), noise ~ N(0, I), u ~ U[0, 1)
     m.run_info = RunInfo(seed=0, batch=4000, rank=0, world=1)
     rnd, noise, u = m._draw(torch.zeros(4000, 1, 8, 8), 0)
@@ -195,7 +202,7 @@ def test_teacher_step_math_and_label_dropout():
     assert abs(float((u < 0.3).float().mean()) - 0.3) < 0.03
     # the same method without the loop (no run_info) still trains, from the global RNG
     del m.run_info
-    assert torch.isfinite(m.step((x, y), 0)["loss"])
+    assert torch.isfinite(m.losses((x, y), 0)["net"])
 
 
 def test_init_is_reproducible():
@@ -217,3 +224,28 @@ def test_teacher_config_errors(capsys, tmp_path):
     one_line_error(capsys, "log_every")
     assert main(train_args(tmp_path / "r", "--model", "UNet-XXL")) == 2
     one_line_error(capsys, "UNet-XXL")
+    assert main(train_args(tmp_path / "r", "--model", "ViT-N/4")) == 2  # a student, not a teacher
+    one_line_error(capsys, "ViT-N/4", "one-step student", "UNet-S")
+    for flag, value in (("--grad-clip", "-1"), ("--P-mean", "nan"), ("--P-std", "0"), ("--label-dropout", "2"),
+                        ("--lr", "inf"), ("--resolution", "-8")):
+        try:  # refused by the option parser (argparse exits) or by the config
+            rc = main(train_args(tmp_path / "r", flag, value))
+        except SystemExit as e:
+            rc = e.code
+        assert rc == 2
+        one_line_error(capsys, flag)
+    assert not (tmp_path / "r").exists()  # refused before any folder was made
+
+
+def test_fresh_run_into_an_earlier_run_folder_refused(run, tmp_path, capsys):
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    def files():  # (the lock file records the pid of the last run that took it)
+        return {p.name: p.stat().st_mtime_ns for p in other.iterdir() if p.name != ".getfast.lock"}
+    before = files()
+    assert main(train_args(other, "--seed", "3")) == 2
+    one_line_error(capsys, str(other), "--resume", "--overwrite")
+    assert files() == before
+    assert main(train_args(other, "--seed", "3", "--kimg", "0.08", "--overwrite")) == 0
+    assert [p.name for p in list_checkpoints(other)] == ["ckpt-000000005.pt"]
+    assert [json.loads(x)["step"] for x in (other / "log.jsonl").read_text().splitlines()] == [5]

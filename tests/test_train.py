@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from getfast.train import EMA, CheckpointError, LoopConfig, clip_and_step, load_checkpoint, save_checkpoint, train
+from getfast.train import (EMA, CheckpointError, DivergenceError, LoopConfig, export_product, fit, load_checkpoint,
+                           save_checkpoint, train)
 from getfast.train.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
 from getfast.train.loop import RunInfo, sample_generators
 
@@ -42,6 +43,8 @@ class Toy:
     """Denoise 4-d vectors with an MLP; noise from the global RNG (so resume must restore RNG states)."""
 
     ema_module = "net"
+    product = "toy.safetensors"
+    grad_clip = 1.0
 
     def __init__(self, lr=0.05, const_loss=None):
         torch.manual_seed(0)
@@ -55,18 +58,20 @@ class Toy:
     def config(self):
         return {"method": "toy", "lr": self.lr}
 
+    def product_metadata(self):
+        return {"toy": "1"}
+
     def setup(self, wrap):
         self.net = wrap(self.modules["net"])
 
-    def step(self, batch, step):
+    def losses(self, batch, step):
         (x,) = batch
         self.lrs.append(self.optimizers["net"].param_groups[0]["lr"])
         self.steps.append(step)
         loss = ((self.net(x + 0.3 * torch.randn_like(x)) - x) ** 2).mean()
-        self.optimizers["net"].zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(self.optimizers["net"], self.modules["net"].parameters(), 1.0)
-        return {"loss": torch.tensor(self.const_loss) if self.const_loss is not None else loss.detach()}
+        if self.const_loss is not None:  # the logged value is the loss: make it a constant with the same gradient
+            loss = loss - loss.detach() + self.const_loss
+        return {"net": loss}
 
     def sample_grid(self, ema, n):
         return torch.tanh(ema(torch.randn(n, 4))).reshape(n, 1, 2, 2)
@@ -308,6 +313,181 @@ def test_config_mismatch_on_resume_refused(tmp_path):
         train(Toy(lr=0.05), loop(tmp_path, kimg=0.06, resume=True, batch=5))
     train(Toy(lr=0.05), loop(tmp_path, kimg=0.06, resume=True))  # same settings, longer: fine
     assert list_checkpoints(tmp_path)[0].name == "ckpt-000000006.pt"
+
+
+def test_loop_config_ranges():
+    for bad, name in ((dict(grid_every=-1), "grid_every"), (dict(seed=-1), "seed"), (dict(kimg=float("inf")), "kimg"),
+                      (dict(batch=1.5), "batch"), (dict(ema_rampup=float("nan")), "ema_rampup"),
+                      (dict(bf16="maybe"), "bf16"), (dict(progress="no"), "progress"), (dict(out=""), "out"),
+                      (dict(device="cuda:x"), "device"), (dict(warmup_kimg=-1.0), "warmup_kimg")):
+        with pytest.raises(ValueError, match=name):
+            LoopConfig(**bad)
+    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+        LoopConfig(resume=True, overwrite=True)
+    assert LoopConfig(bf16=None).bf16 is None and LoopConfig(bf16=False).bf16 is False
+
+
+def test_fresh_run_into_an_earlier_run_is_refused(tmp_path):
+    train(Toy(), loop(tmp_path, kimg=0.03))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*--resume.*--overwrite.*new --out"):
+        train(Toy(), loop(tmp_path, kimg=0.02, seed=7))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing touched
+    # --overwrite replaces it: only the new run's checkpoints and log remain, and its product is exported
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "toy.safetensors").write_bytes(b"an old export")
+    m = Toy()
+    path = fit(m, loop(tmp_path, kimg=0.02, seed=7, overwrite=True))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000002.pt"]
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [2]
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+    from safetensors.torch import load_file
+    ema = load_checkpoint(tmp_path / "ckpt-000000002.pt")["ema"]
+    exported = load_file(str(path))
+    assert path == tmp_path / "toy.safetensors" and exported.keys() == ema.keys()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # like any file the user makes (0644 by default)
+
+
+def _umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_LOCK_HOLDER = r"""
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+f.seek(0); f.truncate(); f.write("pid 4242\n"); f.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_run_into_a_locked_folder_is_refused(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(tmp_path / ".getfast.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"{tmp_path} is in use by another training run \(pid 4242\)"):
+            train(Toy(), loop(tmp_path, kimg=0.01))
+        assert not list_checkpoints(tmp_path) and not (tmp_path / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train(Toy(), loop(tmp_path, kimg=0.01))  # the lock died with its process
+    assert list_checkpoints(tmp_path)
+
+
+class NaNAt(Toy):
+    """The loss turns NaN from step ``at`` (0-based) on."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def losses(self, batch, step):
+        out = super().losses(batch, step)
+        return {"net": out["net"] * (float("nan") if step >= self.at else 1.0)}
+
+
+def test_non_finite_loss_stops_training_naming_step_and_option(tmp_path):
+    with pytest.raises(DivergenceError, match=r"step 4: the loss of 'net'.*lr \(--lr\) = 0.05.*--grad-clip is 1"):
+        train(NaNAt(3), loop(tmp_path, kimg=0.1, log_every=2, ckpt_every=3))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000003.pt"]  # nothing after the bad step
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in the log"))["step"] for x in lines] == [2]
+    assert issubclass(DivergenceError, ValueError)  # the CLI reports it in one line
+
+
+class TwoNets:
+    """Two optimizers whose losses each involve both networks: A's update must not touch B, and the second phase
+    must see the first phase's update."""
+
+    ema_module = "a"
+    product = "a.safetensors"
+    grad_clip = 0.0
+    data = None
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.modules = {"a": nn.Linear(3, 3), "b": nn.Linear(3, 1)}
+        self.optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in self.modules.items()}
+        self.seen = []
+
+    def config(self):
+        return {"method": "two"}
+
+    def product_metadata(self):
+        return {}
+
+    def setup(self, wrap):
+        pass
+
+    def losses(self, n, step):
+        a, b = self.modules["a"], self.modules["b"]
+        x = torch.randn(n, 3)
+        before = {k: p.detach().clone() for k, p in b.named_parameters()}
+        yield {"a": b(a(x)).square().mean(), "note": torch.tensor(1.0)}
+        assert all(torch.equal(p, before[k]) for k, p in b.named_parameters()), "A's step changed B"
+        assert all(p.grad is None for p in b.parameters()), "A's loss left gradients in B"
+        self.seen.append(a.weight.detach().clone())
+        yield {"b": b(a(x).detach()).mean()}
+
+
+def test_phases_update_only_their_own_optimizer(tmp_path):
+    m = TwoNets()
+    w0 = m.modules["a"].weight.detach().clone()
+    rec = train(m, loop(tmp_path, kimg=0.02, log_every=1))
+    assert not torch.equal(m.seen[0], w0)  # the second phase ran after A's step
+    assert {"loss_a", "loss_b", "note"} <= set(rec) and rec["note"] == 1.0
+
+
+def test_loss_for_a_missing_optimizer_is_an_error(tmp_path):
+    class Typo(Toy):
+        def losses(self, batch, step):
+            return {"nett": super().losses(batch, step)["net"]}
+    with pytest.raises(ValueError, match="'nett' with a gradient but there is no optimizer"):
+        train(Typo(), loop(tmp_path, kimg=0.01))
+
+
+def test_grad_clip_bounds_the_step_and_negative_is_refused(tmp_path):
+    class SGDToy(Toy):
+        grad_clip = 0.01
+
+        def __init__(self):
+            super().__init__()
+            self.optimizers = {"net": torch.optim.SGD([p for p in self.modules["net"].parameters() if p.requires_grad],
+                                                      lr=1.0)}
+
+    m = SGDToy()
+    w0 = torch.cat([p.detach().flatten().clone() for p in m.modules["net"].parameters() if p.requires_grad])
+    train(m, loop(tmp_path / "a", kimg=0.01))  # one step of SGD with lr 1: the step is the clipped gradient
+    w1 = torch.cat([p.detach().flatten() for p in m.modules["net"].parameters() if p.requires_grad])
+    assert 0.009 < float((w1 - w0).norm()) <= 0.01 + 1e-6
+    bad = Toy()
+    bad.grad_clip = -1.0
+    with pytest.raises(ValueError, match="grad_clip"):
+        train(bad, loop(tmp_path / "b", kimg=0.01))
+
+
+def test_autocast_covers_the_forward_only(tmp_path):
+    class Watch(Toy):
+        def __init__(self):
+            super().__init__()
+            self.forward_autocast, self.step_autocast = [], []
+            self.optimizers["net"].register_step_pre_hook(
+                lambda *_: self.step_autocast.append(torch.is_autocast_enabled("cpu")))
+
+        def losses(self, batch, step):
+            self.forward_autocast.append(torch.is_autocast_enabled("cpu"))
+            return super().losses(batch, step)
+
+    m = Watch()
+    train(m, loop(tmp_path, kimg=0.02, bf16=True))
+    assert m.forward_autocast == [True, True] and m.step_autocast == [False, False]
 
 
 def test_sample_generators_split_across_ranks():

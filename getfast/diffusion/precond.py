@@ -6,13 +6,18 @@ from torch import nn
 
 
 class EDMPrecond(nn.Module):
-    """Wraps a backbone ``F(x, c_noise, class_labels, w)`` into the EDM denoiser ``D(x, sigma, ...)``."""
+    """Wraps a backbone ``F(x, c_noise, class_labels, w)`` into the EDM denoiser ``D(x, sigma, ...)``.
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, label_dropout: float = 0.0):
+    ``D`` is a deterministic function of (x, σ, label) in training mode too: label dropout, which trains
+    the unconditional branch used by classifier-free guidance, is applied by the training method to the
+    labels it passes (label −1 means "no class"), never inside the network, so a copy of a teacher (a
+    distillation student) does not inherit it.
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
         super().__init__()
         self.backbone = backbone
         self.sigma_data = sigma_data        # std of the data; 0.5 for images in [-1, 1] (EDM)
-        self.label_dropout = label_dropout  # P(class dropped) in training, enables classifier-free guidance
         self.num_classes = getattr(backbone, "num_classes", 0)
         self.img_resolution = backbone.img_resolution
         self.img_channels = backbone.in_channels
@@ -43,9 +48,6 @@ class EDMPrecond(nn.Module):
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
         labels = self.one_hot(class_labels, x.shape[0], x.device)
-        if self.training and labels is not None and self.label_dropout > 0:
-            keep = (torch.rand(x.shape[0], 1, device=x.device) >= self.label_dropout).float()
-            labels = labels * keep
         if cfg_scale is not None and labels is not None:
             both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                  torch.cat([labels, torch.zeros_like(labels)]), None if w is None else torch.cat([w, w]))

@@ -4,23 +4,31 @@
 The generator G starts as a copy of the teacher and is evaluated once at a fixed noise level,
 x = D(σ_init·z; σ_init) (σ_init = 80). It is trained with the non-saturating GAN loss against real
 images only — no instance-level (pairwise) loss to the teacher's outputs:
-    L_D = E softplus(−D(x_real)) + E softplus(D(G(z)))  +  lazy R1: (γ/2)·k·E‖∇_x D(x_real)‖² every k steps
-    L_G = E softplus(−D(G(z)))
-(Goodfellow et al. 2014; R1: Mescheder et al. 2018, Eq. 9; lazy regularisation: Karras et al. 2020, Sec. 3.1).
+    L_G = E softplus(−D(A(G(z))))
+    L_D = E softplus(−D(A(x_real))) + E softplus(D(A(G(z))))  +  lazy R1: (γ/2)·k·E‖∇_x D(A(x_real))‖² every k steps
+(Goodfellow et al. 2014; R1: Mescheder et al. 2018, Eq. 9; lazy regularisation: Karras et al. 2020, Sec. 3.1),
+where A is ADA-style differentiable augmentation at a fixed probability p = 0.12 (Karras et al. 2020, "Training
+Generative Adversarial Networks with Limited Data", Sec. 2-3) on real and fake images alike. As in the official
+training, the generator steps before the discriminator, and both use Adam with equal learning rates (CIFAR-10:
+1e-4; the paper doubles the discriminator's at 64×64).
 
-The discriminator needs no outside weights: the frozen encoder of the teacher's own UNet, run at a
-small noise level on the noised image, gives feature maps at every resolution, and a small trainable
-head on each gives logits (DMD2/LADD's idea with the teacher as the feature network). Discriminators
-are pluggable: ``register_discriminator`` adds a builder (e.g. a projected-GAN backbone wrapped in
-:class:`FeatureDiscriminator`).
+The discriminator is where getfast deviates from the paper, which uses frozen ImageNet networks (VGG16-BN +
+EfficientNet-lite0, DeiT at 64×64) that cannot be downloaded at run time here. The default
+``teacher-encoder`` discriminator uses the frozen encoder of the teacher's own UNet, run at a small noise
+level on the noised image, for feature maps at every resolution, with a small trainable head on each
+(DMD2/LADD's idea with the teacher as the feature network). Any frozen feature network the user has weights
+for can take its place: ``--disc torchscript --disc-network net.pt`` (a TorchScript file), or in Python
+:class:`FeatureNetwork` + :class:`FeatureDiscriminator` (e.g. a torchvision VGG16-BN's feature maps) registered
+with :func:`register_discriminator`.
 
-GDD-I freezes the "innate" parameters — the UNet blocks' 3×3 convolutions and attention projections —
-and trains only the rest (norms, modulations, embeddings, skips, stem and head): ≈87.5 % of EDM's
-CIFAR-10 DDPM++ UNet is frozen by the default pattern (the paper reports ≈84 %).
+GDD-I (official ``--freeze=1``) freezes the UNet blocks' 3×3 convolutions ``conv0``/``conv1`` and the attention
+output projections ``proj``; the attention ``qkv``, the 1×1 skips, norms, modulations, embeddings, the stem and
+the head stay trainable: 85.4 % of EDM's CIFAR-10 DDPM++ UNet is frozen by the default pattern.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -31,11 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from getfast.methods.sim import OneStepGenerator
-from getfast.train.loop import clip_and_step
+from getfast.models.onestep import OneStepGenerator
+from getfast.train.loop import check_betas, check_bool, check_number
 
-# Relative to the UNet (getfast.models.unet): enc.<block>.conv0/conv1 (3×3) and qkv/proj (attention).
-INNATE_REGEX = r"^(enc|dec)\.[^.]+\.(conv0|conv1|qkv|proj)\."
+# Relative to the UNet (getfast.models.unet): the blocks' 3×3 convolutions conv0/conv1 and attention output
+# projections proj (the official GDD-I set; qkv stays trainable).
+INNATE_REGEX = r"^(enc|dec)\.[^.]+\.(conv0|conv1|proj)\."
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --- GDD-I: freezing the innate parameters ---------------------------------------------------------
@@ -59,7 +71,7 @@ def innate_parameters(module: nn.Module, regex: str = INNATE_REGEX) -> list[str]
 
 
 def freeze_innate(module: nn.Module, regex: str = INNATE_REGEX) -> float:
-    """Freeze the innate parameters (Zheng & Yang 2024, Sec. 4 "GDD-I"); returns the frozen fraction of
+    """Freeze the innate parameters (Zheng & Yang 2024, Sec. 4, GDD-I); returns the frozen fraction of
     ``module``'s parameter count. Raises ``ValueError`` if the pattern matches nothing."""
     names = set(innate_parameters(module, regex))
     if not names:
@@ -71,6 +83,61 @@ def freeze_innate(module: nn.Module, regex: str = INNATE_REGEX) -> float:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen / max(total, 1)
+
+
+# --- Augmentation ------------------------------------------------------------------------------------
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices reflected into [0, n) without repeating the edge (as reflect padding)."""
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def augment(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ADA-style differentiable augmentation (Karras et al. 2020, Sec. 2.2 and Appendix B), each transform applied
+    to each image independently with probability ``p``:
+
+    * x-flip; rotation by a multiple of 90°; integer translation by up to 1/8 of the size (reflected edges);
+    * brightness + N(0, 0.2²); contrast × lognormal(0, (0.5·ln 2)²) about the image mean;
+      saturation × lognormal(0, ln 2²) about the luma axis (RGB only).
+
+    Non-square images skip the rotation. ADA's fractional geometric transforms (scaling, arbitrary rotation,
+    anisotropy, fractional translation) and its luma flip and hue rotation are not included. The result is
+    differentiable with respect to ``x`` (so R1 can be taken through it); ``p = 0`` returns ``x``.
+    """
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    dev = x.device
+
+    def coin():
+        return (torch.rand(B, device=dev, generator=generator) < p).reshape(B, 1, 1, 1)
+
+    x = torch.where(coin(), x.flip(3), x)
+    if H == W:
+        k = torch.randint(1, 4, (B,), device=dev, generator=generator).reshape(B, 1, 1, 1)
+        rot = torch.where(k == 1, x.rot90(1, (2, 3)), torch.where(k == 2, x.rot90(2, (2, 3)), x.rot90(3, (2, 3))))
+        x = torch.where(coin(), rot, x)
+    on = coin().reshape(B)
+    mx, my = max(1, round(W / 8)), max(1, round(H / 8))
+    dx = torch.randint(-mx, mx + 1, (B,), device=dev, generator=generator) * on
+    dy = torch.randint(-my, my + 1, (B,), device=dev, generator=generator) * on
+    ix = _reflect(torch.arange(W, device=dev)[None] - dx[:, None], W)  # (B, W)
+    iy = _reflect(torch.arange(H, device=dev)[None] - dy[:, None], H)  # (B, H)
+    x = x.gather(3, ix[:, None, None, :].expand(B, C, H, W))
+    x = x.gather(2, iy[:, None, :, None].expand(B, C, H, W))
+    x = x + torch.where(coin(), 0.2 * torch.randn(B, 1, 1, 1, device=dev, generator=generator), 0.0)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    c = torch.exp(0.5 * math.log(2) * torch.randn(B, 1, 1, 1, device=dev, generator=generator))
+    x = torch.where(coin(), (x - mean) * c + mean, x)
+    if C == 3:
+        luma = (x * x.new_tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+        s = torch.exp(math.log(2) * torch.randn(B, 1, 1, 1, device=dev, generator=generator))
+        x = torch.where(coin(), (x - luma) * s + luma, x)
+    return x
 
 
 # --- Discriminators --------------------------------------------------------------------------------
@@ -140,6 +207,42 @@ class TeacherEncoderFeatures(nn.Module):
         return [feats[r] for r in self.levels]
 
 
+class FeatureNetwork(nn.Module):
+    """Frozen feature maps of any image network, for :class:`FeatureDiscriminator`.
+
+    Images in [-1, 1] are resized to ``size`` × ``size`` (bilinear; 0: unchanged), grey images repeated to
+    ``channels``, mapped to [0, 1] and normalised with ``mean``/``std`` (ImageNet's by default, the convention of
+    torchvision and timm classifiers), then passed to ``net``. ``net`` may return one tensor or a list/tuple:
+    (B, C, H, W) maps are used as they are, (B, C) vectors as 1×1 maps. ``net`` is frozen (eval mode, no
+    gradients to its parameters); gradients still flow to the input images.
+    """
+
+    def __init__(self, net: nn.Module, size: int = 224, channels: int = 3, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net = net.eval()
+        for p in self.net.parameters():  # (a TorchScript module has no requires_grad_)
+            p.requires_grad_(False)
+        self.size, self.channels = int(size), int(channels)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if x.shape[1] == 1 and self.channels != 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        out = self.net(x)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        return [f[:, :, None, None] if f.ndim == 2 else f for f in out]
+
+    @torch.no_grad()
+    def channels_of(self, shape) -> list[int]:
+        """Channels of each returned map for images of ``shape`` (C, H, W) (one probe forward)."""
+        dev = next(iter(self.net.parameters()), self.mean).device
+        return [f.shape[1] for f in self(torch.zeros(1, *shape, device=dev))]
+
+
 class _Head(nn.Module):
     """conv3×3 → GN → LReLU → conv3×3 → GN → LReLU → conv1×1, spatial mean; optional class projection
     (Miyato & Koyama 2018)."""
@@ -169,8 +272,13 @@ class FeatureDiscriminator(nn.Module):
     """
 
     def __init__(self, features: nn.Module, channels, hidden: int = 64, num_classes: int = 0):
+        """``features``: a frozen module x -> list of maps (:class:`TeacherEncoderFeatures`, :class:`FeatureNetwork`
+        or any other); ``channels``: the channels of each map."""
         super().__init__()
-        self._features = (features.eval().requires_grad_(False),)
+        features.eval()
+        for p in features.parameters():
+            p.requires_grad_(False)
+        self._features = (features,)
         self.num_classes = num_classes
         self.heads = nn.ModuleList(_Head(c, hidden, num_classes) for c in channels)
 
@@ -194,8 +302,25 @@ class FeatureDiscriminator(nn.Module):
 
 @register_discriminator("teacher-encoder")
 def _teacher_encoder_disc(teacher, cfg, num_classes, shape):
+    if teacher is None:
+        raise ValueError("--disc teacher-encoder needs the teacher's UNet")
     feats = TeacherEncoderFeatures(teacher, cfg.disc_sigma, cfg.disc_levels)
     return FeatureDiscriminator(feats, feats.channels, cfg.disc_hidden, num_classes)
+
+
+@register_discriminator("torchscript")
+def _torchscript_disc(teacher, cfg, num_classes, shape):
+    """Heads on a frozen TorchScript feature network the user supplies (``--disc-network``), e.g. an ImageNet
+    classifier's feature extractor saved with ``torch.jit.save``."""
+    path = cfg.disc_network
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--disc-network {path}: no such file")
+    try:
+        net = torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # TorchScript raises its own error types for files it cannot read
+        raise ValueError(f"--disc-network {path}: not a TorchScript module ({type(e).__name__}: {e})") from None
+    feats = FeatureNetwork(net, size=cfg.disc_input)
+    return FeatureDiscriminator(feats, feats.channels_of(shape), cfg.disc_hidden, num_classes)
 
 
 # --- Losses ------------------------------------------------------------------------------------------
@@ -216,7 +341,7 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
     return grad.float().square().flatten(1).sum(1).mean()
 
 
-# --- The method ----------------------------------------------------------------------------------------
+# --- The method --------------------------------------------------------------------------------------
 
 @dataclass
 class GDDConfig:
@@ -227,13 +352,16 @@ class GDDConfig:
     sigma_init: float = 80.0           # generator noise level: x = D(σ·z; σ)
     cond: bool = True                  # class-conditional G and D when the teacher has classes
     freeze_innate: bool = False        # GDD-I: freeze the parameters matched by --freeze-regex
-    freeze_regex: str = INNATE_REGEX   # names (relative to the UNet) that --freeze-innate freezes
-    disc: str = "teacher-encoder"      # discriminator builder (getfast.methods.gdd.DISCRIMINATORS)
-    disc_sigma: float = 0.2            # noise level at which the frozen teacher encoder sees images
+    freeze_regex: str = INNATE_REGEX   # names (relative to the UNet) that --freeze-innate freezes (official: conv0, conv1, proj)
+    aug_p: float = 0.12                # probability of each ADA-style augmentation on real and fake images (official: 0.12)
+    disc: str = "teacher-encoder"      # discriminator: teacher-encoder (frozen teacher UNet encoder; the paper uses ImageNet networks) | torchscript
+    disc_network: str = ""             # --disc torchscript: a TorchScript feature network file (frozen; ImageNet-normalised input)
+    disc_input: int = 224              # --disc torchscript: the network's input size (0: the data's own)
+    disc_sigma: float = 0.2            # --disc teacher-encoder: noise level at which the frozen encoder sees images
     disc_hidden: int = 64              # width of each trainable discriminator head
-    disc_levels: tuple = ()            # encoder resolutions that get a head (empty: all)
-    lr_g: float = 2e-5                 # generator Adam learning rate
-    lr_d: float = 2e-4                 # discriminator Adam learning rate
+    disc_levels: tuple = ()            # --disc teacher-encoder: encoder resolutions that get a head (empty: all)
+    lr_g: float = 1e-4                 # generator Adam learning rate (official CIFAR-10: 1e-4)
+    lr_d: float = 1e-4                 # discriminator Adam learning rate (official: equal at 32×32, 2× at 64×64)
     betas: tuple = (0.0, 0.99)         # Adam betas for both networks
     r1_gamma: float = 1e-4             # R1 weight γ on real data (0: off)
     r1_interval: int = 16              # lazy R1: every this many steps, scaled by it
@@ -241,15 +369,38 @@ class GDDConfig:
     init_seed: int = 0                 # seed of the discriminator heads' random initialisation
 
     def __post_init__(self):
-        self.disc_levels = tuple(int(v) for v in self.disc_levels)
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.r1_interval < 1:
-            raise ValueError(f"r1_interval must be >= 1, got {self.r1_interval}")
-        if self.r1_gamma < 0:
-            raise ValueError(f"r1_gamma must be >= 0, got {self.r1_gamma}")
-        if not self.sigma_init > 0:
-            raise ValueError(f"sigma_init must be > 0, got {self.sigma_init}")
-        re.compile(self.freeze_regex)
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
+        if not isinstance(self.data, str):
+            raise ValueError(f"data (--data) must be a dataset name or path, got {self.data!r}")
+        check_number("sigma_init", self.sigma_init, lo=0, lo_open=True)
+        check_bool("cond", self.cond)
+        check_bool("freeze_innate", self.freeze_innate)
+        try:
+            re.compile(self.freeze_regex)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"freeze_regex (--freeze-regex) {self.freeze_regex!r} is not a regular expression: {e}") from None
+        check_number("aug_p", self.aug_p, lo=0, hi=1)
+        if self.disc not in DISCRIMINATORS:
+            raise ValueError(f"disc (--disc) must be one of {sorted(DISCRIMINATORS)}, got {self.disc!r}")
+        if self.disc == "torchscript" and not self.disc_network:
+            raise ValueError("--disc torchscript needs --disc-network (a TorchScript feature network file)")
+        check_number("disc_input", self.disc_input, lo=0, integer=True)
+        check_number("disc_sigma", self.disc_sigma, lo=0, lo_open=True)
+        check_number("disc_hidden", self.disc_hidden, lo=1, integer=True)
+        try:
+            self.disc_levels = tuple(int(v) for v in self.disc_levels)
+        except (TypeError, ValueError):
+            raise ValueError(f"disc_levels (--disc-levels) must be resolutions (integers), got {self.disc_levels!r}") from None
+        for v in self.disc_levels:
+            check_number("disc_levels", v, lo=1, integer=True)
+        check_number("lr_g", self.lr_g, lo=0, lo_open=True)
+        check_number("lr_d", self.lr_d, lo=0, lo_open=True)
+        self.betas = check_betas("betas", self.betas)
+        check_number("r1_gamma", self.r1_gamma, lo=0)
+        check_number("r1_interval", self.r1_interval, lo=1, integer=True)
+        check_number("grad_clip", self.grad_clip, lo=0)
+        check_number("init_seed", self.init_seed, lo=0, integer=True)
 
 
 class GDDMethod:
@@ -257,6 +408,8 @@ class GDDMethod:
     (any one-step generator G(z, labels), any :class:`Discriminator`, any ``batch(idx)`` dataset)."""
 
     ema_module = "generator"
+    product = "student.safetensors"
+    lr_options = {"generator": "lr_g", "discriminator": "lr_d"}
 
     def __init__(self, cfg: GDDConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
                  discriminator: nn.Module | None = None, data=None, shape=None, num_classes=None, log=print):
@@ -282,6 +435,7 @@ class GDDMethod:
             if num_classes and not getattr(data, "num_classes", 0):
                 num_classes = 0  # unlabelled data: an unconditional GAN (the generator gets "no class")
         self.num_classes = num_classes
+        # A deterministic function of (noise, label): the teacher copy carries no label dropout.
         gen = generator if generator is not None else OneStepGenerator(copy.deepcopy(self.teacher), cfg.sigma_init)
         gen.train().requires_grad_(True)
         self.frozen_fraction = 0.0
@@ -300,9 +454,14 @@ class GDDMethod:
             "generator": torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g, betas=cfg.betas),
             "discriminator": torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas),
         }
+        self.grad_clip = cfg.grad_clip
 
     def config(self):
         return {"method": "gdd", **asdict(self.cfg)}
+
+    def product_metadata(self) -> dict[str, str]:
+        from getfast.methods.students import student_meta
+        return {"getfast_student": json.dumps(student_meta(self))}
 
     def setup(self, wrap):
         dev = next(self.modules["generator"].parameters()).device
@@ -311,45 +470,34 @@ class GDDMethod:
         self.modules["discriminator"].to(dev)
         self.G, self.D = wrap(self.modules["generator"]), wrap(self.modules["discriminator"])
 
-    def step(self, batch, step):
+    def losses(self, batch, step):
+        """Yields the generator's loss, then (with fakes of the updated generator) the discriminator's."""
         x_real, labels = batch
         n, dev = x_real.shape[0], x_real.device
         labels = labels if self.num_classes else None
-        clip = self.cfg.grad_clip or None
+        p = self.cfg.aug_p
+        # Generator: non-saturating loss through the discriminator, called unwrapped (only G is updated here).
+        x_g = self.G(torch.randn(n, *self.shape, device=dev), labels)
+        out = {"generator": g_loss(self.modules["discriminator"](augment(x_g.float(), p), labels))}
+        if self.cfg.freeze_innate:
+            out["frozen_frac"] = torch.tensor(self.frozen_fraction)
+        yield out
         # Discriminator: real vs detached fakes in one forward (one DDP pass), lazy R1 on the real half.
         with torch.no_grad():
             x_fake = self.G(torch.randn(n, *self.shape, device=dev), labels)
         do_r1 = self.cfg.r1_gamma > 0 and step % self.cfg.r1_interval == 0
         x_r = x_real.detach().float().requires_grad_(do_r1)
         both_labels = None if labels is None else torch.cat([labels, labels])
-        logits = self.D(torch.cat([x_r, x_fake.detach().float()]), both_labels)
+        logits = self.D(augment(torch.cat([x_r, x_fake.detach().float()]), p), both_labels)
         l_real, l_fake = logits[:n], logits[n:]
         loss_d = d_loss(l_real, l_fake)
-        out = {"loss_d": loss_d.detach(), "d_real": l_real.detach().float().mean(),
-               "d_fake": l_fake.detach().float().mean()}
+        out = {"d_real": l_real.detach().float().mean(), "d_fake": l_fake.detach().float().mean()}
         if do_r1:
             r1 = r1_penalty(l_real, x_r)
             loss_d = loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_interval * r1
             out["r1"] = r1.detach()
-        self.optimizers["discriminator"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        clip_and_step(self.optimizers["discriminator"], self.modules["discriminator"].parameters(), clip)
-        # Generator: non-saturating loss through the (unwrapped, frozen for this step) discriminator.
-        disc = self.modules["discriminator"]
-        disc.requires_grad_(False)
-        try:
-            x_g = self.G(torch.randn(n, *self.shape, device=dev), labels)
-            loss_g = g_loss(disc(x_g.float(), labels))
-            self.optimizers["generator"].zero_grad(set_to_none=True)
-            loss_g.backward()
-            clip_and_step(self.optimizers["generator"],
-                          [p for p in self.modules["generator"].parameters() if p.requires_grad], clip)
-        finally:
-            disc.requires_grad_(True)
-        out["loss_g"] = loss_g.detach()
-        if self.cfg.freeze_innate:
-            out["frozen_frac"] = torch.tensor(self.frozen_fraction)
-        return out
+        out["discriminator"] = loss_d
+        yield out
 
     def sample_grid(self, ema, n):
         device = next(ema.parameters()).device

@@ -1,37 +1,46 @@
 """GET offline distillation (Geng et al., NeurIPS 2023, arXiv 2401.08639, Sec. 3-4).
 
-The student maps the stored noise z to the teacher's image x in one forward pass. For a GET,
-the ``grad_steps`` unrolled fixed-point states from the noise start are all supervised with
-fixed-point-correction weights γ^(n−1−k) (Bai et al. 2022, Eq. 9); a ViT baseline has one state.
+The student maps the stored noise z to the teacher's image x in one forward pass. For a GET, the
+``grad_steps`` differentiable fixed-point states are all supervised with fixed-point-correction weights:
+L = Σ_k γ^(n−1−k)·L1(state_k, x) (Bai et al. 2022, Eq. 9), a weighted sum, not a weighted mean, as in the
+official GET training (torchdeq's ``fp_correction``, γ = 0.8, no gradient clipping); a ViT baseline has one
+state. The defaults follow the official run except the learning rate (official: AdamW 1e-4 at batch 128 on
+GPUs; here 2e-4 for small CPU batches) and the length of training.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from getfast.train.loop import clip_and_step
+from getfast.deq import fp_correction_weights, list_solvers
+from getfast.models import create
+from getfast.models.get import CONFIGS as GET_MODELS
+from getfast.models.vit import CONFIGS as VIT_MODELS
+from getfast.train.loop import check_bool, check_choice, check_number
+
+LOSSES = ("l1", "pseudo_huber")
+GRADS = ("unrolled", "phantom", "ift")
 
 
 def pair_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1", c: float = 0.03) -> torch.Tensor:
-    """Per-sample L1 (GET's choice) or pseudo-Huber √(‖·‖²/d + c²) − c (Song & Dhariwal 2023)."""
+    """Per-sample L1 (GET's choice) or pseudo-Huber √(‖·‖²/d + c²) − c (Song & Dhariwal 2023, Sec. 3.3)."""
+    check_choice("loss", kind, LOSSES)
     diff = (pred.float() - target.float()).flatten(1)
     if kind == "l1":
         return diff.abs().mean(1)
-    if kind == "pseudo_huber":
-        return (diff.pow(2).mean(1) + c * c).sqrt() - c
-    raise ValueError(f"loss must be 'l1' or 'pseudo_huber', got {kind!r}")
+    return (diff.pow(2).mean(1) + c * c).sqrt() - c
 
 
 def supervised_loss(states, target, kind="l1", gamma=0.8, c=0.03) -> torch.Tensor:
-    """Σ_k γ^(n−1−k)·loss(state_k, x) per sample, normalised by Σ_k γ^(n−1−k)."""
-    from getfast.deq import fp_correction_weights
+    """Σ_k γ^(n−1−k)·loss(state_k, x) per sample (Bai et al. 2022, Eq. 9; unnormalised, as official GET)."""
     if torch.is_tensor(states):
         states = [states]
     w = fp_correction_weights(len(states), gamma)
-    total = sum(wk * pair_loss(s, target, kind, c) for wk, s in zip(w, states))
-    return total / sum(w)
+    return sum(wk * pair_loss(s, target, kind, c) for wk, s in zip(w, states))
 
 
 @dataclass
@@ -43,32 +52,67 @@ class GETDistillConfig:
     cond: bool = False            # class-conditional student (pairs must hold labels)
     loss: str = "l1"              # l1 (GET) | pseudo_huber
     huber_c: float = 0.03         # pseudo-Huber c (per-pixel scale)
-    gamma: float = 0.8            # fixed-point correction weight base
-    lr: float = 2e-4              # AdamW learning rate (GET: 1e-4 at batch 128 on GPUs)
-    weight_decay: float = 0.0     # AdamW weight decay
-    grad_clip: float = 1.0        # max gradient norm (0: off)
-    solver: str = ""              # GET: DEQ solver at eval ("" keeps the model's default)
-    grad: str = ""                # GET: unrolled | phantom | ift ("" keeps the default: unrolled)
+    gamma: float = 0.8            # fixed-point correction weight base (GET: 0.8; the loss is a weighted sum)
+    lr: float = 2e-4              # AdamW learning rate (official GET: 1e-4 at batch 128)
+    weight_decay: float = 0.0     # AdamW weight decay (official GET: 0)
+    grad_clip: float = 0.0        # max gradient norm (0: off, as official GET)
+    solver: str = ""              # GET: DEQ solver ("" keeps the model's default, fixed_point)
+    grad: str = ""                # GET: unrolled | phantom | ift ("" keeps GET's default: unrolled)
     grad_steps: int = 0           # GET: differentiable steps (0 keeps the default: 6)
     eval_iters: int = 0           # GET: solver iterations at sampling (0 keeps the default: 6)
+    train_solver_iters: int = 0   # GET --grad phantom: solver iterations without gradient first (>= 1)
+    tau: float = 0.0              # GET: damping of the differentiable steps, in (0, 1] (0 keeps the default: 1)
+
+    def __post_init__(self):
+        if not isinstance(self.pairs, str) or not self.pairs:
+            raise ValueError(f"pairs (--pairs) must name a pair folder, got {self.pairs!r}")
+        check_choice("model", self.model, [*GET_MODELS, *VIT_MODELS])
+        check_bool("cond", self.cond)
+        check_choice("loss", self.loss, LOSSES)
+        check_number("huber_c", self.huber_c, lo=0)
+        check_number("gamma", self.gamma, lo=0, lo_open=True)
+        check_number("lr", self.lr, lo=0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, lo=0)
+        check_number("grad_clip", self.grad_clip, lo=0)
+        if self.solver:
+            check_choice("solver", self.solver, list_solvers())
+        if self.grad:
+            check_choice("grad", self.grad, GRADS)
+        for name in ("grad_steps", "eval_iters", "train_solver_iters"):
+            check_number(name, getattr(self, name), lo=0, integer=True)
+        check_number("tau", self.tau, lo=0, hi=1)
+        get_only = [k for k in _GET_FIELDS if getattr(self, k)]
+        if not self.model.startswith("GET") and get_only:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in get_only)} apply to GET models only, "
+                             f"not {self.model}")
+        if self.model.startswith("GET"):  # the GET config checks how they combine (e.g. phantom needs a solve)
+            dataclasses.replace(GET_MODELS[self.model], **_get_overrides(self))
+
+
+_GET_FIELDS = ("solver", "grad", "grad_steps", "eval_iters", "train_solver_iters", "tau")
+
+
+def _get_overrides(cfg: GETDistillConfig) -> dict:
+    return {k: getattr(cfg, k) for k in _GET_FIELDS if getattr(cfg, k)}
 
 
 def build_student(cfg: GETDistillConfig, resolution: int, channels: int, num_classes: int) -> nn.Module:
-    from getfast.models import create
-    overrides = {}
-    if cfg.model.startswith("GET"):
-        for k in ("solver", "grad", "grad_steps", "eval_iters"):
-            if getattr(cfg, k):
-                overrides[k] = getattr(cfg, k)
-    elif any(getattr(cfg, k) for k in ("solver", "grad", "grad_steps", "eval_iters")):
-        raise ValueError(f"solver/grad/grad_steps/eval_iters apply to GET models only, not {cfg.model}")
-    return create(cfg.model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
+    return create(cfg.model, img_resolution=resolution, in_channels=channels, num_classes=num_classes,
+                  **(_get_overrides(cfg) if cfg.model.startswith("GET") else {}))
+
+
+def config_from_meta(cfg: dict) -> GETDistillConfig:
+    """The config of an exported student (fields added since it was written take their defaults)."""
+    names = {f.name for f in dataclasses.fields(GETDistillConfig)}
+    return GETDistillConfig(**{k: v for k, v in cfg.items() if k in names})
 
 
 class GETDistillMethod:
     """Offline regression of noise → teacher image on stored pairs, on the shared training loop."""
 
     ema_module = "student"
+    product = "student.safetensors"
+    lr_options = {"student": "lr"}
 
     def __init__(self, cfg: GETDistillConfig, data=None):
         from getfast.data import PairDataset
@@ -81,22 +125,24 @@ class GETDistillMethod:
         student = build_student(cfg, self.shape[-1], self.shape[0], self.num_classes)
         self.modules = {"student": student}
         self.optimizers = {"student": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+        self.grad_clip = cfg.grad_clip
 
     def config(self):
         return {"method": "get", **asdict(self.cfg)}
 
+    def product_metadata(self) -> dict[str, str]:
+        from getfast.methods.students import student_meta
+        return {"getfast_student": json.dumps(student_meta(self))}
+
     def setup(self, wrap):
         self.student = wrap(self.modules["student"])
 
-    def step(self, batch, step):
+    def losses(self, batch, step):
         noise, image, labels = batch
         states = self.student(noise, labels if self.num_classes else None)
         loss = supervised_loss(states, image, self.cfg.loss, self.cfg.gamma, self.cfg.huber_c).mean()
-        self.optimizers["student"].zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(self.optimizers["student"], self.modules["student"].parameters(), self.cfg.grad_clip or None)
         final = states[-1] if isinstance(states, (list, tuple)) else states
-        return {"loss": loss.detach(), "l1_last": (final.detach() - image).abs().mean()}
+        return {"student": loss, "l1_last": (final.detach() - image).abs().mean()}
 
     def sample_grid(self, ema, n):
         idx = torch.arange(min(n, len(self.data)))

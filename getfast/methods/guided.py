@@ -12,6 +12,9 @@ t′ = t − 0.5/N, t″ = t − 1/N and the teacher's two steps z → z′ → 
     x̃ = (z″ − (σ″/σ)·z) / (α″ − (σ″/σ)·α),     loss weight max(SNR(t), 1) = max(α²/σ², 1)
 (the x for which one DDIM step from z lands on z″). N halves every round, down to ``pd_end`` steps.
 
+The paper starts progressive distillation from 1024 (pixel space) or 256 (latent space) DDIM steps; the default
+here is 256 (``pd_start``), halved to 1 step in 8 rounds.
+
 ``GuidedMethod`` is one stage on the shared loop; ``GuidedMethod.run_stages`` runs stage 1 into
 ``out/stage1`` and the rounds into ``out/pd-N`` (each resumable, each exported as ``student.safetensors``),
 and copies the last student to ``out/student.safetensors``. Sampling: ``ddim(student, z, N, labels, w=w)``.
@@ -22,7 +25,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +32,9 @@ import torch
 from torch import nn
 
 from getfast.diffusion import ddim, ddim_step, vp_alpha_sigma, vp_denoise
-from getfast.train.loop import clip_and_step
+from getfast.io import atomic_write_bytes
+from getfast.methods.students import load_student
+from getfast.train.loop import check_choice, check_number, dist_info, fit
 
 
 def _b(v: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class GuidedConfig:
     lr: float = 1e-4                 # stage 1 Adam learning rate
     lr_pd: float = 5e-5              # progressive rounds' Adam learning rate
     pd_kimg: float = 0.0             # length of each progressive round, kimg (0: same as --kimg)
-    pd_start: int = 16               # DDIM steps of the stage-1 student = the first round's teacher
+    pd_start: int = 256              # DDIM steps of the stage-1 student = the first round's teacher (paper: 1024/256)
     pd_end: int = 1                  # stop once the student takes this many steps
     steps: int = 0                   # stage pd: this round's student steps (its teacher takes twice as many)
     init: str = ""                   # stage pd: the w-conditioned student to start from (run folder or file)
@@ -79,15 +83,25 @@ class GuidedConfig:
     grad_clip: float = 1.0           # max gradient norm (0: off)
 
     def __post_init__(self):
-        if self.stage not in ("all", "cfg", "pd"):
-            raise ValueError(f"stage must be all, cfg or pd, got {self.stage!r}")
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
+        check_choice("stage", self.stage, ("all", "cfg", "pd"))
+        check_number("w_min", self.w_min)
+        check_number("w_max", self.w_max)
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
-        if self.pd_end < 1 or self.pd_start < self.pd_end or self.pd_start % self.pd_end \
+        check_number("lr", self.lr, lo=0, lo_open=True)
+        check_number("lr_pd", self.lr_pd, lo=0, lo_open=True)
+        check_number("pd_kimg", self.pd_kimg, lo=0)
+        check_number("pd_start", self.pd_start, lo=1, integer=True)
+        check_number("pd_end", self.pd_end, lo=1, integer=True)
+        if self.pd_start < self.pd_end or self.pd_start % self.pd_end \
                 or (self.pd_start // self.pd_end) & (self.pd_start // self.pd_end - 1):
             raise ValueError(f"pd_start ({self.pd_start}) must be pd_end ({self.pd_end}) times a power of two")
-        if not 0 < self.t_min < 1:
-            raise ValueError(f"t_min must be in (0, 1), got {self.t_min}")
+        check_number("steps", self.steps, lo=0, integer=True)
+        check_number("t_min", self.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
+        check_number("grid_w", self.grid_w)
+        check_number("grad_clip", self.grad_clip, lo=0)
         if self.stage == "pd" and (self.steps < 1 or not self.init):
             raise ValueError("stage pd needs --steps (>= 1) and --init (the student to halve)")
 
@@ -114,6 +128,7 @@ class GuidedMethod:
     """
 
     ema_module = "student"
+    product = "student.safetensors"
 
     def __init__(self, cfg: GuidedConfig, teacher: nn.Module | None = None, student: nn.Module | None = None,
                  data=None, shape=None, num_classes=None, base_meta: dict | None = None):
@@ -126,7 +141,6 @@ class GuidedMethod:
             if self.stage == "cfg":
                 teacher = load(cfg.teacher)
             else:
-                from getfast.methods import load_student
                 teacher = load_student(cfg.init)
                 prev = teacher.meta
                 if prev.get("method") != "guided":
@@ -159,9 +173,14 @@ class GuidedMethod:
         self.modules = {"student": student}
         lr = cfg.lr if self.stage == "cfg" else cfg.lr_pd
         self.optimizers = {"student": torch.optim.Adam(student.parameters(), lr=lr, betas=(0.9, 0.999))}
+        self.grad_clip = cfg.grad_clip
+        self.lr_options = {"student": "lr" if self.stage == "cfg" else "lr_pd"}
 
     def config(self):
         return {"method": "guided", **asdict(self.cfg), "stage": self.stage}
+
+    def product_metadata(self) -> dict[str, str]:
+        return {"getfast_student": json.dumps(self.student_meta())}
 
     def setup(self, wrap):
         self.teacher.to(next(self.modules["student"].parameters()).device)
@@ -172,7 +191,9 @@ class GuidedMethod:
             return torch.randint(0, self.num_classes, (n,), device=device)
         return labels
 
-    def step(self, batch, step):
+    def losses(self, batch, step):
+        """Stage 1: regression onto the guided teacher (Meng et al. 2023, Eq. 4); stage 2: onto the two-step
+        target x̃ (Salimans & Ho 2022, Alg. 2); both weighted by max(SNR, 1)."""
         x, labels = batch
         n, dev = x.shape[0], x.device
         x = x.float()
@@ -191,11 +212,7 @@ class GuidedMethod:
                 target = pd_target(self.teacher, z, t, self.steps, labels, w=w)
         pred = vp_denoise(self.S, z, t, labels, w=w)
         err = (pred.float() - target.float()).square().flatten(1).mean(1)
-        loss = (snr_weight(t) * err).mean()
-        self.optimizers["student"].zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(self.optimizers["student"], self.modules["student"].parameters(), self.cfg.grad_clip or None)
-        return {"loss": loss.detach(), "mse_x": err.detach().mean()}
+        return {"student": (snr_weight(t) * err).mean(), "mse_x": err.detach().mean()}
 
     def sample(self, net, z, labels, w: float, steps: int | None = None):
         """DDIM with the student's step count (or ``steps``) at guidance weight ``w``."""
@@ -215,60 +232,64 @@ class GuidedMethod:
 
     # --- the multi-stage run ------------------------------------------------------------------------
     @classmethod
-    def run_stages(cls, cfg: GuidedConfig, loop, log=print) -> list[Path]:
+    def run_stages(cls, cfg: GuidedConfig, loop, log=print, teacher: nn.Module | None = None,
+                   student: nn.Module | None = None, **given) -> list[Path]:
         """Stage 1 then progressive rounds pd_start/2, …, pd_end (``cfg.stage == 'all'``; ``cfg`` or ``pd``: that
-        stage alone, in ``loop.out``). Each stage trains with the shared loop, resumes with ``--resume`` (a stage
-        whose ``student.safetensors`` exists is done and skipped) and exports its EMA student. Returns the
-        exported files, the last one also copied to ``out/student.safetensors``."""
-        from getfast.train.loop import dist_info
+        stage alone, in ``loop.out``). Each stage trains and exports its EMA student with :func:`fit` into its own
+        folder, resumes with ``--resume`` (a stage whose ``student.safetensors`` was written by the same
+        configuration is done: its exported weights are reused) and teaches the next round. Returns the exported
+        files; the last one is also copied to ``out/student.safetensors``.
+
+        ``teacher``/``student`` (and ``data``, ``shape``, ``num_classes`` in ``given``) replace stage 1's
+        networks, e.g. analytic models; every round then starts from the previous round's product in memory.
+        """
         out = Path(loop.out)
         if os.environ.get("RANK", "0") != "0":
             log = _quiet
         if cfg.stage != "all":
-            return [cls._run_one(cfg, loop, out, log)]
+            method = cls(cfg, teacher=teacher, student=student, **given)
+            return [cls._run_one(method, loop, out, log)]
         plan = [("stage1", {"stage": "cfg"}, loop.kimg)]
         n = cfg.pd_start // 2
         while n >= cfg.pd_end:
             plan.append((f"pd-{n}", {"stage": "pd", "steps": n}, cfg.pd_kimg or loop.kimg))
             n //= 2
-        files, prev = [], None
+        files, prev, prev_method = [], None, None
         for name, changes, kimg in plan:
             if prev is not None:
                 changes["init"] = str(prev)
             stage_cfg = dataclasses.replace(cfg, **changes)
             stage_loop = dataclasses.replace(loop, out=str(out / name), kimg=kimg)
-            prev = cls._run_one(stage_cfg, stage_loop, out / name, log)
+            if prev_method is None:
+                method = cls(stage_cfg, teacher=teacher, student=student, **given)
+            else:  # the previous round's EMA student teaches this round, and this round's student starts as it
+                product = prev_method.modules[prev_method.ema_module]
+                method = cls(stage_cfg, teacher=copy.deepcopy(product), student=copy.deepcopy(product),
+                             data=prev_method.data, shape=prev_method.shape, num_classes=prev_method.num_classes,
+                             base_meta=prev_method.base_meta)
+            prev = cls._run_one(method, stage_loop, out / name, log)
             files.append(prev)
+            prev_method = method
         if dist_info()[0] == 0:
             final = out / "student.safetensors"
-            shutil.copyfile(prev, final.with_name(final.name + ".tmp"))
-            final.with_name(final.name + ".tmp").replace(final)
+            atomic_write_bytes(final, prev.read_bytes(), mode=0o644)
             log(f"guided students: {', '.join(str(f) for f in files)}; final ({plan[-1][0]}): {final}")
         _barrier()
         return files
 
     @classmethod
-    def _run_one(cls, cfg: GuidedConfig, loop, out: Path, log) -> Path:
-        from getfast.methods import save_student
-        from getfast.train.loop import dist_info, load_ema, train
+    def _run_one(cls, method: GuidedMethod, loop, out: Path, log) -> Path:
         path = out / "student.safetensors"
         if loop.resume and path.exists():
-            done = _export_config(path)
-            want = json.loads(json.dumps({"method": "guided", **asdict(cfg),
-                                          "stage": "cfg" if cfg.stage == "all" else cfg.stage}, default=str))
-            if done == want:
+            want = json.loads(json.dumps(method.config(), default=str))
+            if _export_config(path) == want:
                 log(f"{out}: already trained, skipping")
+                from safetensors.torch import load_file
+                method.modules[method.ema_module].load_state_dict(load_file(str(path)))
                 return path
             log(f"{out}: its student was trained with another configuration; training this stage again")
-        method = cls(cfg)
-        train(method, loop)
-        if dist_info()[0] == 0:
-            ema, _ = load_ema(loop.out)
-            product = method.modules[method.ema_module]
-            product.load_state_dict(ema)
-            save_student(product, method.student_meta(), path)
-            log(f"student weights ({method.steps} DDIM steps): {path}")
-        _barrier()
+        fit(method, loop)
+        log(f"student weights ({method.steps} DDIM steps): {path}")
         return path
 
 

@@ -4,63 +4,80 @@ Two networks start as copies of the frozen teacher D_p: the generator G (one ste
 x_g = G(σ_init·z)) and the fake score D_ψ, which tracks the generator's own distribution.
 Each iteration:
   (a) D_ψ takes ``fake_steps`` denoising-score-matching steps on detached generator samples;
-  (b) G takes one step on the SIM surrogate (their Theorem 3.1), x_t = x_g + σε,
-      y = (D_p(x_t) − D_ψ(x_t))/σ²,  u = y/√(‖y‖²+c²)  (pseudo-Huber d'(y), normaliser kept),
+  (b) G takes one step on the SIM surrogate of Sec. 3.2 (the score-gradient theorem), x_t = x_g + σε,
+      y = (D_p(x_t) − D_ψ(x_t))/σ²  (= s_p(x_t) − s_ψ(x_t), the difference of the two scores),
+      u = d′(y) = y/√(‖y‖²+c²)        (pseudo-Huber distance d(y) = √(‖y‖²+c²) − c, Sec. 3.3; normaliser kept),
       L_G = E[ uᵀ(D_ψ(x_t) − x_g) ] / σ²
       with both denoisers' parameters frozen but gradients flowing through x_t and x_g.
 Its gradient equals the gradient of the pseudo-Huber score divergence
 E_{x_t ~ sg(q_θ)}[ √(‖s_p − s_θ‖² + c²) − c ] (SIM's sampling distribution is detached);
 tests/test_sim.py checks sign and magnitude against finite differences on a Gaussian.
+
+The distance constant c (``SIMConfig.c``; 0 = 1e-3·√d for d pixels) is in score units, like y: for
+‖y‖ ≫ c the distance is ‖y‖ (the update direction is normalised per sample), for ‖y‖ ≪ c it is
+‖y‖²/(2c) (the squared distance, i.e. SiD). Since ‖y‖ = δ·√d/σ² for a per-pixel denoiser gap δ, the
+default c means "quadratic while δ < 1e-3·σ²": at σ = 1 only for gaps below 1e-3, at σ = 24 up to 0.58.
+
+``loss="sid"`` is the alternative of SiD (Zhou et al. 2024, Sec. 4; TDM uses the same normalisation): the
+x-space difference Δ = D_p − D_ψ, L_G = Δᵀ((D_p − x_g) − α·Δ) / w with the detached per-sample weight
+w = mean|x_g − D_p(x_t)|; α = 1 makes it SIM with the squared distance.
 """
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from getfast.diffusion import EDMLoss
-from getfast.train.loop import clip_and_step
+from getfast.models.onestep import OneStepGenerator
+from getfast.ops import sim_loss
+from getfast.train.loop import check_betas, check_choice, check_number
 
-
-class OneStepGenerator(nn.Module):
-    """x = D(σ_init·z; σ_init): a denoiser evaluated once at a fixed noise level (SiD/SIM/GDD)."""
-
-    def __init__(self, denoiser: nn.Module, sigma_init: float):
-        super().__init__()
-        self.denoiser = denoiser
-        self.sigma_init = sigma_init
-
-    def forward(self, z, class_labels=None):
-        sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device)
-        return self.denoiser(self.sigma_init * z, sigma, class_labels)
+__all__ = ["OneStepGenerator", "SIMConfig", "SIMMethod", "sample_sigma_rho", "sid_generator_loss",
+           "sim_generator_loss"]
 
 
 def sample_sigma_rho(n, device, sigma_min=0.002, sigma_max=80.0, rho=7.0, t_max=0.8):
-    """σ on EDM's ρ-schedule with u ~ U[1 − t_max, 1] (SiD's t-sampling; t_max = 0.8 caps σ ≈ 24)."""
+    """σ on EDM's ρ-schedule (Karras et al. 2022, Eq. 5) at u ~ U[1 − t_max, 1] (SiD's t-sampling): σ ranges
+    from σ_min (u = 1) to σ(1 − t_max) (t_max = 0.8: ≈ 24.6)."""
     u = 1 - t_max * torch.rand(n, device=device)
     return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def sim_generator_loss(teacher, fake, x_g, sigma, c, class_labels=None, weighting="sigma2"):
-    """Per-sample SIM generator loss (Luo et al. 2024, Eq. 3.6 with pseudo-Huber d).
-
-    ``teacher`` and ``fake`` must have ``requires_grad=False`` parameters; gradients reach ``x_g``
-    directly and through x_t = x_g + σε. ``weighting='sigma2'`` multiplies by σ² (removing the 1/σ²
-    blow-up at small σ; u is already unit-bounded), ``'none'`` keeps the bare surrogate.
-    """
-    from getfast.ops import sim_loss
+def _noised(x_g, sigma):
     s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g + s * torch.randn_like(x_g)
+    return x_g + s * torch.randn_like(x_g)
+
+
+def sim_generator_loss(teacher, fake, x_g, sigma, c, class_labels=None, weighting="sigma2"):
+    """Per-sample SIM generator loss with the pseudo-Huber distance (Luo et al. 2024, Sec. 3.2-3.3).
+
+    Gradients reach ``x_g`` directly and through x_t = x_g + σε; the optimizer step that uses this loss updates
+    the generator only. ``weighting='sigma2'`` multiplies by σ² (removing the 1/σ² blow-up at small σ; u is
+    already unit-bounded), ``'none'`` keeps the bare surrogate.
+    """
+    check_choice("weighting", weighting, ("sigma2", "none"))
+    x_t = _noised(x_g, sigma)
     d_p = teacher(x_t, sigma, class_labels).float()
     d_f = fake(x_t, sigma, class_labels).float()
     loss = sim_loss(d_p.contiguous(), d_f.contiguous(), x_g.float().contiguous(), sigma.float().contiguous(), c)
-    if weighting == "sigma2":
-        loss = loss * sigma**2
-    elif weighting != "none":
-        raise ValueError(f"weighting must be 'sigma2' or 'none', got {weighting!r}")
-    return loss
+    return loss * sigma**2 if weighting == "sigma2" else loss
+
+
+def sid_generator_loss(teacher, fake, x_g, sigma, class_labels=None, alpha=1.0):
+    """Per-sample SiD generator loss (Zhou et al. 2024, Sec. 4): Δᵀ((D_p − x_g) − α·Δ) / mean|x_g − D_p|, with
+    Δ = D_p(x_t) − D_ψ(x_t) in x-space and the normalising weight detached."""
+    x_t = _noised(x_g, sigma)
+    d_p = teacher(x_t, sigma, class_labels).float()
+    d_f = fake(x_t, sigma, class_labels).float()
+    x = x_g.float()
+    delta = d_p - d_f
+    with torch.no_grad():
+        w = (x - d_p).abs().flatten(1).mean(1).clamp(min=1e-5)
+    return (delta * ((d_p - x) - alpha * delta)).flatten(1).sum(1) / w
 
 
 @dataclass
@@ -69,14 +86,31 @@ class SIMConfig:
 
     teacher: str = "fashion-mnist"   # embedded teacher name, .safetensors or teacher run folder
     sigma_init: float = 2.5          # generator input noise level σ_init (SiD/SIM)
-    c: float = 0.0                   # pseudo-Huber c; 0 means 1e-3·√(pixels) (per-sample scale)
+    loss: str = "sim"                # sim: pseudo-Huber on the score difference | sid: SiD's x-space loss
+    c: float = 0.0                   # sim: pseudo-Huber c in score units (0: 1e-3·√pixels, see the docs)
+    alpha: float = 1.0               # sid: SiD's α (1: SIM with the squared distance; SiD's paper uses 1.2)
     lr_g: float = 2e-5               # generator Adam learning rate
     lr_fake: float = 2e-5            # fake-score Adam learning rate
     betas: tuple = (0.0, 0.999)      # Adam betas for both (SiD uses β1 = 0)
     fake_steps: int = 1              # fake-score DSM steps per generator step
     t_max: float = 0.8               # generator-step σ from EDM's ρ-schedule, u ∈ [1 − t_max, 1]
-    weighting: str = "sigma2"        # generator loss weight: sigma2 | none
+    weighting: str = "sigma2"        # sim: generator loss weight, sigma2 | none
     grad_clip: float = 1.0           # max gradient norm for both networks (0: off)
+
+    def __post_init__(self):
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
+        check_number("sigma_init", self.sigma_init, lo=0, lo_open=True)
+        check_choice("loss", self.loss, ("sim", "sid"))
+        check_number("c", self.c, lo=0)
+        check_number("alpha", self.alpha)
+        check_number("lr_g", self.lr_g, lo=0, lo_open=True)
+        check_number("lr_fake", self.lr_fake, lo=0, lo_open=True)
+        self.betas = check_betas("betas", self.betas)
+        check_number("fake_steps", self.fake_steps, lo=1, integer=True)
+        check_number("t_max", self.t_max, lo=0, hi=1, lo_open=True)
+        check_choice("weighting", self.weighting, ("sigma2", "none"))
+        check_number("grad_clip", self.grad_clip, lo=0)
 
 
 class SIMMethod:
@@ -84,6 +118,8 @@ class SIMMethod:
 
     ema_module = "generator"
     data = None  # data-free
+    product = "student.safetensors"
+    lr_options = {"generator": "lr_g", "fake": "lr_fake"}
 
     def __init__(self, cfg: SIMConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
                  fake: nn.Module | None = None, shape=None, num_classes=None):
@@ -93,15 +129,18 @@ class SIMMethod:
         meta = getattr(self.teacher, "meta", {})
         self.shape = tuple(shape or (meta["channels"], meta["resolution"], meta["resolution"]))
         self.num_classes = meta.get("num_classes", 0) if num_classes is None else num_classes
+        # Both copies are deterministic functions of their inputs (no label dropout): y must compare the two
+        # scores for the same class.
         gen = generator if generator is not None else OneStepGenerator(copy.deepcopy(self.teacher), cfg.sigma_init)
         fake = fake if fake is not None else copy.deepcopy(self.teacher)
         gen.train().requires_grad_(True)
         fake.train().requires_grad_(True)
         self.modules = {"generator": gen, "fake": fake}
         self.optimizers = {
-            "generator": torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas)),
             "fake": torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.betas)),
+            "generator": torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas)),
         }
+        self.grad_clip = cfg.grad_clip
         n_pix = 1
         for d in self.shape:
             n_pix *= d
@@ -111,6 +150,10 @@ class SIMMethod:
     def config(self):
         return {"method": "sim", **asdict(self.cfg)}
 
+    def product_metadata(self) -> dict[str, str]:
+        from getfast.methods.students import student_meta
+        return {"getfast_student": json.dumps(student_meta(self))}
+
     def setup(self, wrap):
         self.teacher.to(next(self.modules["generator"].parameters()).device)
         self.G, self.fake = wrap(self.modules["generator"]), wrap(self.modules["fake"])
@@ -118,34 +161,26 @@ class SIMMethod:
     def _labels(self, n, device):
         return torch.randint(0, self.num_classes, (n,), device=device) if self.num_classes else None
 
-    def step(self, batch, step):
-        """``batch`` is the local batch size (data-free methods get a count from the loop)."""
+    def losses(self, batch, step):
+        """``batch`` is the local batch size (data-free). Yields the fake-score losses, then the generator's."""
         device = next(self.modules["generator"].parameters()).device
         n = batch
-        clip = self.cfg.grad_clip or None
-        # (a) fake score: denoising score matching on detached generator samples.
+        # (a) fake score: denoising score matching (Karras et al. 2022, Eq. 2) on detached generator samples.
         for _ in range(self.cfg.fake_steps):
             z, labels = torch.randn(n, *self.shape, device=device), self._labels(n, device)
             with torch.no_grad():
                 x_g = self.G(z, labels)
-            loss_fake = self.dsm(self.fake, x_g.float(), labels).mean()
-            self.optimizers["fake"].zero_grad(set_to_none=True)
-            loss_fake.backward()
-            clip_and_step(self.optimizers["fake"], self.modules["fake"].parameters(), clip)
-        # (b) generator: SIM surrogate, both denoisers frozen, gradients through x_t and x_g.
-        fake = self.modules["fake"]
-        fake.requires_grad_(False)
-        try:
-            z, labels = torch.randn(n, *self.shape, device=device), self._labels(n, device)
-            x_g = self.G(z, labels)
-            sigma = sample_sigma_rho(n, device, t_max=self.cfg.t_max)
-            loss_g = sim_generator_loss(self.teacher, fake, x_g, sigma, self.c, labels, self.cfg.weighting).mean()
-            self.optimizers["generator"].zero_grad(set_to_none=True)
-            loss_g.backward()
-            clip_and_step(self.optimizers["generator"], self.modules["generator"].parameters(), clip)
-        finally:
-            fake.requires_grad_(True)
-        return {"loss_fake": loss_fake.detach(), "loss_g": loss_g.detach()}
+            yield {"fake": self.dsm(self.fake, x_g.float(), labels).mean()}
+        # (b) generator: the updated fake score, called unwrapped (only the generator's parameters are updated).
+        z, labels = torch.randn(n, *self.shape, device=device), self._labels(n, device)
+        x_g = self.G(z, labels)
+        sigma = sample_sigma_rho(n, device, t_max=self.cfg.t_max)
+        if self.cfg.loss == "sim":
+            loss = sim_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, self.c, labels,
+                                      self.cfg.weighting)
+        else:
+            loss = sid_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, labels, self.cfg.alpha)
+        yield {"generator": loss.mean()}
 
     def sample_grid(self, ema, n):
         device = next(ema.parameters()).device

@@ -3,10 +3,19 @@
 A data distribution N(μ, diag(s²)) has the exact EDM denoiser
     D(x; σ) = μ + s² / (s² + σ²) · (x − μ)            (Tweedie's formula for a Gaussian),
 so a teacher, a learnable "fake" denoiser and an affine one-step generator can be written down
-exactly, and a distilled student can be compared with the target by mean and covariance.
+exactly, and a distilled student can be compared with the target by mean and covariance. For the
+probability-flow ODE (Karras et al. 2022, Eq. 4) of Gaussian data the map from the initial noise
+x_T = σ_max·z to the sample is affine and known in closed form (:func:`pf_ode_map`).
 Tensors are image-shaped (B, C, H, W) so the same method code runs on them as on images.
+
+:class:`GaussianBackbone` makes the exact denoiser of a class-conditional Gaussian data set an EDM backbone,
+so ``EDMPrecond(GaussianBackbone(...))`` goes through the same preconditioning, labels and guidance code as a
+UNet teacher, and the methods' own copies of it (SIM's generator and fake score, GDD's generator) are the
+real ``OneStepGenerator`` over a learnable analytic denoiser.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -43,6 +52,68 @@ class GaussianDenoiser(nn.Module):
         return d
 
 
+class GaussianBackbone(nn.Module):
+    """EDM backbone F(c_in·x; c_noise, labels) whose preconditioned denoiser is exact for class-conditional
+    Gaussian data: class k is N(means[k], diag(stds[k]²)), classes equally likely.
+
+    With a one-hot label the denoiser is class k's Tweedie formula; with a zero row (no class, as EDMPrecond
+    makes for label −1 or the unconditional half of classifier-free guidance) it is the posterior mean of the
+    mixture, Σ_k r_k(x)·D_k(x; σ) with r_k ∝ N(x; μ_k, s_k² + σ²). Means and log-stds are parameters (frozen
+    by whoever freezes the teacher; a copy can learn them). ``w`` is accepted and ignored.
+    """
+
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, sigma_data: float = 0.5):
+        super().__init__()
+        if means.shape != stds.shape or means.ndim != 4:
+            raise ValueError(f"means and stds must both be (K, C, H, W), got {tuple(means.shape)}, {tuple(stds.shape)}")
+        self.means = nn.Parameter(means.clone().float())
+        self.log_stds = nn.Parameter(stds.clone().float().log())
+        self.num_classes = means.shape[0]
+        self.in_channels, self.img_resolution = means.shape[1], means.shape[-1]
+        self.sigma_data = sigma_data
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
+        """The exact D(x; σ, class) for x (B, C, H, W), σ (B,), one-hot rows (B, K) (zero rows: no class)."""
+        s2 = (2 * self.log_stds).exp()                                       # (K, C, H, W)
+        v = s2[None] + sigma.reshape(-1, 1, 1, 1, 1) ** 2                     # (B, K, C, H, W)
+        d_k = self.means[None] + s2[None] / v * (x[:, None] - self.means[None])
+        logp = -0.5 * (((x[:, None] - self.means[None]) ** 2) / v + v.log()).flatten(2).sum(2)  # (B, K)
+        r = torch.softmax(logp, dim=1)
+        if onehot is not None:
+            has = onehot.sum(1, keepdim=True) > 0
+            r = torch.where(has, onehot.to(r.dtype), r)
+        return (r.reshape(*r.shape, 1, 1, 1) * d_k).sum(1)
+
+    def forward(self, x_in, c_noise, class_labels=None, w=None):
+        sigma = (4 * c_noise.float()).exp()
+        sd = self.sigma_data
+        den = (sigma**2 + sd**2).sqrt().reshape(-1, 1, 1, 1)
+        x = x_in.float() * den                                               # undo c_in
+        c_skip = sd**2 / den**2
+        c_out = sigma.reshape(-1, 1, 1, 1) * sd / den
+        return (self.denoise(x, sigma, class_labels) - c_skip * x) / c_out
+
+
+def gaussian_teacher(means: torch.Tensor, stds: torch.Tensor, label_dropout: float = 0.1, data: str = "analytic"):
+    """A frozen ``EDMPrecond(GaussianBackbone)`` with teacher metadata, as ``getfast.teacher.load`` returns it.
+
+    ``label_dropout`` is only recorded (as a trained teacher records it): a distillation student copied from this
+    teacher must come out deterministic anyway.
+    """
+    from getfast.diffusion import EDMPrecond
+    net = EDMPrecond(GaussianBackbone(means, stds))
+    net.meta = {"model": "analytic-gaussian", "resolution": means.shape[-1], "channels": means.shape[1],
+                "num_classes": means.shape[0], "label_dropout": label_dropout, "data": data}
+    return net.eval().requires_grad_(False)
+
+
+def pf_ode_map(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, sigma_max: float = 80.0) -> torch.Tensor:
+    """Where EDM's probability-flow ODE (Karras et al. 2022, Eq. 4) carries x_T = σ_max·z for data
+    N(mean, diag(std²)). The ODE keeps ε = (x_t − μ)/√(s² + t²) constant, so
+    x₀ = μ + s·(σ_max·z − μ)/√(s² + σ_max²) ≈ μ + s·σ_max·z/√(s² + σ_max²) (the μ term is O(μ·s/σ_max))."""
+    return mean + std * (sigma_max * z - mean) / (std**2 + sigma_max**2).sqrt()
+
+
 class AffineGenerator(nn.Module):
     """x = a ⊙ z + b: a one-step generator whose output law N(b, diag(a²)) is known in closed form."""
 
@@ -76,6 +147,23 @@ class ToyData:
 
     def batch(self, idx):
         return self.x[idx], (None if self.labels is None else self.labels[idx])
+
+
+class ToyPairs:
+    """Noise/image pairs (and labels) in memory with the ``batch(idx) -> (noise, image, labels)`` interface of
+    ``getfast.data.PairDataset``."""
+
+    def __init__(self, noise: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 num_classes: int = 0):
+        self.noise, self.images, self.labels = noise.float(), images.float(), labels
+        self.shape = tuple(noise.shape[1:])
+        self.num_classes = num_classes
+
+    def __len__(self):
+        return len(self.noise)
+
+    def batch(self, idx):
+        return self.noise[idx], self.images[idx], (None if self.labels is None else self.labels[idx])
 
 
 def gaussian_samples(n: int, mean: torch.Tensor, std: torch.Tensor, class_means=None, seed: int = 0) -> ToyData:
@@ -129,15 +217,23 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """Logits (B, 1) from an MLP on the flattened input (the discriminator protocol of getfast.methods.gdd)."""
+    """Logits (B, 1) from an MLP on the flattened input (the discriminator protocol of getfast.methods.gdd); with
+    ``num_classes`` a projection term ⟨embed(class), features⟩ makes it class-conditional (Miyato & Koyama 2018)."""
 
-    def __init__(self, shape, hidden: int = 64):
+    def __init__(self, shape, hidden: int = 64, num_classes: int = 0):
         super().__init__()
         d = int(torch.tensor(shape).prod())
-        self.net = _mlp(d, 1, hidden, act=lambda: nn.LeakyReLU(0.2))
+        self.body = _mlp(d, hidden, hidden, depth=1, act=lambda: nn.LeakyReLU(0.2))
+        self.act = nn.LeakyReLU(0.2)
+        self.out = nn.Linear(hidden, 1)
+        self.embed = nn.Embedding(num_classes, hidden) if num_classes else None
 
     def forward(self, x, class_labels=None):
-        return self.net(x.flatten(1))
+        h = self.act(self.body(x.flatten(1)))
+        logit = self.out(h)
+        if self.embed is not None and class_labels is not None:
+            logit = logit + (self.embed(class_labels.long().clamp(min=0)) * h).sum(1, keepdim=True) / math.sqrt(h.shape[1])
+        return logit
 
 
 class WGuided(nn.Module):

@@ -12,12 +12,17 @@ Geng, Pokle, Luo, Lin & Kolter, *One-Step Diffusion Distillation via Deep Equili
   :mod:`getfast.deq`, starting from Gaussian noise shaped like the tokens.
 * **Decoder** — zero-initialised ``LayerNorm → Linear`` to patch pixels, then unpatchify.
 
-Training (GET's recipe, Sec. 3.2): ``train_solver_iters`` solver iterations without gradient
-(0 by default), then ``grad_steps`` differentiable (damped) fixed-point steps; every
-``sup_gap``-th state is decoded and returned for the fixed-point-correction loss
-(weights ``0.8^(n-1-k)``, :mod:`getfast.deq`). ``grad="ift"`` instead differentiates the solver's
-fixed point implicitly and returns one state. Evaluation: ``eval_iters`` solver iterations from
-the noise start; the lowest-residual iterate is decoded.
+Training (``grad``):
+
+* ``"unrolled"`` (GET's recipe, Sec. 3.2 and the official ``--f_max_iter 0 --grad 6``): ``grad_steps``
+  differentiable fixed-point steps from the noise start; every ``sup_gap``-th state is decoded and
+  returned for the fixed-point-correction loss (weights ``0.8^(n-1-k)``, :mod:`getfast.deq`).
+* ``"phantom"`` (phantom gradient, Geng et al. 2021, "On Training Implicit Models", Sec. 3): the solver
+  runs ``train_solver_iters`` iterations without gradient, then ``grad_steps`` damped differentiable steps
+  ``z <- tau*f(z) + (1-tau)*z`` start from its (detached) output.
+* ``"ift"``: the solver's fixed point, differentiated implicitly (Bai et al. 2019, Sec. 3.1.2); one state.
+
+Evaluation: ``eval_iters`` solver iterations from the noise start; the lowest-residual iterate is decoded.
 
 ``CONFIGS`` maps names to :class:`GETConfig`; :func:`build` makes a model.
 """
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from getfast.deq import ift, list_solvers, phantom_grad, solve
 from getfast.models.layers import (
     Block,
     ClassEmbedding,
@@ -62,7 +68,6 @@ class GETConfig:
     mlp_ratio: float = 4.0  # injection blocks
     qkv_bias: bool = True
     null_class: bool = False  # extra "no class" embedding for classifier-free guidance
-    label_dropout: float = 0.0  # training-time probability of replacing the label by the null class
     # fixed-point solve
     z_init: str = "noise"  # "noise" (Gaussian, GET) | "zeros"
     solver: str = "fixed_point"  # any getfast.deq solver name
@@ -70,8 +75,8 @@ class GETConfig:
     eval_iters: int = 6  # solver iterations at evaluation
     tol: float | None = None  # None: exactly eval_iters iterations, no host syncs
     # gradient
-    grad: str = "unrolled"  # "unrolled" | "phantom" (damped steps after the solver) | "ift"
-    train_solver_iters: int = 0  # solver iterations without gradient before the differentiable steps
+    grad: str = "unrolled"  # "unrolled" (from the noise start) | "phantom" (after a no-grad solve) | "ift"
+    train_solver_iters: int = 0  # phantom: solver iterations without gradient (>= 1); ift: forward solve (0: eval_iters)
     grad_steps: int = 6  # differentiable steps (GET: 6 from the noise start)
     sup_gap: int = 1  # supervise every sup_gap-th differentiable state (the last is always kept)
     tau: float = 1.0  # damping of the differentiable steps: z <- tau*f(z) + (1-tau)*z
@@ -95,6 +100,16 @@ class GETConfig:
             raise ValueError(f"tau: must be in (0, 1], got {self.tau}")
         if self.train_solver_iters < 0:
             raise ValueError(f"train_solver_iters: must be >= 0, got {self.train_solver_iters}")
+        if self.grad == "phantom" and self.train_solver_iters < 1:
+            raise ValueError("train_solver_iters: grad='phantom' runs the solver without gradient before its "
+                             "differentiable steps, so it needs train_solver_iters >= 1")
+        if self.grad == "unrolled" and self.train_solver_iters:
+            raise ValueError("train_solver_iters: grad='unrolled' differentiates every step from the noise start; "
+                             "use grad='phantom' to run solver iterations without gradient first")
+        known = list_solvers()
+        for name, solver in (("solver", self.solver), ("ift_solver", self.ift_solver)):
+            if solver is not None and solver not in known:
+                raise ValueError(f"{name}: {solver!r} is not a registered solver; known: {known}")
 
 
 CONFIGS: dict[str, GETConfig] = {
@@ -108,12 +123,6 @@ CONFIGS: dict[str, GETConfig] = {
     "GET-N/4": GETConfig(width=128, heads=4, inj_depth=2, deq_mlp_ratio=4, patch_size=4),
     "GET-N/2": GETConfig(width=128, heads=4, inj_depth=2, deq_mlp_ratio=4, patch_size=2),
 }
-
-
-def _deq():
-    import getfast.deq as deq  # imported lazily: the model file loads without the DEQ package
-
-    return deq
 
 
 class GET(nn.Module):
@@ -143,7 +152,7 @@ class GET(nn.Module):
         # frozen sin-cos table, kept as a (non-trainable) parameter as in the reference checkpoints
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], D), requires_grad=False)
         self.class_embed = (
-            ClassEmbedding(num_classes, 3 * D, cfg.null_class, cfg.label_dropout) if num_classes > 0 else None
+            ClassEmbedding(num_classes, 3 * D, cfg.null_class) if num_classes > 0 else None
         )
         self.inj_blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.inj_depth)
@@ -229,7 +238,7 @@ class GET(nn.Module):
         info: dict = {}
         if not self.training:
             with torch.no_grad():
-                z, stats = _deq().solve(f, z, solver=cfg.solver, max_iter=cfg.eval_iters, tol=cfg.tol, **cfg.solver_kwargs)
+                z, stats = solve(f, z, solver=cfg.solver, max_iter=cfg.eval_iters, tol=cfg.tol, **cfg.solver_kwargs)
             info["stats"] = stats
             out = self.decode(z)
             return (out, info) if return_info else out
@@ -242,12 +251,13 @@ class GET(nn.Module):
         return (out, info) if return_info else out
 
     def _unrolled(self, f, z, offsets, info) -> list[torch.Tensor]:
-        """``train_solver_iters`` solver iterations without gradient, then ``grad_steps`` damped
-        differentiable steps (unrolled / phantom gradient, Geng et al. 2021)."""
+        """Unrolled: ``grad_steps`` damped differentiable steps from the noise start. Phantom: first
+        ``train_solver_iters`` solver iterations without gradient, then the same steps from their output
+        (Geng et al. 2021, Sec. 3)."""
         cfg = self.config
         if cfg.train_solver_iters > 0:
             with torch.no_grad():
-                z, stats = _deq().solve(
+                z, stats = solve(
                     f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters, tol=cfg.tol, **cfg.solver_kwargs
                 )
             info["stats"] = stats
@@ -258,22 +268,21 @@ class GET(nn.Module):
             step = f
         k = cfg.grad_steps
         supervise = sorted({i for i in range(1, k + 1) if i % cfg.sup_gap == 0} | {k})
-        return _deq().phantom_grad(step, z, k=k, tau=cfg.tau, supervise=supervise)
+        return phantom_grad(step, z, k=k, tau=cfg.tau, supervise=supervise)
 
     def _checkpointed_step(self, z: torch.Tensor, offsets) -> torch.Tensor:
         return checkpoint(self.equilibrium_step, z, *offsets, use_reentrant=False)
 
     def _ift(self, f, z, offsets, info) -> torch.Tensor:
-        """Fixed point by the solver; gradient by implicit differentiation (Bai et al. 2019, Eq. 8)."""
+        """Fixed point by the solver; gradient by implicit differentiation (Bai et al. 2019, Sec. 3.1.2)."""
         cfg = self.config
-        deq = _deq()
         with torch.no_grad():
-            z, stats = deq.solve(f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters or cfg.eval_iters,
-                                 tol=cfg.tol, **cfg.solver_kwargs)
+            z, stats = solve(f, z, solver=cfg.solver, max_iter=cfg.train_solver_iters or cfg.eval_iters,
+                             tol=cfg.tol, **cfg.solver_kwargs)
         info["stats"] = stats
         back = cfg.ift_solver or cfg.solver
         extra = cfg.solver_kwargs if back == cfg.solver else {}
-        return deq.ift(f, z, solver=back, max_iter=cfg.ift_max_iter, tol=cfg.ift_tol, **extra)
+        return ift(f, z, solver=back, max_iter=cfg.ift_max_iter, tol=cfg.ift_tol, **extra)
 
 
 def build(name: str, img_resolution: int = 32, in_channels: int = 3, num_classes: int = 0, **kw) -> GET:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from getfast.ops.attention_op import attention as _attention
+from getfast.ops import attention as _attention
 
 __all__ = [
     "sincos_pos_embed_2d",
@@ -72,18 +72,16 @@ class ClassEmbedding(nn.Module):
     """Class labels → an additive ``qkv`` offset ``(B, 1, 3D)``.
 
     Labels may be integer indices ``(B,)`` or (soft) one-hot rows ``(B, num_classes)`` as in EDM.
-    With ``null_class`` an extra row (index ``num_classes``) is the unconditional embedding used
-    for classifier-free guidance (Ho & Salimans 2022); ``label_dropout`` replaces labels by it at
-    random during training.
+    With ``null_class`` an extra row (index ``num_classes``, :attr:`null_label`) is the unconditional
+    embedding used for classifier-free guidance (Ho & Salimans 2022). The embedding is a deterministic
+    function of the labels: a method that trains an unconditional branch replaces labels by
+    :attr:`null_label` itself (label dropout belongs to the training method, never to the network).
     """
 
-    def __init__(self, num_classes: int, out_dim: int, null_class: bool = False, label_dropout: float = 0.0):
+    def __init__(self, num_classes: int, out_dim: int, null_class: bool = False):
         super().__init__()
-        if label_dropout > 0 and not null_class:
-            raise ValueError("label_dropout: needs null_class=True (a row to drop labels to)")
         self.num_classes = int(num_classes)
         self.null_class = bool(null_class)
-        self.label_dropout = float(label_dropout)
         self.table = nn.Embedding(num_classes + int(null_class), out_dim)
 
     @property
@@ -100,15 +98,9 @@ class ClassEmbedding(nn.Module):
             if labels.shape != (batch, self.num_classes):
                 raise ValueError(f"class_labels: one-hot labels must be ({batch}, {self.num_classes}), got {tuple(labels.shape)}")
             emb = labels.to(w.dtype) @ w[: self.num_classes]
-            if self.training and self.label_dropout > 0:
-                drop = torch.rand(batch, 1, device=emb.device) < self.label_dropout
-                emb = torch.where(drop, w[self.num_classes].expand_as(emb), emb)
         else:
             if labels.shape != (batch,):
                 raise ValueError(f"class_labels: integer labels must have shape ({batch},), got {tuple(labels.shape)}")
-            if self.training and self.label_dropout > 0:
-                drop = torch.rand(batch, device=labels.device) < self.label_dropout
-                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
             emb = self.table(labels)
         return emb.unsqueeze(1)
 

@@ -26,7 +26,6 @@ class UNetConfig:
     dropout: float = 0.0              # dropout inside residual blocks
     noise_channels_mult: int = 1      # noise embedding width = model_channels * this
     emb_channels_mult: int = 4        # embedding MLP width = model_channels * this
-    label_dropout: float = 0.0        # training-time probability of dropping the class (CFG)
     adaptive_scale: bool = True       # embedding gives scale and shift (True) or only a shift (DDPM++)
     w_cond: bool = False              # extra Fourier embedding of the guidance weight w (guided distillation)
 

@@ -39,7 +39,6 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     null_class: bool = False  # extra "no class" embedding for classifier-free guidance
-    label_dropout: float = 0.0  # training-time probability of replacing the label by the null class
     grad_checkpoint: bool = False  # recompute each block in backward
 
 
@@ -79,7 +78,7 @@ class ViT(nn.Module):
         # frozen sin-cos table, kept as a (non-trainable) parameter as in MAE/DiT checkpoints
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], D), requires_grad=False)
         self.class_embed = (
-            ClassEmbedding(num_classes, 3 * D, cfg.null_class, cfg.label_dropout) if num_classes > 0 else None
+            ClassEmbedding(num_classes, 3 * D, cfg.null_class) if num_classes > 0 else None
         )
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)

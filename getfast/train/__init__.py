@@ -1,6 +1,7 @@
-"""The shared training loop, checkpoints and exact resume."""
+"""The shared training loop (it owns every optimizer step), checkpoints, exact resume and the export."""
 from getfast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from getfast.train.loop import EMA, LoopConfig, clip_and_step, load_ema, train
+from getfast.train.loop import (EMA, DivergenceError, LoopConfig, Method, export_product, fit, load_ema, save_weights,
+                                train)
 
-__all__ = ["CheckpointError", "EMA", "LoopConfig", "clip_and_step", "load_checkpoint", "load_ema",
-           "save_checkpoint", "train"]
+__all__ = ["CheckpointError", "DivergenceError", "EMA", "LoopConfig", "Method", "export_product", "fit",
+           "load_checkpoint", "load_ema", "save_checkpoint", "save_weights", "train"]

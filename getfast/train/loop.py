@@ -1,83 +1,176 @@
 """The one training loop behind the teacher and every distillation method.
 
-A method is an object with:
+A method (the :class:`Method` protocol) declares what it trains; the loop performs every update:
+
   ``modules``      dict name -> nn.Module that it trains (checkpointed; DDP-wrapped by ``setup``)
   ``optimizers``   dict name -> torch.optim.Optimizer (each param group may carry ``base_lr``)
+  ``grad_clip``    max gradient norm per optimizer step (0: off)
   ``ema_module``   name of the module whose exponential moving average is the product
   ``data``         an object with ``__len__`` and ``batch(idx) -> tuple`` or None (data-free)
-  ``setup(wrap)``  called once; ``wrap(module)`` returns the DDP-wrapped module to use in ``step``
-  ``step(batch, step) -> dict[str, Tensor]``  one optimisation step (its own backward/optimizer calls);
-                   ``batch`` is ``data.batch(idx)`` on this rank, or the local batch size when data is None
-  ``sample_grid(ema, n) -> Tensor``  images in [-1, 1] for the periodic PNG grid
+  ``setup(wrap)``  called once; ``wrap(module)`` returns the DDP-wrapped module to use in ``losses``
+  ``losses(batch, step)``  the forward pass: a dict ``{optimizer name: scalar loss}`` (plus detached scalars
+                   that are only logged), or an iterator of such dicts for methods whose updates are
+                   sequential (the loop steps the optimizers of one dict before the method computes the
+                   next, e.g. a fake-score step before the generator step, or a generator step before the
+                   discriminator step). ``batch`` is ``data.batch(idx)`` on this rank, or the local batch
+                   size when data is None.
+  ``sample_grid(ema, n) -> Tensor``  (optional) images in [-1, 1] for the periodic PNG grid
   ``config() -> dict``  what must match for a checkpoint to be resumed
+  ``product``, ``product_metadata()``  file name and safetensors metadata of the exported EMA weights
+  ``lr_options`` (optional) dict optimizer name -> config field of its learning rate, for error messages
 
-Before ``setup`` the loop sets ``method.run_info`` (a :class:`RunInfo`: seed, global batch, rank, world);
-a method may use it with :func:`sample_generators` to draw its per-sample noise from the sample's global
-position in the data stream, which makes the noise independent of the number of processes and of resumes.
+The loop owns the update: autocast (bf16 on GPU) around the forward only; then, for each loss, backward into
+that optimizer's own parameters (``backward(inputs=...)``, so a frozen network in the graph of another
+network's loss gets no gradient), gradient clipping, the optimizer step; EMA, LR warm-up, seeding per rank,
+the data order (a seeded permutation per epoch, so the position is one integer), checkpoints and exact
+resume, a lock on the run folder, a JSONL log, sample grids, and the export of the product (:func:`fit`,
+:func:`export_product`). A loss or gradient that is not finite stops training with an error naming the step.
 
-The loop owns: seeding per rank, the data order (a seeded permutation per epoch, so the position
-is one integer), LR warm-up, EMA, gradient clipping helpers, bf16 autocast on GPU, checkpoints and
-exact resume, the progress bar, a JSONL log and sample grids.
+Before ``setup`` the loop sets ``method.run_info`` (a :class:`RunInfo`: seed, global batch, rank, world); a
+method may draw per-sample noise from :func:`sample_generators` (the teacher does), which makes its draws
+independent of the number of processes and of resumes.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from getfast.train.checkpoint import (CheckpointError, latest_good_checkpoint, load_checkpoint, prune_checkpoints,
-                                     save_checkpoint)
+from getfast.io import atomic_write_bytes, save_grid
+from getfast.train.checkpoint import (CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint,
+                                      prune_checkpoints, save_checkpoint)
 
+
+# --- option checks shared by every config ------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def check_number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                 integer: bool = False):
+    """``value`` if it is a finite number (an int when ``integer``) within the bounds, else ``ValueError``
+    naming the option. Bounds are inclusive unless ``lo_open``/``hi_open``."""
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{_flag(name)} must be {kind}, got {value!r}")
+    bounds = []
+    if lo is not None:
+        bounds.append(f"> {lo}" if lo_open else f">= {lo}")
+        if value < lo or (lo_open and value == lo):
+            raise ValueError(f"{_flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+    if hi is not None:
+        bounds.append(f"< {hi}" if hi_open else f"<= {hi}")
+        if value > hi or (hi_open and value == hi):
+            raise ValueError(f"{_flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Iterable):
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{_flag(name)} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value, optional: bool = False):
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    allowed = "true, false or None (automatic)" if optional else "true or false"
+    raise ValueError(f"{_flag(name)} must be {allowed}, got {value!r}")
+
+
+def check_betas(name: str, value) -> tuple:
+    """Adam's (β1, β2), each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{_flag(name)} must be two numbers (β1 β2), got {value!r}")
+    for b in value:
+        check_number(name, b, lo=0, hi=1, hi_open=True)
+    return tuple(float(b) for b in value)
+
+
+# --- configuration -----------------------------------------------------------------------------------
 
 @dataclass
 class LoopConfig:
-    out: str = "runs/train"            # run folder: checkpoints, log.jsonl, grids
+    out: str = "runs/train"            # run folder: checkpoints, log.jsonl, grids, the exported weights
     kimg: float = 100.0                 # training length, thousands of (global) samples
     batch: int = 64                     # global batch size (split across ranks)
     seed: int = 0                       # base seed; rank r uses seed + r for its noise
     warmup_kimg: float = 2.0            # linear LR warm-up length
     ema_halflife_kimg: float = 500.0    # EMA half-life (EDM), capped by the ramp-up below
-    ema_rampup: float = 0.05            # half-life <= this fraction of images seen so far (EDM)
+    ema_rampup: float = 0.05            # half-life <= this fraction of images seen so far (EDM; 0: no cap)
     log_every: int = 50                 # steps between log lines
     ckpt_every: int = 500               # steps between checkpoints
     keep_ckpts: int = 2                 # checkpoints kept on disk (older good ones survive a bad write)
     grid_every: int = 2000              # steps between sample grids (0: only at the end)
-    grid_n: int = 64                    # images per grid
+    grid_n: int = 64                    # images per grid (0: no sample grids)
     resume: bool = False                # continue from the newest good checkpoint in ``out``
+    overwrite: bool = False             # delete an earlier run's checkpoints, log and grids in ``out`` first
     compile: bool = False               # torch.compile the trained modules
-    bf16: bool | None = None            # autocast to bf16; default: on for CUDA, off for CPU
-    device: str = "auto"                # auto | cpu | cuda
+    bf16: bool | None = None            # autocast the forward pass to bf16; default: on for CUDA, off for CPU
+    tf32: bool = True                   # CUDA: TF32 tensor cores for float32 matmuls and convolutions
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
     progress: bool = True               # show a progress bar on rank 0
 
     def __post_init__(self):
-        for name in ("batch", "log_every", "ckpt_every", "keep_ckpts", "grid_n"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kimg", "warmup_kimg", "ema_halflife_kimg", "ema_rampup"):
-            v = float(getattr(self, name))
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if self.kimg <= 0:
-            raise ValueError(f"kimg must be > 0, got {self.kimg}")
-        if self.grid_every < 0:
-            raise ValueError(f"grid_every must be >= 0, got {self.grid_every}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise ValueError(f"{_flag('out')} must be a folder path, got {self.out!r}")
+        for name in ("batch", "log_every", "ckpt_every", "keep_ckpts"):
+            check_number(name, getattr(self, name), lo=1, integer=True)
+        check_number("grid_n", self.grid_n, lo=0, integer=True)
+        check_number("seed", self.seed, lo=0, integer=True)
+        check_number("grid_every", self.grid_every, lo=0, integer=True)
+        check_number("kimg", self.kimg, lo=0, lo_open=True)
+        for name in ("warmup_kimg", "ema_halflife_kimg", "ema_rampup"):
+            check_number(name, getattr(self, name), lo=0)
+        for name in ("resume", "overwrite", "compile", "tf32", "progress"):
+            check_bool(name, getattr(self, name))
+        check_bool("bf16", self.bf16, optional=True)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"{_flag('device')} must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def total_steps(self) -> int:
         """Optimiser steps for ``kimg`` thousand samples (rounded so 0.57 kimg is 570 samples, not 570.0000001)."""
         return math.ceil(round(self.kimg * 1000, 6) / self.batch)
+
+
+class Method(Protocol):
+    """What :func:`train` needs of a method (see the module docstring)."""
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    grad_clip: float
+    ema_module: str
+    data: Any
+    product: str
+
+    def config(self) -> dict: ...
+    def setup(self, wrap) -> None: ...
+    def losses(self, batch, step: int) -> Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]: ...
+    def product_metadata(self) -> dict[str, str]: ...
+
+
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss or gradient; the message names the step and the likely option."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +223,8 @@ def init_distributed(device: str) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
     if device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
@@ -190,20 +285,98 @@ class EMA:
             b_ema.copy_(b)
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float | None) -> torch.Tensor | None:
-    """Gradient clipping (if asked) then the optimizer step; NaN/Inf gradients are zeroed (EDM's guard)."""
-    params = [p for p in params if p.grad is not None]
-    for p in params:
-        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-    norm = nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
-    optimizer.step()
-    return norm
-
-
 def _unwrap(m: nn.Module) -> nn.Module:
     m = getattr(m, "module", m)  # DDP
     return getattr(m, "_orig_mod", m)  # torch.compile
 
+
+def trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters an optimizer updates (those with ``requires_grad``)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+# --- the run folder: lock, refusal to mix runs, overwrite --------------------------------------------
+
+LOCK_NAME = ".getfast.lock"
+_held_locks: dict[str, list] = {}  # folder -> [file object, depth]: re-entrant within one process
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.getfast.lock``; released when the
+    process exits, also by SIGKILL). A second run into the same folder is refused instead of racing."""
+    key = str(Path(out).resolve())
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    f = open(Path(out) / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out} is in use by another training run ({holder}); wait for it to finish or "
+                         "choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _held_locks[key] = [f, 1]
+    try:
+        yield
+    finally:
+        _held_locks.pop(key, None)
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
+
+
+def _run_files(out: Path, product: str | None) -> list[Path]:
+    """Files a previous run of the loop left in ``out`` (never anything else)."""
+    if not out.is_dir():
+        return []
+    found = list_checkpoints(out)
+    for p in out.iterdir():
+        if p.name in ("log.jsonl", "config.json") or (p.name.startswith("grid-") and p.suffix == ".png") \
+                or (p.name.startswith(".ckpt-") and ".tmp" in p.name) or (product and p.name == product):
+            found.append(p)
+    return found
+
+
+def _prepare_out(out: Path, cfg: LoopConfig, product: str | None) -> None:
+    """Refuse to mix a fresh run with an earlier one in ``out``; with ``overwrite``, delete the earlier one."""
+    earlier = [p for p in _run_files(out, product) if p.name != product]
+    if cfg.overwrite:
+        for p in _run_files(out, product):
+            p.unlink(missing_ok=True)
+    elif earlier and not cfg.resume:
+        what = "checkpoints" if list_checkpoints(out) else "a log"
+        raise ValueError(f"{out} already holds a training run ({what}); pass --resume to continue it, or "
+                         "--overwrite to replace it, or choose a new --out")
+
+
+def _agree(fn, rank: int, world: int):
+    """Run ``fn`` on rank 0 and raise its ``ValueError`` on every rank (so no rank waits forever)."""
+    msg = None
+    if rank == 0:
+        try:
+            fn()
+        except ValueError as e:
+            msg = (type(e), str(e))
+    if world > 1:
+        box = [msg]
+        dist.broadcast_object_list(box, src=0)
+        msg = box[0]
+    if msg is not None:
+        raise msg[0](msg[1])
+
+
+# --- the log -----------------------------------------------------------------------------------------
 
 class _Logger:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
@@ -219,13 +392,12 @@ class _Logger:
                     continue
                 if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                     kept.append(line + "\n")
-            from getfast.train.checkpoint import atomic_write_bytes
             atomic_write_bytes(path, "".join(kept).encode())
         self.f = open(path, "a") if enabled else None
 
     def write(self, record: dict):
         if self.enabled:
-            self.f.write(json.dumps(record) + "\n")
+            self.f.write(json.dumps(record, allow_nan=False) + "\n")
             self.f.flush()
 
     def close(self):
@@ -234,17 +406,141 @@ class _Logger:
             self.f = None
 
 
+# --- one step ----------------------------------------------------------------------------------------
+
+class _Updater:
+    """Backward, clipping and the optimizer step for each loss a method hands over; collects what is logged.
+
+    Log keys: a loss is logged as ``loss`` when the method has one optimizer, as ``loss_<optimizer>`` when it
+    has several; other (detached) scalars under their own names. Sums stay on the device until a log line.
+    """
+
+    def __init__(self, method, device):
+        self.method = method
+        self.params = {k: trainable(o) for k, o in method.optimizers.items()}
+        self.single = len(method.optimizers) == 1
+        clip = getattr(method, "grad_clip", 0.0) or 0.0
+        self.clip = float(check_number("grad_clip", clip, lo=0))
+        self.device = device
+        self.first_bad = {k: torch.full((), -1, dtype=torch.long, device=device) for k in method.optimizers}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def key(self, name: str) -> str:
+        return "loss" if self.single else f"loss_{name}"
+
+    def _add(self, key, value):
+        v = value.detach().float().mean()
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def apply(self, phase: Mapping, step: int):
+        if not isinstance(phase, Mapping):
+            raise TypeError(f"{type(self.method).__name__}.losses must give dicts {{optimizer name: loss}}, "
+                            f"got {type(phase).__name__}")
+        updates = []
+        for k, v in phase.items():
+            if k in self.method.optimizers:
+                if not torch.is_tensor(v) or v.numel() != 1:
+                    raise ValueError(f"{type(self.method).__name__}.losses: the loss for optimizer {k!r} must be a "
+                                     f"scalar tensor")
+                updates.append((k, v))
+            elif torch.is_tensor(v) and v.requires_grad:
+                raise ValueError(f"{type(self.method).__name__}.losses gave {k!r} with a gradient but there is no "
+                                 f"optimizer of that name (optimizers: {sorted(self.method.optimizers)})")
+            else:
+                self._add(k, torch.as_tensor(v, device=self.device))
+        for i, (name, loss) in enumerate(updates):
+            opt, params = self.method.optimizers[name], self.params[name]
+            opt.zero_grad(set_to_none=True)
+            loss.reshape(()).backward(inputs=params, retain_graph=i < len(updates) - 1)
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            if self.clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # no gradient outlives its step (memory, and the next phase's check)
+            ok = torch.isfinite(loss.detach()).all() & torch.isfinite(norm)
+            bad = self.first_bad[name]
+            self.first_bad[name] = torch.where(ok | (bad >= 0), bad, torch.full_like(bad, step))
+            self._add(self.key(name), loss)
+
+    def check(self):
+        """One host sync: raise :class:`DivergenceError` if any loss or gradient so far was not finite."""
+        names = list(self.first_bad)
+        steps = torch.stack([self.first_bad[k] for k in names]).tolist() if names else []
+        bad = [(s, k) for s, k in zip(steps, names) if s >= 0]
+        if bad:
+            s, k = min(bad)
+            raise DivergenceError(_divergence_message(self.method, k, s, self.clip))
+
+    def take(self) -> dict[str, float]:
+        """The logged means since the last call (one host sync), after the finite check."""
+        self.check()
+        keys = sorted(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []
+        out = {k: v / self.counts[k] for k, v in zip(keys, vals)}
+        self.sums, self.counts = {}, {}
+        return out
+
+
+def _divergence_message(method, name: str, step: int, clip: float) -> str:
+    opt = method.optimizers[name]
+    lr = opt.param_groups[0].get("base_lr", opt.param_groups[0]["lr"])
+    field = getattr(method, "lr_options", {}).get(name, "lr")
+    clip_txt = f"--grad-clip is {clip:g}" if clip > 0 else "gradient clipping is off (--grad-clip 0)"
+    return (f"training diverged at step {step + 1}: the loss of {name!r} or its gradient is not finite. "
+            f"The likely cause is the learning rate {_flag(field)} = {lr:g}: lower it; {clip_txt}. "
+            "Nothing of this step was checkpointed; --resume continues from the last good checkpoint")
+
+
+def _phases(out):
+    """A method's ``losses`` result as an iterator of dicts (a single dict is one phase)."""
+    if isinstance(out, Mapping):
+        return iter((out,))
+    return iter(out)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
 def train(method, cfg: LoopConfig) -> dict:
-    """Run ``method`` for ``cfg.kimg`` thousand samples; returns the final log record."""
+    """Run ``method`` for ``cfg.kimg`` thousand samples in the run folder ``cfg.out``; returns the last log record.
+
+    Refuses to start a fresh run in a folder that holds an earlier one (``cfg.resume`` continues it,
+    ``cfg.overwrite`` deletes it) and while another run holds the folder's lock.
+    """
     device = resolve_device(cfg.device)
     init_distributed(device.type)
     rank, world = dist_info()
     if cfg.batch % world:
         raise ValueError(f"batch {cfg.batch} is not divisible by the number of processes {world}")
-    local_batch = cfg.batch // world
     out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        def prepare():  # rank 0 only: lock the folder, then refuse or clear an earlier run in it
+            held.enter_context(run_lock(out))
+            _prepare_out(out, cfg, getattr(method, "product", None))
+        _agree(prepare, rank, world)
+        with _tf32(device, cfg.tf32):
+            return _train(method, cfg, device, rank, world, out)
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device, on: bool):
+    """TF32 tensor cores for float32 matmuls/convolutions on CUDA (about 8x the float32 rate on A100/H100, with
+    a 10-bit mantissa in the products); the previous settings come back afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) -> dict:
+    local_batch = cfg.batch // world
     seed_everything(cfg.seed + rank)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
 
@@ -269,10 +565,12 @@ def train(method, cfg: LoopConfig) -> dict:
         return module
 
     method.setup(wrap)
+    updater = _Updater(method, device)
     total_steps = cfg.total_steps()
-    logger = _Logger(out / "log.jsonl", rank == 0, resume_step=step if resumed_from else None)
+    logger = _Logger(out / "log.jsonl", rank == 0, resume_step=step if cfg.resume else None)
     if rank == 0:
-        (out / "config.json").write_text(json.dumps({"loop": asdict(cfg), "method": method.config()}, indent=2, default=str))
+        atomic_write_bytes(out / "config.json", json.dumps({"loop": asdict(cfg), "method": method.config()},
+                                                           indent=2, default=str).encode())
         if resumed_from:
             print(f"resumed from {resumed_from} at step {step} ({nimg / 1000:.1f} kimg)")
     bar = None
@@ -282,46 +580,53 @@ def train(method, cfg: LoopConfig) -> dict:
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     t_start, last_t, last_nimg, record = time.time(), time.time(), nimg, {}
-    sums: dict[str, float] = {}
-    n_sums = 0
-    while step < total_steps:
-        _set_lr(method, nimg, cfg.warmup_kimg)
-        batch = local_batch  # data-free methods get the local batch size
-        if method.data is not None:
-            idx = data_indices(len(method.data), cfg.batch, nimg, cfg.seed)
-            batch = method.data.batch(idx[rank * local_batch:(rank + 1) * local_batch])
-            batch = tuple(b.to(device) if torch.is_tensor(b) else b for b in batch)
-        with autocast:
-            losses = method.step(batch, step)
-        step += 1
-        nimg += cfg.batch
-        ema.update(_unwrap(method.modules[method.ema_module]), nimg, cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean())  # one sync per step, logging only
-        n_sums += 1
-        if step % cfg.log_every == 0 or step == total_steps:
-            if world > 1 and sums:  # log the mean over all ranks, not rank 0's share of the batch
-                keys = sorted(sums)
-                t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                sums = dict(zip(keys, (t / world).tolist()))
-            now = time.time()
-            record = {"step": step, "kimg": nimg / 1000, "time": now - t_start,
-                      "img_per_s": (nimg - last_nimg) / max(now - last_t, 1e-9),
-                      **{k: v / n_sums for k, v in sums.items()}}
-            logger.write(record)
+    try:
+        while step < total_steps:
+            _set_lr(method, nimg, cfg.warmup_kimg)
+            batch = local_batch  # data-free methods get the local batch size
+            if method.data is not None:
+                idx = data_indices(len(method.data), cfg.batch, nimg, cfg.seed)
+                batch = method.data.batch(idx[rank * local_batch:(rank + 1) * local_batch])
+                batch = tuple(b.to(device) if torch.is_tensor(b) else b for b in batch)
+            with autocast:  # the forward pass only: backward and the optimizer steps run outside autocast
+                phases = _phases(method.losses(batch, step))
+            while True:
+                with autocast:
+                    phase = next(phases, None)
+                if phase is None:
+                    break
+                updater.apply(phase, step)
+            step += 1
+            nimg += cfg.batch
+            ema.update(_unwrap(method.modules[method.ema_module]), nimg, cfg.batch, cfg.ema_halflife_kimg,
+                       cfg.ema_rampup)
+            if step % cfg.log_every == 0 or step == total_steps:
+                means = updater.take()
+                if world > 1 and means:  # log the mean over all ranks, not rank 0's share of the batch
+                    keys = sorted(means)
+                    t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
+                    dist.all_reduce(t)
+                    means = dict(zip(keys, (t / world).tolist()))
+                now = time.time()
+                record = {"step": step, "kimg": nimg / 1000, "time": now - t_start,
+                          "img_per_s": (nimg - last_nimg) / max(now - last_t, 1e-9), **means}
+                logger.write(record)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "time")},
+                                    refresh=False)
+                last_t, last_nimg = now, nimg
             if bar is not None:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "time")}, refresh=False)
-            last_t, last_nimg, sums, n_sums = now, nimg, {}, 0
+                bar.update(1)
+            if step % cfg.ckpt_every == 0 or step == total_steps:
+                updater.check()
+                _save(method, ema, out, step, nimg, cfg, rank)
+            if rank == 0 and cfg.grid_n and hasattr(method, "sample_grid") and \
+                    ((cfg.grid_every and step % cfg.grid_every == 0) or step == total_steps):
+                _grid(method, ema, out / f"grid-{step:07d}.png", cfg.grid_n)
+    finally:
         if bar is not None:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == total_steps:
-            _save(method, ema, out, step, nimg, cfg, rank)
-        if rank == 0 and ((cfg.grid_every and step % cfg.grid_every == 0) or step == total_steps):
-            _grid(method, ema, out / f"grid-{step:07d}.png", cfg.grid_n)
-    if bar is not None:
-        bar.close()
-    logger.close()
+            bar.close()
+        logger.close()
     return record
 
 
@@ -334,7 +639,6 @@ def _set_lr(method, nimg, warmup_kimg):
 
 
 def _grid(method, ema, path, n):
-    from getfast.metrics.grids import save_grid
     rng = torch.get_rng_state()  # grids must not change the training noise stream
     torch.manual_seed(0)
     try:
@@ -399,3 +703,42 @@ def load_ema(path, map_location="cpu") -> tuple[dict, dict]:
     else:
         state = load_checkpoint(p, map_location)
     return state["ema"], state["config"]
+
+
+# --- the product -------------------------------------------------------------------------------------
+
+def save_weights(module_or_state, path, metadata: dict[str, str]) -> Path:
+    """Write a module's weights (or a state dict) as safetensors with ``metadata``, atomically, mode 0644:
+    exported weights are meant to be shared, like any other file the user makes."""
+    from safetensors.torch import save
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return atomic_write_bytes(path, save(state, metadata=metadata), mode=0o644)
+
+
+def export_product(method, cfg: LoopConfig) -> Path | None:
+    """Load the EMA of the newest good checkpoint in ``cfg.out`` into the method's product module and save it as
+    ``cfg.out/<method.product>`` with ``method.product_metadata()``. Rank 0 writes; returns the path there,
+    None on the other ranks."""
+    rank, world = dist_info()
+    path = Path(cfg.out) / method.product
+    if rank == 0:
+        with run_lock(Path(cfg.out)):
+            state, _ = load_ema(cfg.out)
+            product = _unwrap(method.modules[method.ema_module])
+            product.load_state_dict(state)
+            save_weights(product, path, method.product_metadata())
+    if world > 1:
+        dist.barrier()
+    return path if rank == 0 else None
+
+
+def fit(method, cfg: LoopConfig) -> Path | None:
+    """:func:`train` then :func:`export_product`, holding the run folder's lock throughout, so no other run can
+    start in ``cfg.out`` between the last checkpoint and the export. Returns the exported file (rank 0)."""
+    init_distributed(resolve_device(cfg.device).type)
+    rank, world = dist_info()
+    with contextlib.ExitStack() as held:
+        _agree(lambda: held.enter_context(run_lock(Path(cfg.out))), rank, world)
+        train(method, cfg)
+        return export_product(method, cfg)

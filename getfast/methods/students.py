@@ -1,0 +1,87 @@
+"""Exported students: ``student.safetensors`` holds the EMA weights and the metadata that rebuilds the network.
+
+GET/ViT students map noise to images directly; SIM/GDD generators are a teacher-shaped denoiser evaluated once
+at σ_init (:class:`getfast.models.onestep.OneStepGenerator`); guided students are w-conditioned copies of the
+teacher's denoiser, sampled with DDIM.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from getfast.models.onestep import OneStepGenerator
+from getfast.train.loop import save_weights
+
+KEY = "getfast_student"
+
+
+def student_meta(method) -> dict:
+    """What ``load_student`` needs to rebuild ``method``'s product."""
+    meta = {"method": method.config()["method"], "config": method.config(), "shape": list(method.shape),
+            "num_classes": int(method.num_classes)}
+    teacher = getattr(method, "teacher", None)
+    if teacher is not None and hasattr(teacher, "meta"):
+        meta["teacher_meta"] = teacher.meta
+    return meta
+
+
+def save_student(module: nn.Module, meta: dict, path) -> Path:
+    """Write a student's weights with its metadata (atomically, mode 0644)."""
+    return save_weights(module, path, {KEY: json.dumps(meta)})
+
+
+def build_student_from_meta(meta: dict) -> nn.Module:
+    from getfast.teacher import build_denoiser
+    cfg = dict(meta["config"])
+    method = cfg.pop("method")
+    C, H, _ = meta["shape"]
+    if method == "get":
+        from getfast.methods.get_distill import build_student, config_from_meta
+        return build_student(config_from_meta(cfg), H, C, meta["num_classes"])
+    tm = meta.get("teacher_meta")
+    if tm is None:
+        raise ValueError(f"a {method!r} student export must record its teacher's architecture (teacher_meta)")
+    if method in ("sim", "gdd"):
+        den = build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"],
+                             **tm.get("overrides", {}))
+        return OneStepGenerator(den, cfg["sigma_init"])
+    if method == "guided":  # a w-conditioned copy of the teacher's denoiser, sampled with DDIM
+        return build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"],
+                              **{**tm.get("overrides", {}), "w_cond": True})
+    raise ValueError(f"cannot rebuild a student of method {method!r}")
+
+
+def load_student(path, device="cpu") -> nn.Module:
+    """A student from its ``student.safetensors`` (or a run folder holding one), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    p = Path(path)
+    if p.is_dir():
+        p = p / "student.safetensors"
+    if not p.exists():
+        raise FileNotFoundError(f"no student at {p}")
+    with safe_open(str(p), "pt") as f:
+        md = f.metadata() or {}
+    if KEY not in md:
+        raise ValueError(f"{p} is not a getfast student export")
+    meta = json.loads(md[KEY])
+    net = build_student_from_meta(meta)
+    net.load_state_dict(load_file(str(p)))
+    net.meta = meta
+    return net.eval().requires_grad_(False).to(device)
+
+
+def is_student(path) -> bool:
+    p = Path(path)
+    return (p / "student.safetensors").exists() if p.is_dir() else p.name.endswith(".safetensors") and _has_key(p)
+
+
+def _has_key(p: Path) -> bool:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(p), "pt") as f:
+            return KEY in (f.metadata() or {})
+    except Exception:  # not a safetensors file: let the caller's loader report it
+        return False
