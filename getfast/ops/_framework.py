@@ -40,18 +40,18 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 # benchmark measured it faster than the PyTorch built-in it replaces (the `reference` backend:
 # SDPA, the eager composition, the reference solver step); anything absent here runs the
 # built-in. GPU figures: one H200, torch 2.11, triton 3.6. CPU figures: this project's 2-core
-# machine, benchmarks/bench_overhead.py and benchmarks/bench_deq.py, side by side in one process.
+# machine, the benchmarks `sim_loss`, `deq` and `overhead` (python -m benchmarks), side by side in one process.
 DEFAULTS: dict[tuple[str, str], tuple[str, str]] = {
     ("attention_fwd", "cuda"): ("reference", "SDPA: the Triton kernel measured 0.30-0.77x SDPA on H200"),
     ("attention_fwd", "cpu"): ("reference", "SDPA: no CPU kernel"),
     ("sim_loss", "cuda"): ("reference", "eager composition: fused measured 1.0x eager on H200 (host-bound)"),
-    ("sim_loss", "cpu"): ("cpp", "fused C++ measured 3.4-6.0x eager CPU time at 64x3x32x32 and 64x4x64x64 "
-                                 "and 2.6x eager host time at 2x1x4x4 (fwd+bwd)"),
+    ("sim_loss", "cpu"): ("cpp", "fused C++ measured 3.4-6.0x less CPU time than eager at 64x3x32x32 and "
+                                 "64x4x64x64 (bench sim_loss), 0.5x eager's host time at 2x1x4x4 (bench overhead)"),
     ("anderson_step", "cuda"): ("triton", "measured 0.21x torchdeq per iteration on H200 (cuda backend 0.39x)"),
-    ("anderson_step", "cpu"): ("cpp", "fused C++ step measured 11.7x the reference step at B=32, D=65536, "
-                                      "m=6 and 2.8x at B=2, D=64"),
-    ("broyden_step", "cpu"): ("cpp", "fused C++ step measured 2.2x the reference step at B=2, D=64 and "
-                                     "0.39x torchdeq's time to tolerance at B=32, D=65536"),
+    ("anderson_step", "cpu"): ("cpp", "fused C++ step measured 11.7x faster than the reference step at B=32, "
+                                      "D=65536, m=6 (bench deq), 0.02x its time at B=2, D=64 (bench overhead)"),
+    ("broyden_step", "cpu"): ("cpp", "fused C++ step measured 0.02x the reference step's time at B=2, D=64 (bench "
+                                     "overhead); 0.39x torchdeq's time to tolerance at B=32, D=65536 (bench deq)"),
 }
 _BUILTIN = "the PyTorch built-in: no measurement shows a fused backend faster here"
 _ENVIRON = getattr(os.environ, "_data", None)

@@ -107,16 +107,16 @@ def _check(dims, *args):
 
 def _setup(ctx, inputs, output):
     a, f, g, sigma, c = inputs
-    ctx.save_for_backward(a, f, g, sigma, output[1])
-    ctx.c = c
+    ctx.save_for_backward(a, f, g, sigma)
+    ctx.stats, ctx.c = output[1], c  # non-differentiable: no reference back to the graph
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_loss, _grad_stats):
     if grad_loss is None:  # only the (non-differentiable) stats were used
         return None, None, None, None, None
-    a, f, g, sigma, stats = ctx.saved_tensors
-    grads = SIM_LOSS_BACKWARD.from_backward(ctx, grad_loss, a, f, g, sigma, stats, ctx.c)
+    a, f, g, sigma = ctx.saved_tensors
+    grads = SIM_LOSS_BACKWARD.from_backward(ctx, grad_loss, a, f, g, sigma, ctx.stats, ctx.c)
     return (*grads, None, None)
 
 
