@@ -9,10 +9,9 @@ import torch
 
 from getfast.data import load_dataset
 from getfast.diffusion import EDMLoss, EDMPrecond, heun
-from getfast.models import create, known_models
-from getfast.models.get import CONFIGS as _GET_CONFIGS
-from getfast.models.vit import CONFIGS as _VIT_CONFIGS
-from getfast.train.loop import check_bool, check_number, sample_generators, save_weights
+from getfast.models import build_denoiser, check_teacher_model, teacher_models  # noqa: F401  (teacher API)
+from getfast.train.checkpoint import list_checkpoints
+from getfast.train.loop import check_bool, check_number, load_ema, sample_generators, save_weights
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"fashion-mnist": ASSETS / "teacher-fashion-mnist.safetensors"}
@@ -41,31 +40,6 @@ class TeacherConfig:
         check_number("grad_clip", self.grad_clip, lo=0)
         check_number("P_mean", self.P_mean)
         check_number("P_std", self.P_std, lo=0, lo_open=True)
-
-
-def teacher_models() -> list[str]:
-    """Registered models that can be a teacher: EDM backbones F(x; c_noise, labels), not one-step students."""
-    return [m for m in known_models() if m not in _GET_CONFIGS and m not in _VIT_CONFIGS]
-
-
-def check_teacher_model(model) -> str:
-    if model not in teacher_models():
-        student = model in _GET_CONFIGS or model in _VIT_CONFIGS
-        why = (f"{model!r} is a one-step student (distil it with `getfast distill get --model {model}`)"
-               if student else f"unknown model {model!r}")
-        raise ValueError(f"model (--model): {why}; a teacher is an EDM denoiser backbone, one of: "
-                         f"{', '.join(teacher_models())}")
-    return model
-
-
-def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, label_dropout: float = 0.0,
-                   **overrides) -> EDMPrecond:
-    """An EDM denoiser over the named backbone. ``label_dropout`` is accepted for callers that pass a teacher's
-    training setting and is checked, but not used: the denoiser never drops labels (the training step does)."""
-    check_teacher_model(model)
-    check_number("label_dropout", label_dropout, lo=0, hi=1, hi_open=True)
-    backbone = create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
-    return EDMPrecond(backbone)
 
 
 class TeacherMethod:
@@ -172,7 +146,6 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
     from getfast.importers.convert import is_foreign_teacher, load_converted, load_source
     if is_foreign_teacher(path):  # an NVlabs/edm pickle or a diffusers folder, read by getfast.importers
         return load_source(str(path), device=device)
-    from getfast.train.checkpoint import list_checkpoints
     if path.is_dir() and not list_checkpoints(path) and (path / "teacher.safetensors").exists():
         path = path / "teacher.safetensors"
     if path.suffix == ".safetensors":
@@ -180,7 +153,6 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
         if "precond" in meta or "diffusers" in meta:  # converted by `getfast convert`
             return load_converted(path, state, meta, device)
     else:
-        from getfast.train.loop import load_ema
         state, cfg = load_ema(path)
         meta = _meta_from_config(cfg)
     # The loaded denoiser is a deterministic function of (x, σ, label): label dropout was a property of

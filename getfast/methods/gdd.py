@@ -39,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from getfast.data import load_dataset
+from getfast.methods.students import student_meta
 from getfast.models.onestep import OneStepGenerator
+from getfast.teacher import load as load_teacher
 from getfast.train.loop import check_betas, check_bool, check_number
 
 # Relative to the UNet (getfast.models.unet): the blocks' 3×3 convolutions conv0/conv1 and attention output
@@ -413,11 +416,9 @@ class GDDMethod:
 
     def __init__(self, cfg: GDDConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
                  discriminator: nn.Module | None = None, data=None, shape=None, num_classes=None, log=print):
-        from getfast.data import load_dataset
-        from getfast.teacher import load
         self.cfg = cfg
         if teacher is None and (generator is None or discriminator is None):
-            teacher = load(cfg.teacher)
+            teacher = load_teacher(cfg.teacher)
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         meta = getattr(self.teacher, "meta", {})
         if data is None:
@@ -460,7 +461,6 @@ class GDDMethod:
         return {"method": "gdd", **asdict(self.cfg)}
 
     def product_metadata(self) -> dict[str, str]:
-        from getfast.methods.students import student_meta
         return {"getfast_student": json.dumps(student_meta(self))}
 
     def setup(self, wrap):

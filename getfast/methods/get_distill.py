@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from getfast.data import PairDataset
 from getfast.deq import fp_correction_weights, list_solvers
-from getfast.models import create
+from getfast.methods.students import GET_ARCH_FIELDS, build_get_student, student_meta
 from getfast.models.get import CONFIGS as GET_MODELS
 from getfast.models.vit import CONFIGS as VIT_MODELS
 from getfast.train.loop import check_bool, check_choice, check_number
@@ -81,30 +82,16 @@ class GETDistillConfig:
         for name in ("grad_steps", "eval_iters", "train_solver_iters"):
             check_number(name, getattr(self, name), lo=0, integer=True)
         check_number("tau", self.tau, lo=0, hi=1)
-        get_only = [k for k in _GET_FIELDS if getattr(self, k)]
+        get_only = [k for k in GET_ARCH_FIELDS if getattr(self, k)]
         if not self.model.startswith("GET") and get_only:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in get_only)} apply to GET models only, "
                              f"not {self.model}")
         if self.model.startswith("GET"):  # the GET config checks how they combine (e.g. phantom needs a solve)
-            dataclasses.replace(GET_MODELS[self.model], **_get_overrides(self))
-
-
-_GET_FIELDS = ("solver", "grad", "grad_steps", "eval_iters", "train_solver_iters", "tau")
-
-
-def _get_overrides(cfg: GETDistillConfig) -> dict:
-    return {k: getattr(cfg, k) for k in _GET_FIELDS if getattr(cfg, k)}
+            dataclasses.replace(GET_MODELS[self.model], **{k: getattr(self, k) for k in get_only})
 
 
 def build_student(cfg: GETDistillConfig, resolution: int, channels: int, num_classes: int) -> nn.Module:
-    return create(cfg.model, img_resolution=resolution, in_channels=channels, num_classes=num_classes,
-                  **(_get_overrides(cfg) if cfg.model.startswith("GET") else {}))
-
-
-def config_from_meta(cfg: dict) -> GETDistillConfig:
-    """The config of an exported student (fields added since it was written take their defaults)."""
-    names = {f.name for f in dataclasses.fields(GETDistillConfig)}
-    return GETDistillConfig(**{k: v for k, v in cfg.items() if k in names})
+    return build_get_student(cfg.model, resolution, channels, num_classes, asdict(cfg))
 
 
 class GETDistillMethod:
@@ -115,7 +102,6 @@ class GETDistillMethod:
     lr_options = {"student": "lr"}
 
     def __init__(self, cfg: GETDistillConfig, data=None):
-        from getfast.data import PairDataset
         self.cfg = cfg
         self.data = data if data is not None else PairDataset(cfg.pairs)
         self.shape = tuple(self.data.shape)
@@ -131,7 +117,6 @@ class GETDistillMethod:
         return {"method": "get", **asdict(self.cfg)}
 
     def product_metadata(self) -> dict[str, str]:
-        from getfast.methods.students import student_meta
         return {"getfast_student": json.dumps(student_meta(self))}
 
     def setup(self, wrap):

@@ -31,9 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from getfast.data import load_dataset
 from getfast.diffusion import ddim, ddim_step, vp_alpha_sigma, vp_denoise
 from getfast.io import atomic_write_bytes
 from getfast.methods.students import load_student
+from getfast.models import build_denoiser
+from getfast.teacher import load as load_teacher
 from getfast.train.loop import check_choice, check_number, dist_info, fit
 
 
@@ -109,7 +112,6 @@ class GuidedConfig:
 def make_w_student(teacher: nn.Module) -> nn.Module:
     """A w-conditioned copy of an EDM teacher (UNet with ``w_cond=True``, zero-initialised w embedding): it
     starts as the teacher's conditional denoiser, i.e. guidance weight 0."""
-    from getfast.teacher import build_denoiser
     meta = teacher.meta
     student = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
                              **{**meta.get("overrides", {}), "w_cond": True})
@@ -132,14 +134,12 @@ class GuidedMethod:
 
     def __init__(self, cfg: GuidedConfig, teacher: nn.Module | None = None, student: nn.Module | None = None,
                  data=None, shape=None, num_classes=None, base_meta: dict | None = None):
-        from getfast.data import load_dataset
-        from getfast.teacher import load
         self.cfg = cfg
         self.stage = "cfg" if cfg.stage == "all" else cfg.stage
         self.steps = cfg.steps if self.stage == "pd" else cfg.pd_start  # the student's DDIM steps
         if teacher is None:
             if self.stage == "cfg":
-                teacher = load(cfg.teacher)
+                teacher = load_teacher(cfg.teacher)
             else:
                 teacher = load_student(cfg.init)
                 prev = teacher.meta

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from getfast.diffusion import EDMLoss
+from getfast.methods.students import student_meta
 from getfast.models.onestep import OneStepGenerator
 from getfast.ops import sim_loss
+from getfast.teacher import load as load_teacher
 from getfast.train.loop import check_betas, check_choice, check_number
 
 __all__ = ["OneStepGenerator", "SIMConfig", "SIMMethod", "sample_sigma_rho", "sid_generator_loss",
@@ -123,9 +125,8 @@ class SIMMethod:
 
     def __init__(self, cfg: SIMConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
                  fake: nn.Module | None = None, shape=None, num_classes=None):
-        from getfast.teacher import load
         self.cfg = cfg
-        self.teacher = (teacher if teacher is not None else load(cfg.teacher)).eval().requires_grad_(False)
+        self.teacher = (teacher if teacher is not None else load_teacher(cfg.teacher)).eval().requires_grad_(False)
         meta = getattr(self.teacher, "meta", {})
         self.shape = tuple(shape or (meta["channels"], meta["resolution"], meta["resolution"]))
         self.num_classes = meta.get("num_classes", 0) if num_classes is None else num_classes
@@ -151,7 +152,6 @@ class SIMMethod:
         return {"method": "sim", **asdict(self.cfg)}
 
     def product_metadata(self) -> dict[str, str]:
-        from getfast.methods.students import student_meta
         return {"getfast_student": json.dumps(student_meta(self))}
 
     def setup(self, wrap):

@@ -11,10 +11,20 @@ from pathlib import Path
 
 from torch import nn
 
+from getfast.models import build_denoiser, create
 from getfast.models.onestep import OneStepGenerator
 from getfast.train.loop import save_weights
 
 KEY = "getfast_student"
+
+# The fields of a GET distillation config that shape the student network (they override its GETConfig).
+GET_ARCH_FIELDS = ("solver", "grad", "grad_steps", "eval_iters", "train_solver_iters", "tau")
+
+
+def build_get_student(model: str, resolution: int, channels: int, num_classes: int, config: dict) -> nn.Module:
+    """A GET or ViT student; for a GET, the set (truthy) ``GET_ARCH_FIELDS`` of ``config`` override its GETConfig."""
+    overrides = {k: config[k] for k in GET_ARCH_FIELDS if config.get(k)} if model.startswith("GET") else {}
+    return create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
 
 
 def student_meta(method) -> dict:
@@ -33,13 +43,11 @@ def save_student(module: nn.Module, meta: dict, path) -> Path:
 
 
 def build_student_from_meta(meta: dict) -> nn.Module:
-    from getfast.teacher import build_denoiser
     cfg = dict(meta["config"])
     method = cfg.pop("method")
     C, H, _ = meta["shape"]
     if method == "get":
-        from getfast.methods.get_distill import build_student, config_from_meta
-        return build_student(config_from_meta(cfg), H, C, meta["num_classes"])
+        return build_get_student(cfg["model"], H, C, meta["num_classes"], cfg)
     tm = meta.get("teacher_meta")
     if tm is None:
         raise ValueError(f"a {method!r} student export must record its teacher's architecture (teacher_meta)")

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from getfast.diffusion import EDMPrecond
+
 
 class GaussianDenoiser(nn.Module):
     """Exact denoiser of N(mean, diag(std²)), optionally class-conditional (one mean per class).
@@ -100,7 +102,6 @@ def gaussian_teacher(means: torch.Tensor, stds: torch.Tensor, label_dropout: flo
     ``label_dropout`` is only recorded (as a trained teacher records it): a distillation student copied from this
     teacher must come out deterministic anyway.
     """
-    from getfast.diffusion import EDMPrecond
     net = EDMPrecond(GaussianBackbone(means, stds))
     net.meta = {"model": "analytic-gaussian", "resolution": means.shape[-1], "channels": means.shape[1],
                 "num_classes": means.shape[0], "label_dropout": label_dropout, "data": data}

@@ -9,6 +9,7 @@ import dataclasses
 
 from torch import nn
 
+from getfast.diffusion.precond import EDMPrecond
 from getfast.models import edm_unets, get, vit
 from getfast.models.unet import UNET_CONFIGS, UNet, UNetConfig
 
@@ -36,4 +37,35 @@ def create(name: str, img_resolution: int = 32, in_channels: int = 3, num_classe
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}")
 
 
-__all__ = ["FAMILIES", "UNet", "UNetConfig", "UNET_CONFIGS", "create", "known_models"]
+def teacher_models() -> list[str]:
+    """Registered models that can be a teacher: EDM backbones F(x; c_noise, labels), not one-step students."""
+    return [m for m in known_models() if m not in get.CONFIGS and m not in vit.CONFIGS]
+
+
+def check_teacher_model(model) -> str:
+    """``model`` if it names an EDM backbone, else ``ValueError`` saying which models can be teachers."""
+    if model not in teacher_models():
+        student = model in get.CONFIGS or model in vit.CONFIGS
+        why = (f"{model!r} is a one-step student (distil it with `getfast distill get --model {model}`)"
+               if student else f"unknown model {model!r}")
+        raise ValueError(f"model (--model): {why}; a teacher is an EDM denoiser backbone, one of: "
+                         f"{', '.join(teacher_models())}")
+    return model
+
+
+def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, label_dropout: float = 0.0,
+                   **overrides) -> EDMPrecond:
+    """An EDM denoiser (Karras et al. 2022, Eq. 7) over the named backbone.
+
+    ``label_dropout`` is accepted for callers that pass a teacher's training setting and is checked, but not used:
+    the denoiser never drops labels (the teacher's training step does), so every copy of it is deterministic.
+    """
+    check_teacher_model(model)
+    if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) or not 0 <= label_dropout < 1:
+        raise ValueError(f"label_dropout must be a number in [0, 1), got {label_dropout!r}")
+    backbone = create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
+    return EDMPrecond(backbone)
+
+
+__all__ = ["FAMILIES", "UNet", "UNetConfig", "UNET_CONFIGS", "build_denoiser", "check_teacher_model", "create",
+           "known_models", "teacher_models"]
