@@ -25,6 +25,8 @@ network's loss gets no gradient), gradient clipping, the optimizer step; EMA, LR
 the data order (a seeded permutation per epoch, so the position is one integer), checkpoints and exact
 resume, a lock on the run folder, a JSONL log, sample grids, and the export of the product (:func:`fit`,
 :func:`export_product`). A loss or gradient that is not finite stops training with an error naming the step.
+``LoopConfig.compile`` compiles the step with ``torch.compile`` and switches Adam/AdamW to their fused kernels;
+``LoopConfig.tf32`` (default on) lets CUDA run float32 matmuls and convolutions on TF32 tensor cores.
 
 Before ``setup`` the loop sets ``method.run_info`` (a :class:`RunInfo`: seed, global batch, rank, world); a
 method may draw per-sample noise from :func:`sample_generators` (the teacher does), which makes its draws
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -122,7 +125,7 @@ class LoopConfig:
     grid_n: int = 64                    # images per grid (0: no sample grids)
     resume: bool = False                # continue from the newest good checkpoint in ``out``
     overwrite: bool = False             # delete an earlier run's checkpoints, log and grids in ``out`` first
-    compile: bool = False               # torch.compile the trained modules
+    compile: bool = False               # torch.compile the step (forward + loss + backward) and use fused Adam/AdamW
     bf16: bool | None = None            # autocast the forward pass to bf16; default: on for CUDA, off for CPU
     tf32: bool = True                   # CUDA: TF32 tensor cores for float32 matmuls and convolutions
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -546,6 +549,9 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
 
     for m in method.modules.values():
         m.to(device)
+    if cfg.compile:
+        for opt in method.optimizers.values():
+            use_fused_kernel(opt)
     ema = EMA(method.modules[method.ema_module])
     step, nimg, resumed_from = 0, 0, None
     if cfg.resume:
@@ -557,14 +563,19 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
             print(f"no checkpoint to resume in {out}: starting from scratch")
     method.run_info = RunInfo(seed=cfg.seed, batch=cfg.batch, rank=rank, world=world)
 
+    # --compile: a method whose losses are one dict is compiled as a whole (forward and loss in one graph, whose
+    # backward AOTAutograd compiles with it); a method with sequential updates has its modules compiled instead.
+    whole_step = cfg.compile and not inspect.isgeneratorfunction(type(method).losses)
+
     def wrap(module: nn.Module) -> nn.Module:
-        if cfg.compile:
+        if cfg.compile and not whole_step:
             module = torch.compile(module)
         if world > 1 and any(p.requires_grad for p in module.parameters()):
             module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         return module
 
     method.setup(wrap)
+    losses_fn = torch.compile(method.losses) if whole_step else method.losses
     updater = _Updater(method, device)
     total_steps = cfg.total_steps()
     logger = _Logger(out / "log.jsonl", rank == 0, resume_step=step if cfg.resume else None)
@@ -589,7 +600,7 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
                 batch = method.data.batch(idx[rank * local_batch:(rank + 1) * local_batch])
                 batch = tuple(b.to(device) if torch.is_tensor(b) else b for b in batch)
             with autocast:  # the forward pass only: backward and the optimizer steps run outside autocast
-                phases = _phases(method.losses(batch, step))
+                phases = _phases(losses_fn(batch, step))
             while True:
                 with autocast:
                     phase = next(phases, None)
@@ -628,6 +639,28 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
             bar.close()
         logger.close()
     return record
+
+
+def use_fused_kernel(opt: torch.optim.Optimizer) -> bool:
+    """Switch an Adam/AdamW optimizer to its fused kernel (one kernel per step for all parameters, the
+    ``fused=True`` of its constructor; same update up to float rounding). Other optimizers, and parameters on a
+    device without the kernel, are left as they are. Returns whether the kernel is used."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # the helper is private to torch.optim: without it, trust only CUDA's kernel
+        devices = ["cuda"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if any(g["differentiable"] for g in opt.param_groups) or \
+            not all(p.device.type in devices and p.is_floating_point() for p in params):
+        return False
+    for g in opt.param_groups:
+        g["fused"], g["foreach"] = True, False
+    opt.defaults["fused"], opt.defaults["foreach"] = True, False
+    opt._step_supports_amp_scaling = True  # what the constructor sets for fused=True
+    return True
 
 
 def _set_lr(method, nimg, warmup_kimg):

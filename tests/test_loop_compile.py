@@ -1,0 +1,93 @@
+"""``LoopConfig.compile``: the whole step of a single-phase method is compiled and Adam/AdamW use their fused kernel,
+with the same training result as eager up to float rounding (on CPU, so it is tested without a GPU); ``tf32``."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from getfast.train import LoopConfig, train
+from getfast.train.loop import _tf32, use_fused_kernel
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+class Regress:
+    """y = W2·tanh(W1·x) fitted to a fixed linear map with Adam (one phase)."""
+
+    ema_module = "net"
+    product = "net.safetensors"
+    grad_clip = 1.0
+    calls = 0
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6))
+        self.modules = {"net": self.net}
+        self.optimizers = {"net": torch.optim.Adam(self.net.parameters(), lr=1e-2)}
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(256, 6, generator=g)
+        self.data = _Data(x, x @ torch.randn(6, 6, generator=g))
+
+    def config(self):
+        return {"method": "regress"}
+
+    def product_metadata(self):
+        return {}
+
+    def setup(self, wrap):
+        self.model = wrap(self.net)
+
+    def losses(self, batch, step):
+        x, y = batch
+        return {"net": (self.model(x) - y).square().mean()}
+
+
+class _Data:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx):
+        return self.x[idx], self.y[idx]
+
+
+def _run(tmp_path, compile):
+    m = Regress()
+    cfg = LoopConfig(out=str(tmp_path), kimg=0.64, batch=32, warmup_kimg=0, log_every=5, ckpt_every=20, grid_n=0,
+                     progress=False, device="cpu", compile=compile)
+    train(m, cfg)
+    log = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return m, log
+
+
+def test_compiled_step_with_fused_adam_matches_eager(tmp_path):
+    eager, log_e = _run(tmp_path / "eager", False)
+    comp, log_c = _run(tmp_path / "compiled", True)
+    assert comp.optimizers["net"].param_groups[0]["fused"] is True
+    assert eager.optimizers["net"].param_groups[0]["fused"] in (None, False)
+    assert log_c[-1] < 0.5 * log_c[0]  # it trains
+    assert log_c == pytest.approx(log_e, rel=1e-3, abs=1e-5)
+    for a, b in zip(eager.net.parameters(), comp.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_use_fused_kernel_only_for_adam():
+    p = [nn.Parameter(torch.randn(4))]
+    assert use_fused_kernel(torch.optim.AdamW(p)) and not use_fused_kernel(torch.optim.SGD(p, lr=0.1))
+
+
+def test_tf32_setting_applies_to_cuda_only_and_is_restored():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with _tf32(torch.device("cpu"), True):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        with _tf32(torch.device("cuda", 0), True):  # only flags: no GPU is needed to set them
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert LoopConfig().tf32 is True
