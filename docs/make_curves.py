@@ -46,23 +46,14 @@ def product_from_checkpoint(run: Path):
 
 
 def eval_once(run: Path, n: int, out: Path) -> dict | None:
-    import torch
     from getfast.metrics.fid import evaluate
     product, kimg, shape, classes = product_from_checkpoint(run)
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     if any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in done):
         return None
-    g = torch.Generator().manual_seed(0)
-    count = [0]
-
-    def sample(b):
-        z = torch.randn(b, *shape, generator=g)
-        labels = (torch.arange(count[0], count[0] + b) % classes) if classes else None
-        count[0] += b
-        return product(z, labels)
-
+    from make_results import seeded_sample_fn  # the same seeded noise and cycled classes as RESULTS.md
     t0 = time.time()
-    res = evaluate(sample, ref="fashion-mnist", n=n, split="train", ref_n=10000, batch_size=100, progress=False)
+    res = evaluate(seeded_sample_fn(product, shape, classes, seed=0), ref="fashion-mnist", n=n, split="train", ref_n=10000, batch_size=100, progress=False)
     rec = {"kimg": kimg, "fid": res["fid"], "n": n, "seconds": round(time.time() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:

@@ -289,3 +289,12 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def publish(name: str, title: str, res: dict, report) -> dict:
+    """A CPU benchmark's result: JSON under results/, its RESULTS.md section rewritten, the table printed."""
+    write_json(name, res)
+    text = report(res)
+    update_results_md(name, text, title=title)
+    print(text)
+    return res

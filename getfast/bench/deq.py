@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from getfast.bench.common import (
+    publish,
     Skipped,
     contention_note,
     cpu_peak_bytes,
@@ -43,8 +44,6 @@ from getfast.bench.common import (
     machine_info,
     machine_line,
     markdown_table,
-    update_results_md,
-    write_json,
 )
 
 NAME = "deq"
@@ -423,10 +422,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
     args = ap.parse_args(argv)
     res = run(quick=args.quick)
-    write_json(NAME, res)
-    update_results_md(NAME, report(res), title=TITLE)
-    print(report(res))
-    return res
+    return publish(NAME, TITLE, res, report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 import torch
 
 from getfast.bench.common import (contention_note, machine_info, machine_line, markdown_table, median_time,
-                                  update_results_md, write_json)
+                                  publish)
 
 NAME = "models"
 TITLE = "models — one step vs many, and torch.compile"
@@ -137,10 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     result = run(args.quick)
-    write_json(NAME, result)
-    update_results_md(NAME, report(result), title=TITLE)
-    print(report(result))
-    return result
+    return publish(NAME, TITLE, result, report)
 
 
 if __name__ == "__main__":

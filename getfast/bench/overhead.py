@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from getfast.bench.common import machine_info, machine_line, markdown_table, time_stats, update_results_md, write_json
+from getfast.bench.common import machine_info, machine_line, markdown_table, publish, time_stats
 
 NAME = "overhead"
 TITLE = "overhead — host cost per call of the fused ops vs the compositions they replace (CPU)"
@@ -128,10 +128,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short timing runs (smoke test)")
     res = run(quick=ap.parse_args(argv).quick)
-    write_json(NAME, res)
-    update_results_md(NAME, report(res), title=TITLE)
-    print(report(res))
-    return res
+    return publish(NAME, TITLE, res, report)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import torch
 
 from getfast.bench.common import (
+    publish,
     cpu_peak_bytes,
     fmt_bytes,
     machine_info,
@@ -18,8 +19,6 @@ from getfast.bench.common import (
     markdown_table,
     thread_cpu_time,
     time_stats,
-    update_results_md,
-    write_json,
 )
 
 NAME = "sim_loss"
@@ -138,10 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, nargs="*", help="thread counts (default: 1 and torch's default)")
     args = ap.parse_args(argv)
     res = run(quick=args.quick, threads=tuple(args.threads) if args.threads else None)
-    write_json(NAME, res)
-    update_results_md(NAME, report(res), title=TITLE)
-    print(report(res))
-    return res
+    return publish(NAME, TITLE, res, report)
 
 
 if __name__ == "__main__":
