@@ -439,6 +439,23 @@ def test_phases_update_only_their_own_optimizer(tmp_path):
     assert {"loss_a", "loss_b", "note"} <= set(rec) and rec["note"] == 1.0
 
 
+def test_an_object_that_is_not_a_method_is_refused(tmp_path):
+    class OldStyle:
+        modules, optimizers, ema_module, data = {"net": nn.Linear(2, 2)}, {}, "net", None
+
+        def config(self):
+            return {}
+
+        def setup(self, wrap):
+            pass
+
+        def step(self, batch, step):  # the update is the loop's: a method only gives its losses
+            pass
+    with pytest.raises(ValueError, match="OldStyle is not a training method: it lacks losses"):
+        train(OldStyle(), loop(tmp_path, kimg=0.01))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_loss_for_a_missing_optimizer_is_an_error(tmp_path):
     class Typo(Toy):
         def losses(self, batch, step):

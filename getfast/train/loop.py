@@ -497,6 +497,18 @@ def _divergence_message(method, name: str, step: int, clip: float) -> str:
             "Nothing of this step was checkpointed; --resume continues from the last good checkpoint")
 
 
+def check_method(method) -> None:
+    """``ValueError`` naming what a method lacks of the :class:`Method` protocol (before anything is built)."""
+    missing = [a for a in ("modules", "optimizers", "ema_module", "data", "config", "setup", "losses")
+               if not hasattr(method, a)]
+    if missing:
+        raise ValueError(f"{type(method).__name__} is not a training method: it lacks {', '.join(missing)} "
+                         "(see getfast.train.loop.Method)")
+    if method.ema_module not in method.modules:
+        raise ValueError(f"{type(method).__name__}.ema_module {method.ema_module!r} is not one of its modules "
+                         f"{sorted(method.modules)}")
+
+
 def _phases(out):
     """A method's ``losses`` result as an iterator of dicts (a single dict is one phase)."""
     if isinstance(out, Mapping):
@@ -512,6 +524,7 @@ def train(method, cfg: LoopConfig) -> dict:
     Refuses to start a fresh run in a folder that holds an earlier one (``cfg.resume`` continues it,
     ``cfg.overwrite`` deletes it) and while another run holds the folder's lock.
     """
+    check_method(method)
     device = resolve_device(cfg.device)
     init_distributed(device.type)
     rank, world = dist_info()
