@@ -78,7 +78,8 @@ def test_students_copied_from_a_label_dropout_teacher_are_deterministic():
 
 def test_sim_student_matches_each_class(tmp_path):
     """SIM (data-free) from the analytic teacher: the one-step generator's per-class mean and std within 0.05 of the
-    data's (measured worst 0.027 / 0.032 after 400 steps); the teacher-initialised generator starts collapsed."""
+    data's (measured worst 0.032 / 0.027, MMD² 0.003 after 400 steps); the teacher-initialised generator starts
+    collapsed near the class means (std error 0.47)."""
     teacher = toy.gaussian_teacher(MEANS, STDS, label_dropout=0.1)
     m = SIMMethod(SIMConfig(lr_g=1e-2, lr_fake=1e-2, grad_clip=0.0), teacher=teacher)
     assert isinstance(m.modules["generator"], OneStepGenerator)
@@ -86,12 +87,14 @@ def test_sim_student_matches_each_class(tmp_path):
     assert before[1] > 0.2, before  # the teacher at σ_init = 2.5 maps noise to a point near the class mean
     train(m, _loop(tmp_path, 400, 256))
     dm, ds, mmd = _per_class(_ema(m, tmp_path))
+    print(f"SIM: before {before}; after: mean err {dm:.4f}, std err {ds:.4f}, MMD² {mmd:.5f}")
     assert dm < 0.05 and ds < 0.05 and mmd < 0.01, (dm, ds, mmd)
 
 
 def test_gdd_student_matches_each_class(tmp_path):
     """GDD from the analytic teacher (σ_init = 80, non-saturating GAN + lazy R1, ADA augmentation at p = 0.12,
-    generator step first, equal learning rates): per-class moments and MMD² of the one-step generator."""
+    generator step first, equal learning rates): per-class moments and MMD² of the one-step generator (measured
+    worst mean/std error 0.037 / 0.034, MMD² 0.004 after 800 steps; untrained: std error 0.60, MMD² 1.96)."""
     teacher = toy.gaussian_teacher(MEANS, STDS, label_dropout=0.1)
     torch.manual_seed(0)
     disc = toy.MLPDiscriminator(SHAPE, 64, num_classes=K)
@@ -101,6 +104,7 @@ def test_gdd_student_matches_each_class(tmp_path):
     assert before[1] > 0.2 and before[2] > 0.05, before
     train(m, _loop(tmp_path, 800, 256))
     dm, ds, mmd = _per_class(_ema(m, tmp_path), 4000)
+    print(f"GDD: before {before}; after: mean err {dm:.4f}, std err {ds:.4f}, MMD² {mmd:.5f}")
     assert dm < 0.06 and ds < 0.06 and mmd < 0.01, (dm, ds, mmd)
 
 
@@ -167,36 +171,34 @@ def _worst(a, b):
 
 def test_guided_chain_stage1_to_one_step(tmp_path):
     """The full chain on the analytic teacher: stage 1 (a w-conditioned student that starts as the conditional
-    teacher regresses onto (1+w)·x̂_c − w·x̂_u), then progressive rounds 16 → 8 → 4 → 2 → 1, each through the real
-    loop and exported. Every round's N-step student matches its teacher's 2N-step samples per class and w, and the
-    1-step student matches the guided teacher's DDIM samples.
-
-    The 16-step DDIM of the exact guided teacher is itself 0.047 (worst mean/std) from its 256-step DDIM on this
-    problem, so the chain's distance to the 256-step samples is bounded by that plus the distillation errors."""
+    teacher regresses onto (1+w)·x̂_c − w·x̂_u), then progressive rounds 64 → 32 → … → 1, each through the real loop
+    and exported. Per class and w ∈ {0, 2, 4}: every round's N-step student matches its teacher's 2N-step samples,
+    and the 1-step student matches a 256-step DDIM of the guided teacher within 0.05 in mean and std (measured
+    0.032; the untrained student is far off). The chain starts at 64 steps because the exact teacher's own
+    16-step DDIM is already 0.047 away from its 256-step DDIM on this problem."""
     teacher = toy.gaussian_teacher(MEANS, STDS, label_dropout=0.1)
     torch.manual_seed(0)
     student = toy.ResidualDenoiser(copy.deepcopy(teacher), SHAPE, 128, num_classes=K, w_cond=True)
-    cfg = GuidedConfig(lr=5e-3, lr_pd=2.5e-3, pd_start=16, pd_kimg=150 * 256 / 1000)
-    files = GuidedMethod.run_stages(cfg, _loop(tmp_path, 400, 256, log_every=100), log=lambda *_: None,
+    cfg = GuidedConfig(lr=5e-3, lr_pd=2.5e-3, pd_start=64, pd_kimg=500 * 256 / 1000)
+    files = GuidedMethod.run_stages(cfg, _loop(tmp_path, 1600, 256, log_every=400), log=lambda *_: None,
                                     teacher=teacher, student=student, data=_data(), shape=SHAPE, num_classes=K)
-    assert [f.parent.name for f in files] == ["stage1", "pd-8", "pd-4", "pd-2", "pd-1"]
+    steps = [64, 32, 16, 8, 4, 2, 1]
+    assert [f.parent.name for f in files] == ["stage1"] + [f"pd-{n}" for n in steps[1:]]
     z = torch.randn(4000, *SHAPE, generator=torch.Generator().manual_seed(9))
     students = []
     for f in files:
         s = copy.deepcopy(student)
         s.load_state_dict(load_file(str(f)))
         students.append(s.eval())
-    steps = [16, 8, 4, 2, 1]
     samples = [_guided_moments(s, n, z) for s, n in zip(students, steps)]
-    rounds = [_worst(samples[i + 1], _guided_moments(students[i], 2 * steps[i + 1], z)) for i in range(4)]
-    teacher16 = _guided_moments(teacher, 16, z, cfg_scale=True)
-    teacher256 = _guided_moments(teacher, 256, z, cfg_scale=True)
-    stage1, final16, final256 = _worst(samples[0], teacher16), _worst(samples[-1], teacher16), _worst(samples[-1], teacher256)
-    print(f"guided chain: stage 1 vs teacher-16 {stage1:.3f}; rounds {[round(r, 3) for r in rounds]}; "
-          f"1-step vs teacher-16 {final16:.3f}, vs teacher-256 {final256:.3f}")
-    untrained = _worst(_guided_moments(student, 1, z), teacher16)
+    rounds = [_worst(samples[i + 1], _guided_moments(students[i], 2 * steps[i + 1], z)) for i in range(6)]
+    stage1 = _worst(samples[0], _guided_moments(teacher, 64, z, cfg_scale=True))
+    final = _worst(samples[-1], _guided_moments(teacher, 256, z, cfg_scale=True))
+    print(f"guided chain: stage 1 vs the teacher's 64-step DDIM {stage1:.3f}; rounds {[round(r, 3) for r in rounds]}; "
+          f"1-step student vs the teacher's 256-step DDIM {final:.3f}")
+    untrained = _worst(_guided_moments(student, 1, z), _guided_moments(teacher, 256, z, cfg_scale=True))
     assert untrained > 0.5, untrained
-    assert stage1 < 0.1 and max(rounds) < 0.05 and final16 < 0.15 and final256 < 0.2, (stage1, rounds, final16, final256)
+    assert stage1 < 0.03 and max(rounds) < 0.03 and final < 0.05, (stage1, rounds, final)
 
 
 # --- GET ----------------------------------------------------------------------------------------------------
@@ -217,7 +219,9 @@ def _heun_pairs(teacher, n, seed):
 def test_get_student_learns_the_teachers_affine_map(tmp_path):
     """GET offline distillation on pairs from the analytic teacher's Heun sampler (for Gaussian data the sampler is an
     affine map of the noise; Heun's 18 steps are 0.02 L1 from the exact flow map): held-out L1 to the pairs < 0.02,
-    the fixed-point residual falls over the 6 evaluation iterations, and the last supervised state beats the first."""
+    the fixed-point residual falls over the 6 evaluation iterations, and the last supervised state beats the first.
+    Measured: L1 0.511 -> 0.016 in 300 steps; residual 240.7 -> 234.8 (a tiny GET after a short run is far from a
+    fixed point: the 6 iterations act as an unrolled network); first/last state L1 0.019/0.016."""
     teacher = toy.gaussian_teacher(GET_MEANS, GET_STDS)
     train_pairs, held = _heun_pairs(teacher, 4096, 0), _heun_pairs(teacher, 1024, 1)
     exact = toy.pf_ode_map(held.noise, GET_MEANS[held.labels], GET_STDS[held.labels])
@@ -237,6 +241,8 @@ def test_get_student_learns_the_teachers_affine_map(tmp_path):
     l1 = float((x - held.images).abs().mean())
     trace = info["stats"]["abs_trace"].mean(0)
     first, last = (float((s - held.images).abs().mean()) for s in (states[0], states[-1]))
+    print(f"GET: held-out L1 {before:.3f} -> {l1:.4f}; residual trace {[round(v, 2) for v in trace.tolist()]}; "
+          f"first/last supervised state L1 {first:.4f}/{last:.4f}")
     assert before > 0.2 and l1 < 0.02, (before, l1)
     assert trace.shape == (6,) and bool((trace[1:] < trace[:-1]).all()), trace
     assert last < first, (first, last)

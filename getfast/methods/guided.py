@@ -214,15 +214,13 @@ class GuidedMethod:
         err = (pred.float() - target.float()).square().flatten(1).mean(1)
         return {"student": (snr_weight(t) * err).mean(), "mse_x": err.detach().mean()}
 
-    def sample(self, net, z, labels, w: float, steps: int | None = None):
-        """DDIM with the student's step count (or ``steps``) at guidance weight ``w``."""
-        return ddim(net, z, steps or self.steps, labels, w=torch.full((z.shape[0],), float(w), device=z.device))
-
     def sample_grid(self, ema, n):
+        """DDIM with the student's own step count at guidance weight ``grid_w``."""
         device = next(ema.parameters()).device
         z = torch.randn(n, *self.shape, device=device)
         labels = torch.arange(n, device=device) % self.num_classes
-        return self.sample(ema, z, labels, self.cfg.grid_w).clamp(-1, 1)
+        w = torch.full((n,), float(self.cfg.grid_w), device=device)
+        return ddim(ema, z, self.steps, labels, w=w).clamp(-1, 1)
 
     def student_meta(self) -> dict:
         """``save_student`` metadata: the original teacher's architecture, this student's steps and w range."""

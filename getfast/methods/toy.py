@@ -256,7 +256,9 @@ class ResidualDenoiser(nn.Module):
     """``base`` plus an EDM-preconditioned MLP correction c_out(σ)·F(c_in·x, c_noise, class, w).
 
     The MLP's last layer starts at zero, so the model starts as ``base`` (as a teacher-initialised
-    student does); with ``w_cond`` it takes the guidance weight w like a guided-distillation student.
+    student does); with ``w_cond`` it takes the guidance weight w like a guided-distillation student:
+    F = u + w·v with both heads of one MLP that also sees features of w (a multiplicative path for w, as the
+    UNet's w embedding scales its features; classifier-free guidance is linear in w).
     """
 
     def __init__(self, base: nn.Module, shape, hidden: int = 128, num_classes: int = 0, w_cond: bool = False,
@@ -264,7 +266,7 @@ class ResidualDenoiser(nn.Module):
         super().__init__()
         self.base, self.num_classes, self.w_cond, self.sigma_data = base, num_classes, w_cond, sigma_data
         d = int(torch.tensor(shape).prod())
-        self.net = _mlp(d + 1 + num_classes + (5 if w_cond else 0), d, hidden, depth=3)
+        self.net = _mlp(d + 1 + num_classes + (5 if w_cond else 0), 2 * d if w_cond else d, hidden, depth=3)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -283,8 +285,10 @@ class ResidualDenoiser(nn.Module):
                 lab = class_labels.long()
                 oh = nn.functional.one_hot(lab.clamp(min=0), self.num_classes).float() * (lab >= 0).float()[:, None]
             feats.append(oh)
-        if self.w_cond:
-            wv = torch.zeros(x.shape[0], device=x.device) if w is None else torch.as_tensor(w, device=x.device)
-            wv = wv.float().reshape(-1).expand(x.shape[0]).reshape(-1, 1)
-            feats.append(torch.cat([wv / 4, torch.sin(wv), torch.cos(wv), torch.sin(wv / 2), torch.cos(wv / 2)], 1))
-        return out + c_out * self.net(torch.cat(feats, 1)).reshape(x.shape)
+        if not self.w_cond:
+            return out + c_out * self.net(torch.cat(feats, 1)).reshape(x.shape)
+        wv = torch.zeros(x.shape[0], device=x.device) if w is None else torch.as_tensor(w, device=x.device)
+        wv = wv.float().reshape(-1).expand(x.shape[0]).reshape(-1, 1)
+        feats.append(torch.cat([wv / 4, torch.sin(wv), torch.cos(wv), torch.sin(wv / 2), torch.cos(wv / 2)], 1))
+        u, v = self.net(torch.cat(feats, 1)).chunk(2, dim=1)
+        return out + c_out * (u + wv * v).reshape(x.shape)
