@@ -582,3 +582,30 @@ def test_sim_distils_from_an_edm_teacher(tmp_path, monkeypatch):
             assert grads and all(torch.isfinite(g).all() for g in grads)
             seen.add(name)
     assert seen == {"fake", "generator"}
+
+
+@pytest.mark.parametrize("case", ["vp-ddpmpp", "ve-ncsnpp"])
+def test_students_of_vp_and_ve_teachers_reload(tmp_path, case):
+    """A student exported from an imported VP/VE teacher rebuilds the same network (preconditioning included)."""
+    from getfast.methods import load_student, save_student, student_meta
+    from getfast.methods.sim import SIMConfig, SIMMethod
+    D = load_edm_pickle(_write(tmp_path, _make(case)))
+    m = SIMMethod(SIMConfig(), teacher=D)
+    gen = m.modules["generator"]
+    path = save_student(gen, student_meta(m), tmp_path / "student.safetensors")
+    back = load_student(path)
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(z), gen.eval()(z))
+    assert type(back.denoiser).__name__ == type(D).__name__
+
+
+@pytest.mark.parametrize("case", ["ve-ncsnpp", "edm-ncsnpp-skip-skip", "edm-adm-cond-augment"])
+def test_gdd_discriminator_reads_imported_encoders(tmp_path, case):
+    """GDD's teacher-encoder features work on imported networks whose encoders have skip/residual side paths."""
+    from getfast.methods.gdd import TeacherEncoderFeatures
+    D = load_edm_pickle(_write(tmp_path, _make(case)))
+    feats = TeacherEncoderFeatures(D)
+    out = feats(torch.randn(2, 3, 8, 8))
+    assert [o.shape[-1] for o in out] == sorted({o.shape[-1] for o in out}, reverse=True)
+    assert all(torch.isfinite(o).all() for o in out) and len(out) == len(feats.channels)

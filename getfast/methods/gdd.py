@@ -199,11 +199,14 @@ class TeacherEncoderFeatures(nn.Module):
         _, _, c_in, c_noise = den.coefficients(sigma)
         emb = bb.embed(c_noise, None)
         h = c_in.reshape(-1, 1, 1, 1) * (x + self.sigma * torch.randn_like(x))
-        feats = {}
-        for name, layer in bb.enc.items():
-            h = layer(h) if name.endswith("_conv") else layer(h, emb)
-            feats[h.shape[-1]] = h  # the last layer at each resolution wins
-        return feats
+        if hasattr(bb, "encode"):  # imported EDM networks (their skip/residual encoders have side paths)
+            outs = bb.encode(h, emb)
+        else:
+            outs = []
+            for name, layer in bb.enc.items():
+                h = layer(h) if name.endswith("_conv") else layer(h, emb)
+                outs.append(h)
+        return {o.shape[-1]: o for o in outs}  # the last layer at each resolution wins
 
     def forward(self, x):
         feats = self._all(x)

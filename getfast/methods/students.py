@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from getfast.models import build_denoiser, create
+from getfast.importers import build_denoiser_from_meta
+from getfast.models import create
 from getfast.models.onestep import OneStepGenerator
 from getfast.train.loop import save_weights
 
@@ -52,12 +53,10 @@ def build_student_from_meta(meta: dict) -> nn.Module:
     if tm is None:
         raise ValueError(f"a {method!r} student export must record its teacher's architecture (teacher_meta)")
     if method in ("sim", "gdd"):
-        den = build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"],
-                             **tm.get("overrides", {}))
+        den = build_denoiser_from_meta(tm)  # getfast's own, an imported EDM network or a diffusers UNet
         return OneStepGenerator(den, cfg["sigma_init"])
     if method == "guided":  # a w-conditioned copy of the teacher's denoiser, sampled with DDIM
-        return build_denoiser(tm["model"], tm["resolution"], tm["channels"], tm["num_classes"],
-                              **{**tm.get("overrides", {}), "w_cond": True})
+        return build_denoiser_from_meta(tm, w_cond=True)
     raise ValueError(f"cannot rebuild a student of method {method!r}")
 
 
