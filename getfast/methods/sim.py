@@ -89,8 +89,8 @@ class SIMConfig:
     teacher: str = "fashion-mnist"   # embedded teacher name, .safetensors or teacher run folder
     sigma_init: float = 2.5          # generator input noise level σ_init (SiD/SIM)
     loss: str = "sim"                # sim: pseudo-Huber on the score difference | sid: SiD's x-space loss
-    c: float = 0.0                   # sim: pseudo-Huber c in score units (0: 1e-3·√pixels, see the docs)
-    alpha: float = 1.0               # sid: SiD's α (1: SIM with the squared distance; SiD's paper uses 1.2)
+    c: float = 0.0                   # sim: pseudo-Huber c, in the units of the score difference y: quadratic for ‖y‖ < c, ‖y‖ above (0: 1e-3·√pixels)
+    alpha: float = 1.0               # sid: SiD's α (1: SIM with the squared distance; SiD's code defaults to 1.2)
     lr_g: float = 2e-5               # generator Adam learning rate
     lr_fake: float = 2e-5            # fake-score Adam learning rate
     betas: tuple = (0.0, 0.999)      # Adam betas for both (SiD uses β1 = 0)

@@ -364,12 +364,14 @@ def _prepare_out(out: Path, cfg: LoopConfig, product: str | None) -> None:
 
 
 def _agree(fn, rank: int, world: int):
-    """Run ``fn`` on rank 0 and raise its ``ValueError`` on every rank (so no rank waits forever)."""
+    """Run ``fn`` on rank 0 and raise its ``ValueError``/``OSError`` on every rank (so no rank waits forever)."""
     msg = None
     if rank == 0:
         try:
             fn()
-        except ValueError as e:
+        except (ValueError, OSError) as e:
+            if world == 1:
+                raise
             msg = (type(e), str(e))
     if world > 1:
         box = [msg]
