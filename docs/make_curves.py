@@ -33,9 +33,8 @@ def product_from_checkpoint(run: Path):
     name = cfg.pop("method")
     loop = json.loads((run / "config.json").read_text())["loop"]
     kimg = state["step"] * loop["batch"] / 1000
-    import getfast.methods as methods
-    registry = methods.registry() if hasattr(methods, "registry") else methods._registry()
-    cfg_cls, method_cls = registry[name]
+    from getfast.methods import METHODS
+    cfg_cls, method_cls = METHODS[name]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     method = method_cls(cfg_cls(**fields))
     product = method.modules[method.ema_module]

@@ -35,7 +35,7 @@ def build_denoiser_from_meta(meta: dict, **overrides) -> nn.Module:
             raise ValueError(f"overrides {sorted(overrides)}: a diffusers teacher's architecture cannot be changed")
         from getfast.importers.hf_diffusers import build_from_meta
         return build_from_meta(meta)
-    from getfast.teacher import build_denoiser
+    from getfast.models import build_denoiser
     return build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
                           **{**meta.get("overrides", {}), **overrides})
 
