@@ -315,6 +315,33 @@ def test_config_mismatch_on_resume_refused(tmp_path):
     assert list_checkpoints(tmp_path)[0].name == "ckpt-000000006.pt"
 
 
+def test_resume_accepts_an_option_added_later_at_its_default(tmp_path):
+    """A checkpoint from before an option existed resumes when the run keeps that option at its default."""
+    from dataclasses import asdict, dataclass
+
+    @dataclass
+    class Cfg:
+        lr: float = 0.05
+        new_option: str = "old-behaviour"
+
+    class Later(Toy):
+        def __init__(self, **cfg):
+            self.cfg = Cfg(**cfg)
+            super().__init__(lr=self.cfg.lr)
+
+        def config(self):
+            return {"method": "toy", **asdict(self.cfg)}
+
+    train(Toy(lr=0.05), loop(tmp_path, kimg=0.03))  # its config has no "new_option"
+    with pytest.raises(CheckpointError, match=r"different configuration.*'new_option': \(None, 'other'\)"):
+        train(Later(new_option="other"), loop(tmp_path, kimg=0.06, resume=True))
+    with pytest.raises(CheckpointError, match=r"different configuration.*'lr'"):
+        train(Later(lr=0.01), loop(tmp_path, kimg=0.06, resume=True))
+    resumed = Later()
+    train(resumed, loop(tmp_path, kimg=0.06, resume=True))
+    assert resumed.steps == [3, 4, 5]
+
+
 def test_loop_config_ranges():
     for bad, name in ((dict(grid_every=-1), "grid_every"), (dict(seed=-1), "seed"), (dict(kimg=float("inf")), "kimg"),
                       (dict(batch=1.5), "batch"), (dict(ema_rampup=float("nan")), "ema_rampup"),

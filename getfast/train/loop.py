@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import inspect
 import json
@@ -719,9 +720,12 @@ def _restore(method, ema, state, rank, cfg, path):
     want = json.loads(json.dumps(method.config(), default=str))
     if state.get("format") != "getfast-train-v1":
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r} is not getfast-train-v1")
-    if state["config"] != want:
+    # An option added to the method after the checkpoint was written is compatible when this run leaves it
+    # at its default (the checkpoint's run behaved as the default does); anything else must match exactly.
+    added = _added_at_default(method, set(want) - set(state["config"]))
+    if state["config"] != {k: v for k, v in want.items() if k not in added}:
         diff = {k: (state["config"].get(k), want.get(k)) for k in sorted(set(want) | set(state["config"]))
-                if state["config"].get(k) != want.get(k)}
+                if k not in added and state["config"].get(k) != want.get(k)}
         raise CheckpointError(f"{path} was written by a different configuration, refusing to resume: "
                               f"{diff} (checkpoint, now)")
     # The data order and the per-sample noise depend on these: continuing with others is not a resume.
@@ -739,6 +743,26 @@ def _restore(method, ema, state, rank, cfg, path):
         o.load_state_dict(state["optimizers"][k])
     ema.module.load_state_dict(state["ema"])
     set_rng_state(rngs[rank])
+
+
+def _added_at_default(method, missing: set[str]) -> set[str]:
+    """The options in ``missing`` that ``method.cfg`` (a dataclass) holds at their declared defaults."""
+    cfg = getattr(method, "cfg", None)
+    if not missing or cfg is None or not dataclasses.is_dataclass(cfg):
+        return set()
+    out = set()
+    for f in dataclasses.fields(cfg):
+        if f.name not in missing:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if getattr(cfg, f.name) == default:
+            out.add(f.name)
+    return out
 
 
 def load_ema(path, map_location="cpu") -> tuple[dict, dict]:
