@@ -45,6 +45,17 @@ def test_all_named_configs_build_on_meta():
     assert {"ViT-S/2", "ViT-B/4", "ViT-L/8", "ViT-XL/2", "ViT-XL/4", "ViT-XL/8"} <= set(vit_mod.CONFIGS)
 
 
+def test_get_vs_vit_comparison_sizes():
+    """docs/RESULTS.md's GET-vs-ViT comparison (28×28×1, 10 classes): ViT-N6/2 has GET-N/2's parameters, ViT-N5x/2 ≈ 5×."""
+    def n(mod, name):
+        with torch.device("meta"):
+            model = mod.build(name, img_resolution=28, in_channels=1, num_classes=10)
+        return sum(p.numel() for p in model.parameters())
+    get_n = n(get_mod, "GET-N/2")
+    assert abs(n(vit_mod, "ViT-N6/2") / get_n - 1) < 0.05
+    assert 4.5 < n(vit_mod, "ViT-N5x/2") / get_n < 5.5
+
+
 def test_unknown_names_and_fields():
     with pytest.raises(ValueError, match="GET-T/2"):
         get_mod.build("GET-Q/2")

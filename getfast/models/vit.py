@@ -53,6 +53,9 @@ CONFIGS: dict[str, ViTConfig] = {
     **_family("ViT-XL", 1152, 28, 16),
     # small configs for two CPU cores (28×28 or 32×32 inputs)
     **_family("ViT-N", 128, 8, 4, patches=(2, 4)),
+    # GET's claim (arXiv 2401.08639, Sec. 5) at 28×28×1, 10 classes, patch 2, against GET-N/2 (1.17M params):
+    "ViT-N6/2": ViTConfig(width=128, depth=6, heads=4, patch_size=2),   # 1.22M: GET-N/2's size (1.04×)
+    "ViT-N5x/2": ViTConfig(width=256, depth=7, heads=4, patch_size=2),  # 5.59M: ≈ 5× GET-N/2 (4.78×)
 }
 
 

@@ -1,0 +1,58 @@
+"""docs/quality_runs.sh: stages train each run to K kimg, resume once a run has checkpoints, then add a curve point."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "quality_runs.sh"
+
+# Stand-ins for the CLI and for Python: record the call; "training" leaves a checkpoint in --out.
+FAKE_CLI = """#!/bin/sh
+echo "getfast $*" >> "$CALLS"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
+[ -n "$out" ] && mkdir -p "$out" && touch "$out/ckpt-000000001.pt"
+exit 0
+"""
+FAKE_PY = """#!/bin/sh
+shift; echo "curve $*" >> "$CALLS"
+"""
+
+
+def run(tmp_path, *args):
+    for name, body in (("getfast", FAKE_CLI), ("py", FAKE_PY)):
+        p = tmp_path / name
+        p.write_text(body)
+        p.chmod(0o755)
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"), GETFAST=str(tmp_path / "getfast"), PY=str(tmp_path / "py"),
+               CALLS=str(tmp_path / "calls"))
+    res = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return res, calls
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_stages_resume_and_add_curve_points(tmp_path):
+    res, calls = run(tmp_path, "get-vit", "5")
+    assert res.returncode == 2 and "no complete pair set" in res.stderr and calls == []
+    (tmp_path / "runs" / "pairs-fmnist").mkdir(parents=True)
+    (tmp_path / "runs" / "pairs-fmnist" / "manifest.json").write_text("{}")
+    res, calls = run(tmp_path, "get-vit", "5", "10")
+    assert res.returncode == 0, res.stderr
+    trains = [c for c in calls if c.startswith("getfast")]
+    curves = [c for c in calls if c.startswith("curve")]
+    assert len(trains) == 6 and len(curves) == 6
+    models = [c.split("--model ")[1].split()[0] for c in trains]
+    assert models == ["GET-N/2", "ViT-N6/2", "ViT-N5x/2"] * 2
+    assert [c.split("--kimg ")[1].split()[0] for c in trains] == ["5"] * 3 + ["10"] * 3
+    assert ["--resume" in c for c in trains] == [False] * 3 + [True] * 3  # the second stage continues each run
+    assert curves[0].endswith("runs/get-n-2 --n 1000") and curves[2].endswith("runs/vit-n5x-2 --n 1000")
+
+
+def test_bad_stage_and_unknown_command(tmp_path):
+    res, calls = run(tmp_path, "sim", "ten")
+    assert res.returncode == 2 and "stage 'ten' is not a number" in res.stderr and calls == []
+    res, _ = run(tmp_path, "bogus")
+    assert res.returncode == 2 and "resumable stages" in res.stdout
