@@ -105,7 +105,7 @@ class FIDConfig:
 
     def gen_kind(self) -> str:
         """"images" (a folder of images or an .npz) or "checkpoint"; a missing path is a ValueError."""
-        from getfast.teacher import EMBEDDED
+        from getfast.embedded import EMBEDDED
         if self.gen in EMBEDDED:
             return "checkpoint"
         p = Path(self.gen).expanduser()

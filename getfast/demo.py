@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.teacher import ASSETS, EMBEDDED
+from getfast.embedded import ASSETS, EMBEDDED
 
 STUDENTS = ASSETS / "students"
 TEACHER = "fashion-mnist"

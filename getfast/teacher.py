@@ -9,12 +9,11 @@ import torch
 
 from getfast.data import load_dataset
 from getfast.diffusion import EDMLoss, EDMPrecond, heun
+from getfast.embedded import ASSETS, EMBEDDED  # noqa: F401  (teacher API)
 from getfast.models import build_denoiser, check_teacher_model, teacher_models  # noqa: F401  (teacher API)
 from getfast.train.checkpoint import list_checkpoints
 from getfast.train.loop import check_bool, check_number, load_ema, sample_generators, save_weights
 
-ASSETS = Path(__file__).parent / "assets"
-EMBEDDED = {"fashion-mnist": ASSETS / "teacher-fashion-mnist.safetensors"}
 
 
 @dataclass

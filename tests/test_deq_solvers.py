@@ -3,18 +3,16 @@
 Runs on the `reference` backend of the fused ops unless a test says otherwise (backends are
 compared against it in test_deq_ops.py).
 """
-import collections
 import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import getfast.deq as deq
+from getfast.bench.common import OpCounter
 from getfast.deq import solvers as S
 
 SOLVERS = ["fixed_point", "anderson", "broyden"]
-SYNC_OPS = ("_local_scalar_dense", "aten.item", "is_nonzero", "equal")
 
 
 def _problem(B=4, D=24, dtype=torch.float64, seed=0, scale=0.9):
@@ -29,34 +27,6 @@ def _problem(B=4, D=24, dtype=torch.float64, seed=0, scale=0.9):
         return torch.tanh(z @ W.T + x)
 
     return f, torch.zeros(B, D, dtype=dtype)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts ATen/custom ops, except while `paused` (used to exclude f's own ops)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def syncs(self):
-        return sum(v for k, v in self.counts.items() if any(s in k for s in SYNC_OPS))
-
-
-def _paused_f(f, counter):
-    def g(z):
-        counter.paused = True
-        try:
-            return f(z)
-        finally:
-            counter.paused = False
-
-    return g
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +197,7 @@ def test_tol_none_runs_exactly_max_iter_without_syncs(name):
     f, z0 = _problem(B=3, D=12)
     counter = OpCounter()
     with counter:
-        z, st = deq.solve(_paused_f(f, counter), z0, solver=name, max_iter=7, tol=None, backend="reference")
+        z, st = deq.solve(counter.excluding(f), z0, solver=name, max_iter=7, tol=None, backend="reference")
     assert st["abs_trace"].shape == (3, 7)
     assert st["rel_trace"].shape == (3, 7)
     assert counter.syncs() == 0, counter.counts
@@ -240,7 +210,7 @@ def test_tolerance_syncs_at_most_once_per_check(name, check_every):
     f, z0 = _problem(B=3, D=12)
     counter = OpCounter()
     with counter:
-        z, st = deq.solve(_paused_f(f, counter), z0, solver=name, max_iter=40, tol=1e-6,
+        z, st = deq.solve(counter.excluding(f), z0, solver=name, max_iter=40, tol=1e-6,
                           check_every=check_every, backend="reference")
     n = st["abs_trace"].shape[1]
     assert n % check_every == 0 and n < 40

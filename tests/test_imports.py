@@ -14,7 +14,8 @@ PACKAGES = {"getfast": ROOT / "getfast", "getfast.kernels": ROOT / "kernels"}
 # Lower layers never import higher ones; a module may import its own layer (without cycles).
 LAYERS = [
     ("utilities and kernels", ("getfast", "getfast.io", "getfast.options", "getfast.utils", "getfast._C", "getfast.ops",
-                               "getfast.kernels", "getfast.deq", "getfast.cards")),
+                               "getfast.kernels", "getfast.deq", "getfast.cards",
+                               "getfast.embedded")),
     ("models, diffusion, data", ("getfast.models", "getfast.diffusion", "getfast.data")),
     ("training", ("getfast.train",)),
     ("methods, teachers, sampling, metrics", ("getfast.methods", "getfast.teacher", "getfast.importers",

@@ -1,11 +1,10 @@
 """The hot paths of the fused ops and the solvers never read tensor values on the host (no
 ``.item()``, ``bool(tensor)``, ``.tolist()``: each is a device sync on a GPU), and a fused op
 dispatches a fraction of the ATen ops of the eager composition it replaces."""
-import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from getfast.bench.common import OpCounter
 
 import getfast.deq as deq
 from getfast.ops import attention, sim_loss, sim_loss_reference
@@ -55,16 +54,6 @@ def test_solver_hot_path_reads_nothing(name, backend, no_host_reads):
     assert z.shape == (2, 11) and stats["abs_trace"].shape == (2, 7)
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_fused_sim_loss_dispatches_a_fraction_of_the_eager_ops(monkeypatch):
     """A device-independent proxy for host cost: fwd + bwd of the fused op vs the composition."""
     monkeypatch.setenv("GETFAST_BACKEND", "cpp")
@@ -72,7 +61,7 @@ def test_fused_sim_loss_dispatches_a_fraction_of_the_eager_ops(monkeypatch):
     totals = {}
     for label, fn in (("eager", sim_loss_reference), ("fused", sim_loss)):
         fn(a, f, x, sigma, 0.5)
-        with _OpCounter() as counter:
+        with OpCounter() as counter:
             torch.autograd.grad(fn(a, f, x, sigma, 0.5).sum(), (a, f, x))
-        totals[label] = sum(counter.counts.values())
+        totals[label] = counter.total()
     assert totals["fused"] * 4 <= totals["eager"], totals

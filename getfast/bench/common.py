@@ -13,6 +13,7 @@ and its own RESULTS.md (seeded from the checkout's, so the GPU sections land nex
 """
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -181,6 +183,40 @@ def thread_cpu_time(fn: Callable[[], object], *, min_cpu_time: float = 0.5, repe
                 break
         per_call.append(dt / n)
     return sorted(per_call)[len(per_call) // 2]
+
+
+# ATen ops that read a device value on the host (a sync on GPU): counted by OpCounter.syncs().
+SYNC_OPS = ("_local_scalar_dense", "aten.item", "is_nonzero", "equal")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen/custom ops dispatched inside ``with OpCounter() as c:``; ``c.excluding(f)`` wraps ``f`` so
+    that its own ops are not counted (a solver's overhead outside the map it iterates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def syncs(self) -> int:
+        return sum(v for k, v in self.counts.items() if any(s in k for s in SYNC_OPS))
+
+    def excluding(self, f):
+        def g(*args, **kwargs):
+            self.paused = True
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.paused = False
+        return g
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

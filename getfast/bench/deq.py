@@ -33,9 +33,10 @@ import os
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from getfast.bench.common import (
+    SYNC_OPS,
+    OpCounter,
     publish,
     Skipped,
     contention_note,
@@ -48,39 +49,15 @@ from getfast.bench.common import (
 
 NAME = "deq"
 TITLE = "deq — DEQ solvers vs torchdeq (CPU)"
-SYNC_OPS = ("_local_scalar_dense", "aten.item", "is_nonzero")
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _excluding_f(f, counter):
-    def g(z):
-        counter.paused = True
-        try:
-            return f(z)
-        finally:
-            counter.paused = False
-
-    return g
 
 
 def _per_iteration(call, f, n1=10, n2=20) -> tuple[float, float, dict]:
     """(ops/iter, syncs/iter, top ops) from runs of n1 and n2 iterations."""
     res = []
     for n in (n1, n2):
-        c = _Counter()
+        c = OpCounter()
         with c:
-            call(_excluding_f(f, c), n)
+            call(c.excluding(f), n)
         res.append(c.counts)
     diff = collections.Counter(res[1])
     diff.subtract(res[0])

@@ -78,7 +78,7 @@ class PairsConfig:
 
 def _teacher_identity(name_or_path: str, net) -> dict:
     """Where the teacher came from, the sha256 of its file (when it is one) and of its weights."""
-    from getfast.teacher import EMBEDDED
+    from getfast.embedded import EMBEDDED
     path = Path(EMBEDDED.get(name_or_path, name_or_path))
     h = hashlib.sha256()
     for k, v in sorted(net.state_dict().items()):

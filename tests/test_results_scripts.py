@@ -1,0 +1,48 @@
+"""docs/make_results.py and docs/make_curves.py: the table and the curves from stored records (no FID computed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+sys.path.insert(0, str(DOCS))
+make_results = pytest.importorskip("make_results")
+make_curves = pytest.importorskip("make_curves")
+
+
+def test_table_ratios_stale_and_missing_rows(tmp_path):
+    proto = make_results.PROTOCOLS["n1000"]
+    models = {key: ckpt for key, _, ckpt, _ in make_results.MODELS}
+    rec = lambda key, fid, digest=None: {  # noqa: E731
+        "key": key, "fid": fid, "nfe": 1, "protocol": {}, "sha256": digest or make_results.sha256(make_results.weights_of(models[key]))}
+    folder = tmp_path / "fid"
+    folder.mkdir()
+    for name, r in {"teacher": rec("teacher", 20.0), "sim": rec("sim", 30.0), "gdd": rec("gdd", 50.0, digest="0" * 64),
+                    "real": {"key": "real", "fid": 5.0}}.items():
+        (folder / f"{name}.json").write_text(json.dumps(r))
+    out = make_results.write_table(proto, folder, tmp_path / "RESULTS.md")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert "| 20.0 | 1.00× |" in rows["EDM teacher, Heun 18 steps"]
+    assert "| 30.0 | 1.50× |" in rows["SIM (data-free)"]
+    assert "(stale weights) | – |" in rows["GDD"]          # weights changed since the record: no ratio
+    assert "not measured" in rows["GET-N/4 (offline pairs)"]
+    assert "| 5.0 |" in rows["real data: 1000 test images (floor)"]
+    # sample grids are linked relative to the table's own folder
+    for link in [l.split("](")[1].rstrip(")") for l in out.read_text().splitlines() if l.startswith("![")]:
+        assert (out.parent / link).resolve().exists(), link
+
+
+def test_curves_plot_from_jsonl(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    curves = tmp_path / "curves"
+    curves.mkdir()
+    (curves / "get-n-2.jsonl").write_text("".join(json.dumps({"kimg": k, "fid": f, "n": 1000}) + "\n"
+                                                  for k, f in ((10, 90.0), (5, 120.0))))
+    (curves / "vit-n6-2.jsonl").write_text(json.dumps({"kimg": 5, "fid": 100.0, "n": 1000}) + "\n")
+    monkeypatch.setattr(make_curves, "CURVES", curves)
+    monkeypatch.setattr(make_curves, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert make_curves.read_curve(curves / "get-n-2.jsonl") == [(5, 120.0), (10, 90.0)]
+    written = make_curves.plot(teacher_fid=30.0)
+    assert [p.name for p in written] == ["curves-get-vit.png"] and written[0].stat().st_size > 1000
