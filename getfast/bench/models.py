@@ -8,7 +8,6 @@ All ratios are measured in one process, interleaved, at the same batch size.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -61,51 +60,20 @@ def load_student_if_any():
     return load_student(p) if p.exists() else None
 
 
-def _train_step_fn(model_fn, batch):
-    def make(compiled: bool):
-        torch.manual_seed(0)
-        net, loss_fn, inputs = model_fn(batch)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        fwd = torch.compile(net) if compiled else net
+def train_throughput(batch: int, quick: bool) -> list[dict]:
+    """img/s of the real training loop (``getfast.train.train``: update, EMA, logging) eager vs ``compile=True``,
+    for the EDM teacher step of UNet-S and a GET-N/4 distillation step (random data; see bench/gpu_train.py)."""
+    from getfast.bench.gpu_train import get_method, teacher_method, throughput
 
-        def step():
-            loss = loss_fn(fwd, *inputs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
-    return make
-
-
-def _teacher_train(batch):
-    from getfast.diffusion import EDMLoss
-    from getfast.teacher import build_denoiser
-
-    net = build_denoiser("UNet-S", 28, 1, 10, 0.1)
-    y, labels = torch.randn(batch, *SHAPE), torch.arange(batch) % 10
-    sigma, noise = EDMLoss().sample_sigma(batch, "cpu"), torch.randn(batch, *SHAPE)
-    return net, lambda f, y, l: EDMLoss()(f, y, l, sigma=sigma, noise=noise).mean(), (y, labels)
-
-
-def _get_train(batch):
-    from getfast.models import create
-
-    net = create("GET-N/4", img_resolution=28, in_channels=1, num_classes=10)
-    z, x, labels = torch.randn(batch, *SHAPE), torch.randn(batch, *SHAPE), torch.arange(batch) % 10
-    return net, lambda f, z, l: sum((s - x).abs().mean() for s in f(z, l)), (z, labels)
-
-
-def train_throughput(batch: int, min_run_time: float) -> list[dict]:
+    plan = {"student": "GET-N/4", "teacher": "UNet-S", "resolution": 28, "channels": 1, "num_classes": 10,
+            "batch": batch, "bf16": False}
+    log_every, intervals = (3, 2) if quick else (5, 4)
     rows = []
-    for name, fn in (("UNet-S teacher step (EDM loss)", _teacher_train), ("GET-N/4 distillation step (6 states)", _get_train)):
-        make = _train_step_fn(fn, batch)
-        eager, compiled = make(False), make(True)
-        t0 = time.perf_counter()
-        compiled()  # compile once, outside the timing
-        compile_s = time.perf_counter() - t0
-        te, tc = median_time(eager, min_run_time=min_run_time), median_time(compiled, min_run_time=min_run_time)
-        rows.append({"model": name, "batch": batch, "eager_img_s": batch / te, "compiled_img_s": batch / tc,
-                     "compile_speedup": te / tc, "compile_time_s": compile_s})
+    for name, make in (("UNet-S teacher step (EDM loss)", teacher_method),
+                       ("GET-N/4 distillation step (6 states)", get_method)):
+        e, c = (throughput(make, plan, torch.device("cpu"), compiled, log_every, intervals) for compiled in (False, True))
+        rows.append({"model": name, "batch": batch, "eager_img_s": e["img_s"], "compiled_img_s": c["img_s"],
+                     "compile_speedup": c["img_s"] / e["img_s"], "compile_time_s": c["warmup_excess_s"]})
     return rows
 
 
@@ -113,7 +81,7 @@ def run(quick: bool = False) -> dict:
     batch = 16 if quick else 64
     mrt = 0.5 if quick else 2.0
     return {"machine": machine_info(), "quick": quick, "latency": latency(batch, mrt),
-            "train": train_throughput(batch, mrt)}
+            "train": train_throughput(batch, quick)}
 
 
 def report(result: dict) -> str:
@@ -125,7 +93,8 @@ def report(result: dict) -> str:
                           f"**{r['compile_speedup']:.2f}×**", r["compile_time_s"]] for r in result["train"]])
     return (f"Machine: {machine_line(result['machine'])}.\n\n"
             f"Sampling latency at 28×28×1, one batch, medians of torch.utils.benchmark:\n\n{lat}\n\n"
-            f"Training throughput, eager vs `torch.compile` (default mode), same process:\n\n{tr}\n"
+            f"Training throughput of the training loop itself, eager vs `compile=True` (`--compile`), same "
+            f"process; compile time is the first logged interval's excess over the steady rate:\n\n{tr}\n"
             + ("\n(quick run)" if result.get("quick") else "")
             + contention_note(result["machine"], "even the ratios move with the load here, since the "
                                               "teacher and the students, and eager and compiled, are timed one after "
