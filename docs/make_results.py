@@ -177,6 +177,50 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
     return out
 
 
+FID_LINE = "- FID, protocol "  # the model card line this script owns
+
+
+def update_cards(proto: Protocol, folder: Path | None = None, models=None) -> list[Path]:
+    """Write each measured model's FID (and its ratio to the teacher) into its model card (.json and .md), so the
+    cards match the table; a card whose weights changed since the record loses the figure."""
+    folder = folder or ROOT / "docs" / "fid" / proto.name
+    recs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.is_dir() else {}
+    teacher = recs.get("teacher", {}).get("fid")
+    written = []
+    for key, _, ckpt, card_path in models or MODELS:
+        if card_path is None or not card_path.exists():
+            continue
+        card = json.loads(card_path.read_text())
+        rec = recs.get(key)
+        fresh = rec is not None and rec.get("sha256") == sha256(weights_of(ckpt))
+        entry = None
+        if fresh:
+            entry = {"protocol": proto.name, "fid": round(rec["fid"], 2), "teacher_fid": round(teacher, 2) if teacher else None,
+                     "ratio_to_teacher": round(rec["fid"] / teacher, 3) if teacher else None,
+                     "samples": proto.n, "reference_train_images": proto.ref_n, "sha256": rec["sha256"]}
+        fids = {k: v for k, v in card.get("fid", {}).items() if k != proto.name} if isinstance(card.get("fid"), dict) else {}
+        if entry:
+            fids[proto.name] = entry
+        if fids == card.get("fid") or (not fids and "fid" not in card):
+            continue
+        if fids:
+            card["fid"] = fids
+        else:
+            card.pop("fid", None)
+        atomic_write_json(card_path, card)
+        md = card_path.with_suffix(".md")
+        if md.exists():
+            lines = [line for line in md.read_text().splitlines() if not line.startswith(FID_LINE)]
+            at = next((i for i, line in enumerate(lines) if line.startswith("- grid")), len(lines))
+            new = [f"{FID_LINE}{name} (docs/RESULTS.md: {e['samples']:,} samples vs {e['reference_train_images']:,} "
+                   f"training images): {e['fid']:.1f}" + (f", {e['ratio_to_teacher']:.2f}× the teacher's {e['teacher_fid']:.1f}"
+                                                         if e.get("ratio_to_teacher") and key != "teacher" else "")
+                   for name, e in sorted(fids.items())]
+            atomic_write_text(md, "\n".join(lines[:at] + new + lines[at:]) + "\n")
+        written.append(card_path)
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1,000 samples per model instead of 5,000")
@@ -199,6 +243,8 @@ def main(argv=None) -> int:
                 continue
             rec = measure(proto, key, ckpt, folder / f"{key}.json", a.force)
             print(f"{key}: FID {rec['fid']:.2f} ({rec.get('seconds', 0)} s)", flush=True)
+    for card in update_cards(proto):
+        print(f"updated {card.relative_to(ROOT)}")
     print(f"wrote {write_table(proto)}")
     return 0
 

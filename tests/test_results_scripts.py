@@ -46,3 +46,29 @@ def test_curves_plot_from_jsonl(tmp_path, monkeypatch):
     assert make_curves.read_curve(curves / "get-n-2.jsonl") == [(5, 120.0), (10, 90.0)]
     written = make_curves.plot(teacher_fid=30.0)
     assert [p.name for p in written] == ["curves-get-vit.png"] and written[0].stat().st_size > 1000
+
+
+def test_cards_carry_the_measured_fid(tmp_path):
+    import shutil
+    proto = make_results.PROTOCOLS["n1000"]
+    models = []
+    for key, label, ckpt, card in make_results.MODELS[:2]:  # the teacher and SIM, copied
+        w = tmp_path / make_results.weights_of(ckpt).name
+        shutil.copy(make_results.weights_of(ckpt), w)
+        for suffix in (".json", ".md"):
+            shutil.copy(card.with_suffix(suffix), tmp_path / card.with_suffix(suffix).name)
+        models.append((key, label, w, tmp_path / card.name))
+    folder = tmp_path / "fid"
+    folder.mkdir()
+    for (key, _, w, _), fid in zip(models, (20.0, 30.0)):
+        (folder / f"{key}.json").write_text(json.dumps({"key": key, "fid": fid, "sha256": make_results.sha256(w)}))
+    assert len(make_results.update_cards(proto, folder, models)) == 2
+    sim_card = models[1][3]
+    assert json.loads(sim_card.read_text())["fid"]["n1000"]["ratio_to_teacher"] == 1.5
+    md = sim_card.with_suffix(".md").read_text()
+    assert md.count(make_results.FID_LINE) == 1 and "30.0, 1.50× the teacher's 20.0" in md
+    assert make_results.update_cards(proto, folder, models) == []  # idempotent
+    w = models[1][2]
+    w.write_bytes(w.read_bytes() + b" ")  # the weights changed: the card loses the figure
+    make_results.update_cards(proto, folder, models)
+    assert "fid" not in json.loads(sim_card.read_text()) and make_results.FID_LINE not in sim_card.with_suffix(".md").read_text()
