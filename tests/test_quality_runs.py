@@ -13,7 +13,7 @@ FAKE_CLI = """#!/bin/sh
 echo "getfast $*" >> "$CALLS"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
-[ -n "$out" ] && mkdir -p "$out" && touch "$out/ckpt-000000001.pt"
+[ -n "$out" ] && mkdir -p "$out" && touch "$out/ckpt-000000001.pt" "$out/student.safetensors"
 exit 0
 """
 FAKE_PY = """#!/bin/sh
@@ -21,13 +21,13 @@ shift; echo "curve $*" >> "$CALLS"
 """
 
 
-def run(tmp_path, *args):
+def run(tmp_path, *args, **env_extra):
     for name, body in (("getfast", FAKE_CLI), ("py", FAKE_PY)):
         p = tmp_path / name
         p.write_text(body)
         p.chmod(0o755)
     env = dict(os.environ, RUNS=str(tmp_path / "runs"), GETFAST=str(tmp_path / "getfast"), PY=str(tmp_path / "py"),
-               CALLS=str(tmp_path / "calls"))
+               CALLS=str(tmp_path / "calls"), **env_extra)
     res = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True)
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
     return res, calls
@@ -49,6 +49,16 @@ def test_stages_resume_and_add_curve_points(tmp_path):
     assert [c.split("--kimg ")[1].split()[0] for c in trains] == ["5"] * 3 + ["10"] * 3
     assert ["--resume" in c for c in trains] == [False] * 3 + [True] * 3  # the second stage continues each run
     assert curves[0].endswith("runs/get-n-2 --n 1000") and curves[2].endswith("runs/vit-n5x-2 --n 1000")
+    # each stage keeps its student for the curve
+    assert sorted(p.name for p in (tmp_path / "runs" / "get-n-2").glob("student-*")) == [
+        "student-10kimg.safetensors", "student-5kimg.safetensors"]
+
+
+def test_curve_off_keeps_stage_students_only(tmp_path):
+    res, calls = run(tmp_path, "sim", "2.5", CURVE="0")
+    assert res.returncode == 0, res.stderr
+    assert [c.split("--kimg ")[1].split()[0] for c in calls] == ["2.5"] and not any(c.startswith("curve") for c in calls)
+    assert (tmp_path / "runs" / "sim" / "student-2.5kimg.safetensors").exists()
 
 
 def test_bad_stage_and_unknown_command(tmp_path):
