@@ -160,8 +160,18 @@ def _card_line(p: Path) -> str:
     card = p.with_suffix(".json")
     if card.exists():
         c = json.loads(card.read_text())
-        return f"{c.get('kimg', '?')} kimg, {c.get('wall_time_min', '?')} min on {c.get('machine', '?')}"
+        return f"{c.get('kimg', '?')} kimg, {c.get('wall_time_min', '?')} min on {c.get('machine', '?')}" + _card_fid(c)
     return ""
+
+
+def _card_fid(card: dict) -> str:
+    """The model card's FID under docs/RESULTS.md's protocol (written there by docs/make_results.py), if any."""
+    full = (card.get("fid") or {}).get("n5000") if isinstance(card.get("fid"), dict) else None
+    if not full:
+        return ""
+    ratio = f" = {full['ratio_to_teacher']:.2f}× the teacher" if full.get("ratio_to_teacher") else ""
+    return (f"; docs/RESULTS.md: FID {full['fid']:.1f}{ratio} ({full['samples']:,} samples vs "
+            f"{full['reference_train_images']:,} training images)")
 
 
 def _live_jobs(cfg: DemoConfig, out: Path):
@@ -233,7 +243,9 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     teacher = load(TEACHER)
     C, H, _ = teacher.shape
     K = teacher.num_classes
-    entries = [_Entry(f"teacher (EDM Heun, {teacher.steps} steps)", teacher, "teacher")]
+    teacher_card = EMBEDDED[TEACHER].with_suffix(".json")
+    note = _card_fid(json.loads(teacher_card.read_text())).lstrip("; ") if teacher_card.exists() else ""
+    entries = [_Entry(f"teacher (EDM Heun, {teacher.steps} steps)", teacher, "teacher", note)]
     entries += _committed_students(cfg.guided_w, cfg.all)
     curves = []
     if cfg.live:

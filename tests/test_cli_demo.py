@@ -143,3 +143,11 @@ def test_model_card_sums_resumed_segments(tmp_path):
     assert card["seed"] == 3 and card["steps"] == 30 and card["wall_time_min"] == 2.5 and card["fid"] == 12.5
     assert card["final_losses_last10_logs"] == {"loss": 3.5 / 3}
     assert "getfast distill sim" in md.read_text() and "![samples](sim.png)" in md.read_text()
+
+
+def test_demo_notes_carry_the_cards_full_protocol_fid():
+    from getfast.demo import _card_fid
+    assert _card_fid({}) == "" and _card_fid({"fid": {"n1000": {"fid": 1.0}}}) == ""
+    full = {"fid": 53.04, "ratio_to_teacher": 1.234, "samples": 5000, "reference_train_images": 10000}
+    assert _card_fid({"fid": {"n5000": full}}) == ("; docs/RESULTS.md: FID 53.0 = 1.23× the teacher "
+                                                  "(5,000 samples vs 10,000 training images)")
