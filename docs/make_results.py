@@ -91,6 +91,7 @@ def seeded_sample_fn(sample, shape, classes, seed):
     only up to the generator's stream, so the batch size is part of the protocol."""
     import torch
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # GET's fixed-point solve starts from noise drawn from the global generator
     count = [0]
 
     def fn(b):

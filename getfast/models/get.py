@@ -38,10 +38,9 @@ from torch.utils.checkpoint import checkpoint
 from getfast.deq import ift, list_solvers, phantom_grad, solve
 from getfast.models.layers import (
     Block,
-    ClassEmbedding,
     FinalLayer,
-    PatchEmbed,
     init_transformer_,
+    setup_patch_io,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -136,24 +135,7 @@ class GET(nn.Module):
     def __init__(self, img_resolution: int, in_channels: int, num_classes: int = 0, config: GETConfig = CONFIGS["GET-T/2"]):
         super().__init__()
         cfg = config
-        res = (img_resolution, img_resolution) if isinstance(img_resolution, int) else tuple(img_resolution)
-        if res[0] % cfg.patch_size or res[1] % cfg.patch_size:
-            raise ValueError(f"img_resolution: {res} is not divisible by the patch size {cfg.patch_size}")
-        self.config = cfg
-        self.img_resolution = res
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.num_classes = num_classes
-        self.patch_size = cfg.patch_size
-        self.grid = (res[0] // cfg.patch_size, res[1] // cfg.patch_size)
-        D = cfg.width
-
-        self.patch_embed = PatchEmbed(cfg.patch_size, in_channels, D)
-        # frozen sin-cos table, kept as a (non-trainable) parameter as in the reference checkpoints
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], D), requires_grad=False)
-        self.class_embed = (
-            ClassEmbedding(num_classes, 3 * D, cfg.null_class) if num_classes > 0 else None
-        )
+        D = setup_patch_io(self, img_resolution, in_channels, num_classes, cfg)
         self.inj_blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.inj_depth)
         )

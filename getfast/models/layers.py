@@ -180,6 +180,28 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid_h: int, gri
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, grid_h * p, grid_w * p)
 
 
+def setup_patch_io(model: nn.Module, img_resolution, in_channels: int, num_classes: int, cfg) -> int:
+    """The image/token interface GET and ViT share, set on ``model`` (after ``nn.Module.__init__``): resolution
+    and grid checks, the patch embedding, the frozen sin-cos position table and the class embedding (3·width:
+    adaLN shift/scale/gate). ``cfg`` needs ``patch_size`` and ``width``, and ``null_class`` for the class
+    embedding. Returns the width."""
+    res = (img_resolution, img_resolution) if isinstance(img_resolution, int) else tuple(img_resolution)
+    if res[0] % cfg.patch_size or res[1] % cfg.patch_size:
+        raise ValueError(f"img_resolution: {res} is not divisible by the patch size {cfg.patch_size}")
+    model.config = cfg
+    model.img_resolution = res
+    model.in_channels = model.out_channels = in_channels
+    model.num_classes = num_classes
+    model.patch_size = cfg.patch_size
+    model.grid = (res[0] // cfg.patch_size, res[1] // cfg.patch_size)
+    D = cfg.width
+    model.patch_embed = PatchEmbed(cfg.patch_size, in_channels, D)
+    # frozen sin-cos table, kept as a (non-trainable) parameter as in the MAE/DiT/GET reference checkpoints
+    model.pos_embed = nn.Parameter(torch.zeros(1, model.grid[0] * model.grid[1], D), requires_grad=False)
+    model.class_embed = ClassEmbedding(num_classes, 3 * D, cfg.null_class) if num_classes > 0 else None
+    return D
+
+
 def init_transformer_(model: nn.Module) -> None:
     """Initialisation used by ViT/DiT/GET: Xavier-uniform linear weights (the patch conv as a
     flattened linear), zero biases, unit LayerNorms, N(0, 0.02²) class embeddings, and a zero
