@@ -63,7 +63,7 @@ class TeacherMethod:
         # it does not depend on the number of processes; the exported teacher records it in ``meta``.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"], 0.0)
+            net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"])
         self.modules = {"net": net}
         self.optimizers = {"net": torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)}
         self.grad_clip = cfg.grad_clip
@@ -156,7 +156,7 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
         meta = _meta_from_config(cfg)
     # The loaded denoiser is a deterministic function of (x, σ, label): label dropout was a property of
     # training this teacher (recorded in ``meta``), never of the copies that students start from.
-    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
+    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
                          **meta.get("overrides", {}))
     try:
         net.load_state_dict(state)

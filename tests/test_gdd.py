@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tiny_teacher(attn=()):
     from getfast.teacher import build_denoiser
     torch.manual_seed(0)
-    t = build_denoiser("UNet-XS", 8, 1, 10, 0.1, attn_resolutions=attn)
+    t = build_denoiser("UNet-XS", 8, 1, 10, attn_resolutions=attn)
     torch.nn.init.normal_(t.backbone.out_conv.weight, std=0.1)  # a zero head would make every output c_skip·x
     t.meta = {"model": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10, "label_dropout": 0.1,
               "data": "digits", "overrides": {"attn_resolutions": list(attn)}}

@@ -36,7 +36,7 @@ def _train(method, student, steps, out, batch=256):
 def _tiny_teacher(cond=True):
     from getfast.teacher import build_denoiser
     torch.manual_seed(0)
-    t = build_denoiser("UNet-XS", 8, 1, 10 if cond else 0, 0.1 if cond else 0.0)
+    t = build_denoiser("UNet-XS", 8, 1, 10 if cond else 0)
     torch.nn.init.normal_(t.backbone.out_conv.weight, std=0.1)  # a zero head would make every output c_skip·x
     t.meta = {"model": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10 if cond else 0,
               "label_dropout": 0.1 if cond else 0.0, "data": "digits"}

@@ -37,7 +37,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     torch.manual_seed(0)
-    D = build_denoiser("UNet-XS", 8, 1, 10, label_dropout=0.1)
+    D = build_denoiser("UNet-XS", 8, 1, 10)
     with torch.no_grad():  # the output conv is zero-initialised: perturb so the sampler output is non-trivial
         for p in D.parameters():
             p.add_(0.05 * torch.randn_like(p))

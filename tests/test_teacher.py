@@ -61,7 +61,7 @@ def test_train_teacher_exports_and_load_matches_ema(run):
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     # the EMA of the final checkpoint, rebuilt by hand
     state = load_checkpoint(run / "ckpt-000000010.pt")
-    ema = build_denoiser("UNet-XS", 8, 1, 10, 0.3)
+    ema = build_denoiser("UNet-XS", 8, 1, 10)
     ema.load_state_dict(state["ema"])
     ema.eval()
     assert not torch.equal(state["ema"]["backbone.enc.8x8_conv.weight"],

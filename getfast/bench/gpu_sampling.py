@@ -73,7 +73,7 @@ def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path]:
     teacher_path = folder / "teacher.safetensors"
     meta = {"model": plan["teacher"], "resolution": r, "channels": c, "num_classes": K, "label_dropout": 0.0,
             "data": "random weights (benchmark)"}
-    export(build_denoiser(plan["teacher"], r, c, K, 0.0), meta, teacher_path)
+    export(build_denoiser(plan["teacher"], r, c, K), meta, teacher_path)
     return student_path, teacher_path
 
 

@@ -32,7 +32,7 @@ def _teacher(tmp: Path):
         return str(path), "committed teacher-fashion-mnist.safetensors"
     torch.manual_seed(0)
     meta = {"model": "UNet-S", "resolution": 28, "channels": 1, "num_classes": 10, "label_dropout": 0.1}
-    D = build_denoiser("UNet-S", 28, 1, 10, 0.1)
+    D = build_denoiser("UNet-S", 28, 1, 10)
     path = tmp / "unet-s.safetensors"
     export(D, meta, path)
     load(str(path))  # check it round-trips

@@ -36,7 +36,7 @@ def build_denoiser_from_meta(meta: dict, **overrides) -> nn.Module:
         from getfast.importers.hf_diffusers import build_from_meta
         return build_from_meta(meta)
     from getfast.models import build_denoiser
-    return build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
+    return build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
                           **{**meta.get("overrides", {}), **overrides})
 
 

@@ -113,7 +113,7 @@ def make_w_student(teacher: nn.Module) -> nn.Module:
     """A w-conditioned copy of an EDM teacher (UNet with ``w_cond=True``, zero-initialised w embedding): it
     starts as the teacher's conditional denoiser, i.e. guidance weight 0."""
     meta = teacher.meta
-    student = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"], 0.0,
+    student = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
                              **{**meta.get("overrides", {}), "w_cond": True})
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any("map_w" not in k for k in missing):

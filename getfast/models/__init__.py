@@ -53,16 +53,10 @@ def check_teacher_model(model) -> str:
     return model
 
 
-def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, label_dropout: float = 0.0,
-                   **overrides) -> EDMPrecond:
-    """An EDM denoiser (Karras et al. 2022, Eq. 7) over the named backbone.
-
-    ``label_dropout`` is accepted for callers that pass a teacher's training setting and is checked, but not used:
-    the denoiser never drops labels (the teacher's training step does), so every copy of it is deterministic.
-    """
+def build_denoiser(model: str, resolution: int, channels: int, num_classes: int, **overrides) -> EDMPrecond:
+    """An EDM denoiser (Karras et al. 2022, Eq. 7) over the named backbone. It never drops class labels (a teacher's
+    label dropout belongs to its training step), so every copy of it is a deterministic function of its inputs."""
     check_teacher_model(model)
-    if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) or not 0 <= label_dropout < 1:
-        raise ValueError(f"label_dropout must be a number in [0, 1), got {label_dropout!r}")
     backbone = create(model, img_resolution=resolution, in_channels=channels, num_classes=num_classes, **overrides)
     return EDMPrecond(backbone)
 
