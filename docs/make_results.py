@@ -62,6 +62,10 @@ MODELS = [
 ]
 
 
+# The quality issue's targets, as FID ratios to the teacher (GDD-I: the paper's students beat their teachers).
+TARGETS = {"sim": 1.1, "gdd": 1.2, "gddi": 1.0, "guided-4": 1.1, "guided-2": 1.3, "guided-1": 2.0, "get": 1.5}
+
+
 def weights_of(ckpt) -> Path:
     if isinstance(ckpt, Path):
         return ckpt
@@ -148,11 +152,13 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
         "(`getfast/assets/**/*.md`) names the command and the machine that trained it."
         % (proto.name, proto.n, proto.ref_n, proto.n),
         "",
-        "| model | FID | × teacher | network evals / sample | params | trained | wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | FID | × teacher | target | network evals / sample | params | trained | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     if "real" in recs:
-        lines.append(f"| real data: {proto.n} test images (floor) | {recs['real']['fid']:.1f} | – | – | – | – | – |")
+        lines.append(f"| real data: {proto.n} test images (floor) | {recs['real']['fid']:.1f} | "
+                     f"{recs['real']['fid'] / teacher:.2f}× | – | – | – | – | – |" if teacher else
+                     f"| real data: {proto.n} test images (floor) | {recs['real']['fid']:.1f} | – | – | – | – | – | – |")
     grids = []
     for key, label, ckpt, card_path in MODELS:
         card = json.loads(card_path.read_text()) if card_path and card_path.exists() else {}
@@ -160,11 +166,18 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
         stale = rec is not None and rec.get("sha256") != sha256(weights_of(ckpt))
         fid = "not measured" if rec is None else f"{rec['fid']:.1f}" + (" (stale weights)" if stale else "")
         ratio = f"{rec['fid'] / teacher:.2f}×" if rec and teacher and not stale else "–"
+        target = TARGETS.get(key)
+        if target is None:
+            goal = "–"
+        elif ratio == "–":
+            goal = f"≤ {target:g}×"
+        else:
+            goal = f"≤ {target:g}× " + ("(met)" if rec["fid"] / teacher <= target else "(not met)")
         nfe = rec.get("nfe", "?") if rec else "?"
         params = f"{card['params'] / 1e6:.2f}M" if "params" in card else "?"
         kimg = f"{card['kimg']:.1f} kimg" if "kimg" in card else "?"
         wall = f"{card['wall_time_min']} min" if "wall_time_min" in card else "?"
-        lines.append(f"| {label} | {fid} | {ratio} | {nfe} | {params} | {kimg} | {wall} |")
+        lines.append(f"| {label} | {fid} | {ratio} | {goal} | {nfe} | {params} | {kimg} | {wall} |")
         png = card_path.with_suffix(".png") if card_path else None
         if png is not None and png.exists():
             grids.append((label, Path(os.path.relpath(png, out.parent)).as_posix(), card.get("command", "")))

@@ -23,11 +23,11 @@ def test_table_ratios_stale_and_missing_rows(tmp_path):
         (folder / f"{name}.json").write_text(json.dumps(r))
     out = make_results.write_table(proto, folder, tmp_path / "RESULTS.md")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.read_text().splitlines() if line.startswith("| ")}
-    assert "| 20.0 | 1.00× |" in rows["EDM teacher, Heun 18 steps"]
-    assert "| 30.0 | 1.50× |" in rows["SIM (data-free)"]
+    assert "| 20.0 | 1.00× | – |" in rows["EDM teacher, Heun 18 steps"]
+    assert "| 30.0 | 1.50× | ≤ 1.1× (not met) |" in rows["SIM (data-free)"]
     assert "(stale weights) | – |" in rows["GDD"]          # weights changed since the record: no ratio
     assert "not measured" in rows["GET-N/4 (offline pairs)"]
-    assert "| 5.0 |" in rows["real data: 1000 test images (floor)"]
+    assert "| 5.0 | 0.25× |" in rows["real data: 1000 test images (floor)"]
     # sample grids are linked relative to the table's own folder
     for link in [l.split("](")[1].rstrip(")") for l in out.read_text().splitlines() if l.startswith("![")]:
         assert (out.parent / link).resolve().exists(), link
