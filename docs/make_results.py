@@ -206,13 +206,16 @@ def update_cards(proto: Protocol, folder: Path | None = None, models=None) -> li
             continue
         card = json.loads(card_path.read_text())
         rec = recs.get(key)
-        fresh = rec is not None and rec.get("sha256") == sha256(weights_of(ckpt))
+        digest = sha256(weights_of(ckpt))
+        fresh = rec is not None and rec.get("sha256") == digest
         entry = None
         if fresh:
             entry = {"protocol": proto.name, "fid": round(rec["fid"], 2), "teacher_fid": round(teacher, 2) if teacher else None,
                      "ratio_to_teacher": round(rec["fid"] / teacher, 3) if teacher else None,
                      "samples": proto.n, "reference_train_images": proto.ref_n, "sha256": rec["sha256"]}
-        fids = {k: v for k, v in card.get("fid", {}).items() if k != proto.name} if isinstance(card.get("fid"), dict) else {}
+        old = card.get("fid") if isinstance(card.get("fid"), dict) else {}
+        # other protocols' figures stay while they measured these very weights
+        fids = {k: v for k, v in old.items() if k != proto.name and isinstance(v, dict) and v.get("sha256") == digest}
         if entry:
             fids[proto.name] = entry
         if fids == card.get("fid") or (not fids and "fid" not in card):

@@ -66,9 +66,9 @@ def test_cards_carry_the_measured_fid(tmp_path):
     sim_card = models[1][3]
     assert json.loads(sim_card.read_text())["fid"]["n1000"]["ratio_to_teacher"] == 1.5
     md = sim_card.with_suffix(".md").read_text()
-    assert md.count(make_results.FID_LINE) == 1 and "30.0, 1.50× the teacher's 20.0" in md
+    assert md.count(make_results.FID_LINE + "n1000") == 1 and "30.0, 1.50× the teacher's 20.0" in md
     assert make_results.update_cards(proto, folder, models) == []  # idempotent
     w = models[1][2]
-    w.write_bytes(w.read_bytes() + b" ")  # the weights changed: the card loses the figure
+    w.write_bytes(w.read_bytes() + b" ")  # the weights changed: the card loses its figures (every protocol's)
     make_results.update_cards(proto, folder, models)
     assert "fid" not in json.loads(sim_card.read_text()) and make_results.FID_LINE not in sim_card.with_suffix(".md").read_text()
