@@ -117,6 +117,15 @@ def test_cpu_runner_writes_results_and_keeps_going(monkeypatch, bench_out, capsy
     assert "skipped: optional package absent" in capsys.readouterr().out
 
 
+def test_cpu_runner_with_only_keeps_the_other_results(monkeypatch, bench_out):
+    """``--only X`` updates X in all.json and keeps what earlier runs recorded for the others."""
+    monkeypatch.setattr(runner, "load_module", lambda name, device: _fake("ok"))
+    assert bench.run(bench.BenchConfig(only=("models",), quick=True, out=str(bench_out))) == 0
+    assert bench.run(bench.BenchConfig(only=("deq",), quick=False, out=str(bench_out))) == 0
+    summary = json.loads((bench_out / "all.json").read_text())
+    assert summary["models"] == {"value": 1.5, "quick": True} and summary["deq"] == {"value": 1.5, "quick": False}
+
+
 def test_checkout_benchmark_modules_join_the_cpu_set(monkeypatch, tmp_path, bench_out):
     """A ``benchmarks/bench_<name>.py`` of the checkout (e.g. the host-overhead benchmark) runs with the others."""
     (tmp_path / "benchmarks").mkdir()

@@ -263,6 +263,17 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
+def merge_json(name: str, payload: dict) -> Path:
+    """Update ``<results folder>/<name>.json`` with ``payload``'s keys, keeping the others: a run of
+    some benchmarks (``--only``) must not drop the recorded results of the rest."""
+    path = results_dir() / f"{name}.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    return write_json(name, {**old, **payload} if isinstance(old, dict) else payload)
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub Markdown table."""
     def cell(v):

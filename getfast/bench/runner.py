@@ -69,7 +69,7 @@ def run_config(cfg: BenchConfig) -> int:
 
 
 def _run_cpu(cfg: BenchConfig) -> int:
-    from getfast.bench.common import Skipped, machine_info, update_results_md, write_json
+    from getfast.bench.common import Skipped, machine_info, merge_json, update_results_md, write_json
 
     results, failed = {"machine": machine_info()}, []
     for name in cfg.chosen():
@@ -90,7 +90,7 @@ def _run_cpu(cfg: BenchConfig) -> int:
             failed.append(name)
             results[name] = {"error": traceback.format_exc(limit=3)}
         print(f"   {time.time() - t0:.0f} s", flush=True)
-    write_json("all", results)
+    merge_json("all", results)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0
@@ -150,7 +150,7 @@ def _run_gpu(cfg: BenchConfig) -> int:
         finally:
             torch.cuda.empty_cache()
         print(f"   {time.time() - t0:.0f} s", flush=True)
-    write_json("gpu_all", results)
+    merge_json("gpu_all", results)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0
