@@ -13,7 +13,8 @@
 #
 # Environment: RUNS (run folders and pairs, default ./runs), GETFAST (the CLI, default `getfast`), PY (the
 # Python that runs docs/make_curves.py, default python3), THREADS (torch threads per process, default 1),
-# CURVE=0 (keep each stage's student-<K>kimg.safetensors but measure no FID).
+# CURVE=0 (keep each stage's student-<K>kimg.safetensors but measure no FID), MODELS (get-vit's models, default
+# "GET-N/2 ViT-N6/2 ViT-N5x/2"; on two cores run two processes, e.g. MODELS=GET-N/2 and MODELS="ViT-N6/2 ViT-N5x/2").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,7 +58,7 @@ case "$cmd" in
       # One recipe for all three (GET's paper trains GET and its ViT baselines alike): L1 to the teacher's image
       # (GET's loss), AdamW without weight decay at 5e-4 after 1 kimg of warm-up, batch 32 (the recipe of the
       # committed N/4 students); the same pairs, seed and number of training images for each.
-      for model in GET-N/2 ViT-N6/2 ViT-N5x/2; do
+      for model in ${MODELS:-GET-N/2 ViT-N6/2 ViT-N5x/2}; do
         run="$RUNS/$(echo "$model" | tr 'A-Z/' 'a-z-')"
         train_to "$run" "$k" distill get --pairs "$PAIRS" --model "$model" --cond --lr 5e-4 --warmup-kimg 1 --batch 32
         curve_point "$run"

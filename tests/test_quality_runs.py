@@ -66,3 +66,11 @@ def test_bad_stage_and_unknown_command(tmp_path):
     assert res.returncode == 2 and "stage 'ten' is not a number" in res.stderr and calls == []
     res, _ = run(tmp_path, "bogus")
     assert res.returncode == 2 and "resumable stages" in res.stdout
+
+
+def test_models_splits_get_vit_across_processes(tmp_path):
+    (tmp_path / "runs" / "pairs-fmnist").mkdir(parents=True)
+    (tmp_path / "runs" / "pairs-fmnist" / "manifest.json").write_text("{}")
+    res, calls = run(tmp_path, "get-vit", "5", MODELS="ViT-N6/2 ViT-N5x/2")
+    assert res.returncode == 0, res.stderr
+    assert [c.split("--model ")[1].split()[0] for c in calls if c.startswith("getfast")] == ["ViT-N6/2", "ViT-N5x/2"]

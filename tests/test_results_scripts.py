@@ -72,3 +72,18 @@ def test_cards_carry_the_measured_fid(tmp_path):
     w.write_bytes(w.read_bytes() + b" ")  # the weights changed: the card loses its figures (every protocol's)
     make_results.update_cards(proto, folder, models)
     assert "fid" not in json.loads(sim_card.read_text()) and make_results.FID_LINE not in sim_card.with_suffix(".md").read_text()
+
+
+def test_get_claim_needs_all_three_fresh_records(tmp_path):
+    ws = {}
+    for key in ("get-n2", "vit-n6-2", "vit-n5x-2"):
+        ws[key] = tmp_path / f"{key}.safetensors"
+        ws[key].write_bytes(key.encode())
+    recs = {k: {"fid": f, "sha256": make_results.sha256(ws[k])}
+            for k, f in (("get-n2", 40.0), ("vit-n6-2", 50.0), ("vit-n5x-2", 38.0))}
+    claim = make_results.get_claim(recs, ws)
+    assert "40.0 vs the ViT of its parameters 50.0 — better: holds" in claim
+    assert "≈ 5× its parameters 38.0 — no worse: does not hold" in claim
+    assert make_results.get_claim({k: v for k, v in recs.items() if k != "vit-n5x-2"}, ws) is None
+    ws["get-n2"].write_bytes(b"retrained")  # the record measured other weights: no verdict
+    assert make_results.get_claim(recs, ws) is None

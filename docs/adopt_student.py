@@ -1,0 +1,58 @@
+"""Commit a trained run's student: copy its exported EMA into getfast/assets/students/, with a model card and a grid.
+
+    python docs/adopt_student.py RUN NAME --title TITLE --command "the command that trained RUN"
+
+writes ``getfast/assets/students/NAME.safetensors`` (RUN/student.safetensors, the EMA the run exported last),
+``NAME.json``/``NAME.md`` (command, seed, config, kimg, wall time summed over resumed segments, final losses,
+parameters; getfast.cards) and ``NAME.png`` (10×10 grid, columns are classes, seed 0). The FID line of the card is
+added by docs/make_results.py once the student is in its MODELS and measured.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDENTS = ROOT / "getfast" / "assets" / "students"
+
+
+def adopt(run: Path, name: str, title: str, command: str) -> Path:
+    from getfast.cards import write_card
+    from getfast.cli import main as cli
+    from getfast.sampling import load
+
+    src = run / "student.safetensors"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} does not exist: the run has not exported a student yet")
+    dst = STUDENTS / f"{name}.safetensors"
+    tmp = dst.with_suffix(".safetensors.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)  # atomic: a reader never sees half a file
+    s = load(str(dst))
+    params = sum(p.numel() for p in s.net.parameters())
+    png = dst.with_suffix(".png")
+    if cli(["sample", "--ckpt", str(dst), "--n", "100", "--nrow", "10", "--seed", "0", "--device", "cpu",
+            "--out", str(png)]) != 0:
+        raise RuntimeError(f"sampling {dst} failed")
+    return write_card(dst, run, command, title, grid=png.name,
+                      extra={"params": params, "network evaluations per sample": s.evaluations,
+                             "grid": "10x10, columns = classes, seed 0"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="run folder with student.safetensors, config.json and log.jsonl")
+    p.add_argument("name", help="asset name, e.g. get-n2-fashion-mnist")
+    p.add_argument("--title", required=True)
+    p.add_argument("--command", required=True, help="the exact command that trained the run")
+    a = p.parse_args(argv)
+    if not a.run.is_dir():
+        p.error(f"run folder {a.run} does not exist")
+    print(f"wrote {adopt(a.run, a.name, a.title, a.command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
