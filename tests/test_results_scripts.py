@@ -87,3 +87,30 @@ def test_get_claim_needs_all_three_fresh_records(tmp_path):
     assert make_results.get_claim({k: v for k, v in recs.items() if k != "vit-n5x-2"}, ws) is None
     ws["get-n2"].write_bytes(b"retrained")  # the record measured other weights: no verdict
     assert make_results.get_claim(recs, ws) is None
+
+
+def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeypatch):
+    import torch
+    adopt_student = pytest.importorskip("adopt_student")
+    from getfast.methods import save_student
+    from getfast.models.onestep import OneStepGenerator
+    from getfast.teacher import build_denoiser
+    torch.manual_seed(0)
+    G = OneStepGenerator(build_denoiser("UNet-XS", 8, 1, 10), 2.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"model": "UNet-XS", "resolution": 8, "channels": 1, "num_classes": 10, "label_dropout": 0.0}
+    save_student(G, {"method": "sim", "config": {"method": "sim", "sigma_init": 2.5}, "shape": [1, 8, 8],
+                     "num_classes": 10, "teacher_meta": meta}, run / "student.safetensors")
+    (run / "config.json").write_text(json.dumps({"loop": {"seed": 3}, "method": {"method": "sim"}}))
+    # two resumed segments: the clock restarts, the card sums them (60 s + 30 s)
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 1, "kimg": 0.1, "time": 60.0, "loss": 1.0}, {"step": 2, "kimg": 0.2, "time": 30.0, "loss": 0.5})))
+    monkeypatch.setattr(adopt_student, "STUDENTS", tmp_path / "students")
+    (tmp_path / "students").mkdir()
+    md = adopt_student.adopt(run, "toy", "toy student", "getfast distill sim --kimg 0.2")
+    card = json.loads((tmp_path / "students" / "toy.json").read_text())
+    assert (tmp_path / "students" / "toy.safetensors").read_bytes() == (run / "student.safetensors").read_bytes()
+    assert card["params"] == sum(p.numel() for p in G.parameters()) and card["seed"] == 3
+    assert card["wall_time_min"] == 1.5 and card["kimg"] == 0.2
+    assert (tmp_path / "students" / "toy.png").stat().st_size > 100 and "![samples](toy.png)" in md.read_text()
