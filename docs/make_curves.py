@@ -91,7 +91,7 @@ def read_curve(path: Path) -> list[tuple[float, float]]:
     return sorted((r["kimg"], r["fid"]) for r in recs)
 
 
-def plot(teacher_fid: float | None = None) -> list[Path]:
+def plot(teacher_fid: float | None = None, floor_fid: float | None = None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,6 +108,8 @@ def plot(teacher_fid: float | None = None) -> list[Path]:
             ax.plot([k for k, _ in pts], [f for _, f in pts], marker="o", label=p.stem)
         if teacher_fid is not None:
             ax.axhline(teacher_fid, color="k", ls="--", lw=1, label=f"teacher ({teacher_fid:.1f})")
+        if floor_fid is not None:  # FID's bias at n = 1,000: no model can score below real images
+            ax.axhline(floor_fid, color="grey", ls=":", lw=1, label=f"real test images ({floor_fid:.1f})")
         ax.set(xlabel="training images (kimg)", ylabel="FID", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -130,9 +132,9 @@ def main(argv=None) -> int:
     sub.add_parser("plot", help="draw docs/curves-*.png from docs/curves/*.jsonl")
     a = p.parse_args(argv)
     if a.cmd == "plot":
-        rec = ROOT / "docs" / "fid" / "n1000" / "teacher.json"
-        teacher = json.loads(rec.read_text())["fid"] if rec.exists() else None
-        for out in plot(teacher):
+        recs = {k: ROOT / "docs" / "fid" / "n1000" / f"{k}.json" for k in ("teacher", "real")}
+        fid = {k: json.loads(r.read_text())["fid"] if r.exists() else None for k, r in recs.items()}
+        for out in plot(fid["teacher"], fid["real"]):
             print(f"wrote {out}")
         return 0
     if a.n < 2:

@@ -44,7 +44,7 @@ def test_curves_plot_from_jsonl(tmp_path, monkeypatch):
     monkeypatch.setattr(make_curves, "ROOT", tmp_path)
     (tmp_path / "docs").mkdir()
     assert make_curves.read_curve(curves / "get-n-2.jsonl") == [(5, 120.0), (10, 90.0)]
-    written = make_curves.plot(teacher_fid=30.0)
+    written = make_curves.plot(teacher_fid=30.0, floor_fid=10.0)
     assert [p.name for p in written] == ["curves-get-vit.png"] and written[0].stat().st_size > 1000
 
 
