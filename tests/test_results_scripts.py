@@ -114,3 +114,11 @@ def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeyp
     assert card["params"] == sum(p.numel() for p in G.parameters()) and card["seed"] == 3
     assert card["wall_time_min"] == 1.5 and card["kimg"] == 0.2
     assert (tmp_path / "students" / "toy.png").stat().st_size > 100 and "![samples](toy.png)" in md.read_text()
+    # --float16: half the bytes, the same images up to float16 rounding of the weights
+    adopt_student.adopt(run, "toy16", "toy student", "getfast distill sim --kimg 0.2", float16=True)
+    half, full = tmp_path / "students" / "toy16.safetensors", tmp_path / "students" / "toy.safetensors"
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    from getfast.sampling import load
+    z, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    assert torch.allclose(load(str(half))(z, y), load(str(full))(z, y), atol=2e-2)
+    assert "float16" in json.loads(half.with_suffix(".json").read_text())["stored"]
