@@ -37,6 +37,7 @@ def adopt(run: Path, name: str, title: str, command: str, float16: bool = False)
             meta = f.metadata()
         save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(tmp),
                   metadata=meta)
+        tmp.chmod(0o644)  # like a copied file: readable by everyone who can read the repository
     else:
         shutil.copyfile(src, tmp)
     tmp.replace(dst)  # atomic: a reader never sees half a file

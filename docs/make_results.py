@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -198,9 +199,13 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
     claim = get_claim(recs, {key: ckpt for key, _, ckpt, _ in MODELS})
     if claim:
         lines += ["", claim]
+    lines += curve_table(ROOT / "docs" / "curves")
     notes = ROOT / "docs" / "results_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
+    if notes.exists():  # its relative links are relative to docs/: re-anchor them to the table's folder
+        text = re.sub(r"\]\((?!https?:|#)([^)]+)\)",
+                      lambda m: f"]({Path(os.path.relpath(notes.parent / m.group(1), out.parent)).as_posix()})",
+                      notes.read_text().strip())
+        lines += ["", text]
     lines.append("\n## Samples (10×10, columns are classes, seed 0) and the commands that made them\n")
     for label, png, cmd in grids:
         lines += [f"### {label}\n", f"![{label}]({png})\n", f"```\n{cmd}\n```\n"]
@@ -222,6 +227,30 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
     verdict = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
     return (f"**GET's claim at patch 2:** GET-N/2 {g:.1f} vs the ViT of its parameters {v1:.1f} — better: "
             f"{verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {v5:.1f} — no worse: {verdict(g <= v5)}.")
+
+
+CURVE_RUNS = [("get-n-2", "GET-N/2"), ("vit-n6-2", "ViT-N6/2 (same parameters)"), ("vit-n5x-2", "ViT-N5x/2 (≈ 5×)")]
+
+
+def curve_table(folder: Path) -> list[str]:
+    """GET vs ViT learning curves as a table (FID of 1,000 samples at each stage, docs/curves/<run>.jsonl written
+    by docs/make_curves.py eval), so the figure's numbers are in the text."""
+    curves = {}
+    for run, _ in CURVE_RUNS:
+        path = folder / f"{run}.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        curves[run] = {r["kimg"]: r["fid"] for r in recs if r.get("n") == 1000}
+    kimgs = sorted({k for c in curves.values() for k in c})
+    if not kimgs:
+        return []
+    rows = ["", "GET vs ViT at patch 2, learning curves (FID of 1,000 samples vs 10,000 training images; "
+            "`docs/quality_runs.sh get-vit`):", "",
+            "| training images (kimg) | " + " | ".join(label for _, label in CURVE_RUNS) + " |",
+            "| --- |" + " --- |" * len(CURVE_RUNS)]
+    for k in kimgs:
+        rows.append(f"| {k:g} | " + " | ".join(f"{curves[r][k]:.1f}" if k in curves[r] else "–" for r, _ in CURVE_RUNS)
+                    + " |")
+    return rows
 
 
 FID_LINE = "- FID, protocol "  # the model card line this script owns

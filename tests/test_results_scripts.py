@@ -122,3 +122,13 @@ def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeyp
     z, y = torch.randn(3, 1, 8, 8), torch.arange(3)
     assert torch.allclose(load(str(half))(z, y), load(str(full))(z, y), atol=2e-2)
     assert "float16" in json.loads(half.with_suffix(".json").read_text())["stored"]
+
+
+def test_curve_table_from_the_runs_jsonl(tmp_path):
+    (tmp_path / "get-n-2.jsonl").write_text("".join(json.dumps({"kimg": k, "fid": f, "n": 1000}) + "\n"
+                                                    for k, f in ((5, 300.0), (10, 250.25))))
+    (tmp_path / "vit-n6-2.jsonl").write_text(json.dumps({"kimg": 5, "fid": 200.0, "n": 1000}) + "\n"
+                                             + json.dumps({"kimg": 5, "fid": 1.0, "n": 5000}) + "\n")
+    rows = make_results.curve_table(tmp_path)
+    assert "| 5 | 300.0 | 200.0 | – |" in rows and "| 10 | 250.2 | – | – |" in rows
+    assert make_results.curve_table(tmp_path / "none") == []
