@@ -290,3 +290,13 @@ def test_nonfinite_teacher_output_is_an_error_naming_the_shard(tmp_path):
     with pytest.raises(NonFiniteError, match="shard-00000, samples \\[0, 4\\).*NaN/Inf"):
         make_pairs(PairsConfig(teacher=str(path), out=str(out), **{**COMMON, "n": 4}))
     assert not list(out.glob("shard-*"))
+
+
+def test_fingerprint_changes_when_the_set_grows(teacher, tmp_path):
+    out = tmp_path / "p"
+    make_pairs(PairsConfig(teacher=str(teacher), out=str(out), **{**COMMON, "n": 8}))
+    fp = PairDataset(out).fingerprint()
+    assert fp == PairDataset(out, verify=False).fingerprint() and fp["pairs"] == 8
+    make_pairs(PairsConfig(teacher=str(teacher), out=str(out), **{**COMMON, "n": 12}))  # grown in place
+    grown = PairDataset(out).fingerprint()
+    assert grown["pairs"] == 12 and grown["sha256"] != fp["sha256"]

@@ -644,3 +644,23 @@ def test_ddp_two_processes_match_one(tmp_path, reference_run):
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == STEPS // 5
     assert la == pytest.approx(lb, rel=1e-4)  # the logged loss is the mean over both ranks
+
+
+def test_resume_on_other_data_refused(tmp_path):
+    """A method with stored data (GET's pairs) fingerprints it in each checkpoint; continuing on a grown or
+    regenerated set under the same path is refused, the same data resumes, a checkpoint without one is trusted."""
+    class Fingerprinted(Toy):
+        def __init__(self, fp, **kw):
+            super().__init__(**kw)
+            self.fp = fp
+
+        def data_fingerprint(self):
+            return self.fp
+
+    train(Fingerprinted({"pairs": 40, "sha256": "a"}), loop(tmp_path, kimg=0.03))
+    with pytest.raises(CheckpointError, match=r"trained on different data.*'pairs': 40.*'pairs': 80"):
+        train(Fingerprinted({"pairs": 80, "sha256": "b"}), loop(tmp_path, kimg=0.06, resume=True))
+    train(Fingerprinted({"pairs": 40, "sha256": "a"}), loop(tmp_path, kimg=0.06, resume=True))
+    old = tmp_path / "old"
+    train(Toy(), loop(old, kimg=0.03))  # written without a fingerprint
+    train(Fingerprinted({"pairs": 80, "sha256": "b"}), loop(old, kimg=0.06, resume=True))

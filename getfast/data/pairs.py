@@ -209,6 +209,12 @@ class PairDataset(torch.utils.data.Dataset):
         self.labels = torch.tensor(labels, dtype=torch.int64) if self.num_classes else None
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
+    def fingerprint(self) -> dict:
+        """What identifies these pairs: their count and one sha256 over the shards' checksummed records (each
+        names the sha256 of its arrays), so a grown or regenerated set under the same path differs."""
+        h = hashlib.sha256("".join(s["json_sha256"] for s in self._shards).encode())
+        return {"pairs": self._count, "sha256": h.hexdigest()}
+
     @property
     def resolution(self) -> int:
         return self.shape[-1]

@@ -116,6 +116,11 @@ class GETDistillMethod:
     def config(self):
         return {"method": "get", **asdict(self.cfg)}
 
+    def data_fingerprint(self) -> dict | None:
+        """The pair set's identity, checked on ``--resume`` (None for in-memory data without one)."""
+        fp = getattr(self.data, "fingerprint", None)
+        return fp() if fp is not None else None
+
     def product_metadata(self) -> dict[str, str]:
         return {"getfast_student": json.dumps(student_meta(self))}
 

@@ -16,6 +16,7 @@ A method (the :class:`Method` protocol) declares what it trains; the loop perfor
                    size when data is None.
   ``sample_grid(ema, n) -> Tensor``  (optional) images in [-1, 1] for the periodic PNG grid
   ``config() -> dict``  what must match for a checkpoint to be resumed
+  ``data_fingerprint() -> dict | None`` (optional) what identifies stored training data; must match on resume
   ``product``, ``product_metadata()``  file name and safetensors metadata of the exported EMA weights
   ``lr_options`` (optional) dict optimizer name -> config field of its learning rate, for error messages
 
@@ -710,6 +711,8 @@ def _save(method, ema, out, step, nimg, cfg, rank):
                  "modules": {k: _unwrap(m).state_dict() for k, m in method.modules.items()},
                  "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
                  "ema": ema.module.state_dict(), "rng": rngs}
+        if hasattr(method, "data_fingerprint"):
+            state["data"] = method.data_fingerprint()
         save_checkpoint(out / f"ckpt-{step:09d}.pt", state)
         prune_checkpoints(out, cfg.keep_ckpts, current_step=step)
     if world > 1:
@@ -734,6 +737,13 @@ def _restore(method, ema, state, rank, cfg, path):
     if loop_diff:
         raise CheckpointError(f"{path} was written with different loop settings, refusing to resume: "
                               f"{loop_diff} (checkpoint, now)")
+    # Stored training data (GET's pairs) can grow or be regenerated under the same path: a run continued on
+    # other data is not a resume. Checkpoints written before this check carry no fingerprint and are trusted.
+    if state.get("data") is not None and hasattr(method, "data_fingerprint"):
+        now = method.data_fingerprint()
+        if now != state["data"]:
+            raise CheckpointError(f"{path} was trained on different data, refusing to resume: {state['data']} "
+                                  f"(checkpoint) vs {now} (now); train on the original data, or start a new run")
     rngs = state["rng"]
     if len(rngs) != dist_info()[1]:
         raise CheckpointError(f"{path} holds RNG states of {len(rngs)} processes, this run has {dist_info()[1]}")
