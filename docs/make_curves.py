@@ -33,8 +33,7 @@ def product_from_checkpoint(run: Path):
         raise FileNotFoundError(f"no readable checkpoint in {run}")
     cfg = dict(state["config"])
     name = cfg.pop("method")
-    loop = json.loads((run / "config.json").read_text())["loop"]
-    kimg = state["step"] * loop["batch"] / 1000
+    kimg = state["loop"]["nimg"] / 1000  # images the run has seen (train/loop.py's checkpoint format)
     from getfast.methods import METHODS
     cfg_cls, method_cls = METHODS[name]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

@@ -132,3 +132,30 @@ def test_curve_table_from_the_runs_jsonl(tmp_path):
     rows = make_results.curve_table(tmp_path)
     assert "| 5 | 300.0 | 200.0 | – |" in rows and "| 10 | 250.2 | – | – |" in rows
     assert make_results.curve_table(tmp_path / "none") == []
+
+
+def test_product_from_checkpoint_reads_the_loop_format(tmp_path, monkeypatch):
+    """make_curves.eval on a run without stage students: the newest checkpoint's EMA and the images it has seen."""
+    import dataclasses
+
+    import torch
+    from getfast import methods
+    from getfast.train import checkpoint
+
+    @dataclasses.dataclass
+    class Cfg:
+        width: int = 3
+
+    class Method:
+        ema_module, shape, num_classes = "net", (1, 2, 2), 10
+
+        def __init__(self, cfg):
+            self.modules = {"net": torch.nn.Linear(cfg.width, 1)}
+
+    ema = torch.nn.Linear(3, 1).state_dict()
+    state = {"config": {"method": "toy", "width": 3}, "loop": {"step": 7, "nimg": 2240, "batch": 320}, "ema": ema}
+    monkeypatch.setitem(methods.METHODS, "toy", (Cfg, Method))
+    monkeypatch.setattr(checkpoint, "latest_good_checkpoint", lambda run: (tmp_path / "ckpt-7.pt", state))
+    product, kimg, shape, classes = make_curves.product_from_checkpoint(tmp_path)
+    assert kimg == 2.24 and shape == (1, 2, 2) and classes == 10
+    assert torch.equal(product.weight, ema["weight"]) and not product.training
