@@ -1,18 +1,17 @@
 """Commit a trained run's student: copy its exported EMA into getfast/assets/students/, with a model card and a grid.
 
-    python docs/adopt_student.py RUN NAME --title TITLE --command "the command that trained RUN" [--float16]
+    python docs/adopt_student.py RUN NAME --title TITLE --command "the command that trained RUN"
 
 writes ``getfast/assets/students/NAME.safetensors`` (RUN/student.safetensors, the EMA the run exported last),
 ``NAME.json``/``NAME.md`` (command, seed, config, kimg, wall time summed over resumed segments, final losses,
 parameters; getfast.cards) and ``NAME.png`` (10×10 grid, columns are classes, seed 0). The FID line of the card is
-added by docs/make_results.py once the student is in its MODELS and measured. ``--float16`` stores the weights in
-float16 (half the file, for the larger baselines; loading casts them back to float32, and the table measures exactly
-the committed file).
+added by docs/make_results.py once the student is in its MODELS and measured. Like every committed weight file
+(tests/test_packaging.py), the weights are stored in float16: half the bytes; loading casts them back to float32,
+and the table measures exactly the committed file.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDENTS = ROOT / "getfast" / "assets" / "students"
 
 
-def adopt(run: Path, name: str, title: str, command: str, float16: bool = False) -> Path:
+def adopt(run: Path, name: str, title: str, command: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     from getfast.cards import write_card
     from getfast.cli import main as cli
     from getfast.sampling import load
@@ -30,16 +32,11 @@ def adopt(run: Path, name: str, title: str, command: str, float16: bool = False)
         raise FileNotFoundError(f"{src} does not exist: the run has not exported a student yet")
     dst = STUDENTS / f"{name}.safetensors"
     tmp = dst.with_suffix(".safetensors.tmp")
-    if float16:
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
-        with safe_open(str(src), "pt") as f:
-            meta = f.metadata()
-        save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(tmp),
-                  metadata=meta)
-        tmp.chmod(0o644)  # like a copied file: readable by everyone who can read the repository
-    else:
-        shutil.copyfile(src, tmp)
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(tmp),
+              metadata=meta)
+    tmp.chmod(0o644)  # like a copied file: readable by everyone who can read the repository
     tmp.replace(dst)  # atomic: a reader never sees half a file
     s = load(str(dst))
     params = sum(p.numel() for p in s.net.parameters())
@@ -49,7 +46,6 @@ def adopt(run: Path, name: str, title: str, command: str, float16: bool = False)
         raise RuntimeError(f"sampling {dst} failed")
     return write_card(dst, run, command, title, grid=png.name,
                       extra={"params": params, "network evaluations per sample": s.evaluations,
-                             **({"stored": "float16 (computed in float32)"} if float16 else {}),
                              "grid": "10x10, columns = classes, seed 0"})
 
 
@@ -59,11 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("name", help="asset name, e.g. get-n2-fashion-mnist")
     p.add_argument("--title", required=True)
     p.add_argument("--command", required=True, help="the exact command that trained the run")
-    p.add_argument("--float16", action="store_true", help="store the weights in float16")
     a = p.parse_args(argv)
     if not a.run.is_dir():
         p.error(f"run folder {a.run} does not exist")
-    print(f"wrote {adopt(a.run, a.name, a.title, a.command, a.float16)}")
+    print(f"wrote {adopt(a.run, a.name, a.title, a.command)}")
     return 0
 
 

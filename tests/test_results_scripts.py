@@ -110,28 +110,15 @@ def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeyp
     (tmp_path / "students").mkdir()
     md = adopt_student.adopt(run, "toy", "toy student", "getfast distill sim --kimg 0.2")
     card = json.loads((tmp_path / "students" / "toy.json").read_text())
-    assert (tmp_path / "students" / "toy.safetensors").read_bytes() == (run / "student.safetensors").read_bytes()
+    toy = tmp_path / "students" / "toy.safetensors"
+    # stored in float16 like every committed weight file: half the bytes, the same images up to that rounding
+    assert toy.stat().st_size < 0.6 * (run / "student.safetensors").stat().st_size
+    from getfast.sampling import load
+    z, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    assert torch.allclose(load(str(toy))(z, y), load(str(run / "student.safetensors"))(z, y), atol=2e-2)
     assert card["params"] == sum(p.numel() for p in G.parameters()) and card["seed"] == 3
     assert card["wall_time_min"] == 1.5 and card["kimg"] == 0.2
     assert (tmp_path / "students" / "toy.png").stat().st_size > 100 and "![samples](toy.png)" in md.read_text()
-    # --float16: half the bytes, the same images up to float16 rounding of the weights
-    adopt_student.adopt(run, "toy16", "toy student", "getfast distill sim --kimg 0.2", float16=True)
-    half, full = tmp_path / "students" / "toy16.safetensors", tmp_path / "students" / "toy.safetensors"
-    assert half.stat().st_size < 0.6 * full.stat().st_size
-    from getfast.sampling import load
-    z, y = torch.randn(3, 1, 8, 8), torch.arange(3)
-    assert torch.allclose(load(str(half))(z, y), load(str(full))(z, y), atol=2e-2)
-    assert "float16" in json.loads(half.with_suffix(".json").read_text())["stored"]
-
-
-def test_curve_table_from_the_runs_jsonl(tmp_path):
-    (tmp_path / "get-n-2.jsonl").write_text("".join(json.dumps({"kimg": k, "fid": f, "n": 1000}) + "\n"
-                                                    for k, f in ((5, 300.0), (10, 250.25))))
-    (tmp_path / "vit-n6-2.jsonl").write_text(json.dumps({"kimg": 5, "fid": 200.0, "n": 1000}) + "\n"
-                                             + json.dumps({"kimg": 5, "fid": 1.0, "n": 5000}) + "\n")
-    rows = make_results.curve_table(tmp_path)
-    assert "| 5 | 300.0 | 200.0 | – |" in rows and "| 10 | 250.2 | – | – |" in rows
-    assert make_results.curve_table(tmp_path / "none") == []
 
 
 def test_product_from_checkpoint_reads_the_loop_format(tmp_path, monkeypatch):
