@@ -45,9 +45,13 @@ def product_from_checkpoint(run: Path):
     return product, kimg, tuple(method.shape), int(method.num_classes)
 
 
+def records(path: Path) -> list[dict]:
+    """The records of one curve file (docs/curves/<run>.jsonl); none when it does not exist yet."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _measured(out: Path, kimg: float, n: int) -> bool:
-    done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    return any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in done)
+    return any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in records(out))
 
 
 def _measure(sample, shape, classes, kimg: float, n: int, out: Path) -> dict:
@@ -86,8 +90,7 @@ def eval_stage_files(run: Path, n: int, out: Path) -> list[dict]:
 
 
 def read_curve(path: Path) -> list[tuple[float, float]]:
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted((r["kimg"], r["fid"]) for r in recs)
+    return sorted((r["kimg"], r["fid"]) for r in records(path))
 
 
 def plot(teacher_fid: float | None = None, floor_fid: float | None = None) -> list[Path]:
@@ -131,9 +134,9 @@ def main(argv=None) -> int:
     sub.add_parser("plot", help="draw docs/curves-*.png from docs/curves/*.jsonl")
     a = p.parse_args(argv)
     if a.cmd == "plot":
-        recs = {k: ROOT / "docs" / "fid" / "n1000" / f"{k}.json" for k in ("teacher", "real")}
-        fid = {k: json.loads(r.read_text())["fid"] if r.exists() else None for k, r in recs.items()}
-        for out in plot(fid["teacher"], fid["real"]):
+        from make_results import _records  # the quick protocol's records: the teacher and the real-data floor
+        recs, teacher = _records(ROOT / "docs" / "fid" / "n1000")
+        for out in plot(teacher, recs.get("real", {}).get("fid")):
             print(f"wrote {out}")
         return 0
     if a.n < 2:

@@ -43,30 +43,26 @@ class Protocol:
 
 PROTOCOLS = {"n5000": Protocol("n5000", 5000), "n1000": Protocol("n1000", 1000)}
 
+def _student(key: str, label: str, name: str) -> tuple:
+    """A committed student's MODELS entry: its weights and model card are getfast/assets/students/<name>.*"""
+    return key, label, STUDENTS / f"{name}.safetensors", STUDENTS / f"{name}.json"
+
+
 # key, label, checkpoint (embedded name or path relative to the repo), model card (json) or None
 MODELS = [
     ("teacher", "EDM teacher, Heun 18 steps", "fashion-mnist", ASSETS / "teacher-fashion-mnist.json"),
-    ("sim", "SIM (data-free)", STUDENTS / "sim-fashion-mnist.safetensors", STUDENTS / "sim-fashion-mnist.json"),
-    ("gdd", "GDD", STUDENTS / "gdd-fashion-mnist.safetensors", STUDENTS / "gdd-fashion-mnist.json"),
-    ("gddi", "GDD-I (innate convs frozen)", STUDENTS / "gddi-fashion-mnist.safetensors",
-     STUDENTS / "gddi-fashion-mnist.json"),
-    ("guided-4", "guided, 4 DDIM steps", STUDENTS / "guided-4-fashion-mnist.safetensors",
-     STUDENTS / "guided-4-fashion-mnist.json"),
-    ("guided-2", "guided, 2 DDIM steps", STUDENTS / "guided-2-fashion-mnist.safetensors",
-     STUDENTS / "guided-2-fashion-mnist.json"),
-    ("guided-1", "guided, 1 DDIM step", STUDENTS / "guided-1-fashion-mnist.safetensors",
-     STUDENTS / "guided-1-fashion-mnist.json"),
-    ("get", "GET-N/4 (offline pairs)", STUDENTS / "get-n4-fashion-mnist.safetensors",
-     STUDENTS / "get-n4-fashion-mnist.json"),
-    ("vit", "ViT-N/4 baseline (offline pairs)", STUDENTS / "vit-n4-fashion-mnist.safetensors",
-     STUDENTS / "vit-n4-fashion-mnist.json"),
+    _student("sim", "SIM (data-free)", "sim-fashion-mnist"),
+    _student("gdd", "GDD", "gdd-fashion-mnist"),
+    _student("gddi", "GDD-I (innate convs frozen)", "gddi-fashion-mnist"),
+    _student("guided-4", "guided, 4 DDIM steps", "guided-4-fashion-mnist"),
+    _student("guided-2", "guided, 2 DDIM steps", "guided-2-fashion-mnist"),
+    _student("guided-1", "guided, 1 DDIM step", "guided-1-fashion-mnist"),
+    _student("get", "GET-N/4 (offline pairs)", "get-n4-fashion-mnist"),
+    _student("vit", "ViT-N/4 baseline (offline pairs)", "vit-n4-fashion-mnist"),
     # GET's claim at patch 2 (docs/quality_runs.sh get-vit): the same 10,000 pairs, recipe and training images
-    ("get-n2", "GET-N/2 (offline pairs)", STUDENTS / "get-n2-fashion-mnist.safetensors",
-     STUDENTS / "get-n2-fashion-mnist.json"),
-    ("vit-n6-2", "ViT-N6/2, GET-N/2's parameters", STUDENTS / "vit-n6-2-fashion-mnist.safetensors",
-     STUDENTS / "vit-n6-2-fashion-mnist.json"),
-    ("vit-n5x-2", "ViT-N5x/2, ≈ 5× GET-N/2's parameters", STUDENTS / "vit-n5x-2-fashion-mnist.safetensors",
-     STUDENTS / "vit-n5x-2-fashion-mnist.json"),
+    _student("get-n2", "GET-N/2 (offline pairs)", "get-n2-fashion-mnist"),
+    _student("vit-n6-2", "ViT-N6/2, GET-N/2's parameters", "vit-n6-2-fashion-mnist"),
+    _student("vit-n5x-2", "ViT-N5x/2, ≈ 5× GET-N/2's parameters", "vit-n5x-2-fashion-mnist"),
 ]
 
 
@@ -88,6 +84,12 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fresh(rec: dict | None, ckpt) -> bool:
+    """Whether ``rec`` measured the weights ``ckpt`` holds now (they exist and their sha256 matches)."""
+    w = weights_of(ckpt)
+    return rec is not None and w.exists() and rec.get("sha256") == sha256(w)
 
 
 def make_sampler(ckpt):
@@ -176,9 +178,8 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
     for key, label, ckpt, card_path in MODELS:
         card = json.loads(card_path.read_text()) if card_path and card_path.exists() else {}
         rec = recs.get(key)
-        present = weights_of(ckpt).exists()
-        stale = rec is not None and (not present or rec.get("sha256") != sha256(weights_of(ckpt)))
-        fid = ("not measured" if present else "not trained yet") if rec is None else \
+        stale = rec is not None and not fresh(rec, ckpt)
+        fid = ("not measured" if weights_of(ckpt).exists() else "not trained yet") if rec is None else \
             f"{rec['fid']:.1f}" + (" (stale weights)" if stale else "")
         ratio = f"{rec['fid'] / teacher:.2f}×" if rec and teacher and not stale else "–"
         target = TARGETS.get(key)
@@ -219,10 +220,9 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
     Equilibrium Models*, §5: GET matches a 5× larger ViT), all trained on the same pairs for the same images."""
     fids = {}
     for key in ("get-n2", "vit-n6-2", "vit-n5x-2"):
-        rec, w = recs.get(key), weights_of(ckpts[key])
-        if rec is None or not w.exists() or rec.get("sha256") != sha256(w):
+        if not fresh(recs.get(key), ckpts[key]):
             return None
-        fids[key] = rec["fid"]
+        fids[key] = recs[key]["fid"]
     g, v1, v5 = fids["get-n2"], fids["vit-n6-2"], fids["vit-n5x-2"]
     verdict = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
     return (f"**GET's claim at patch 2:** GET-N/2 {g:.1f} vs the ViT of its parameters {v1:.1f} — better: "
@@ -235,11 +235,9 @@ CURVE_RUNS = [("get-n-2", "GET-N/2"), ("vit-n6-2", "ViT-N6/2 (same parameters)")
 def curve_table(folder: Path) -> list[str]:
     """GET vs ViT learning curves as a table (FID of 1,000 samples at each stage, docs/curves/<run>.jsonl written
     by docs/make_curves.py eval), so the figure's numbers are in the text."""
-    curves = {}
-    for run, _ in CURVE_RUNS:
-        path = folder / f"{run}.jsonl"
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        curves[run] = {r["kimg"]: r["fid"] for r in recs if r.get("n") == 1000}
+    from make_curves import records
+    curves = {run: {r["kimg"]: r["fid"] for r in records(folder / f"{run}.jsonl") if r.get("n") == 1000}
+              for run, _ in CURVE_RUNS}
     kimgs = sorted({k for c in curves.values() for k in c})
     if not kimgs:
         return []
