@@ -21,7 +21,7 @@ def test_config_validation_and_official_defaults():
     assert cfg.grad_clip == 0.0 and cfg.loss == "l1" and cfg.gamma == 0.8 and cfg.weight_decay == 0.0
     for bad in (dict(huber_c=-1.0), dict(gamma=float("nan")), dict(gamma=0.0), dict(lr=0.0), dict(grad_clip=-1.0),
                 dict(loss="l3"), dict(solver="bogus"), dict(grad="magic"), dict(grad_steps=-1), dict(tau=1.5),
-                dict(model="UNet-S")):
+                dict(model="UNet-S"), dict(z_init="ones")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GETDistillConfig(**bad)
     with pytest.raises(ValueError, match="train_solver_iters"):
@@ -29,3 +29,13 @@ def test_config_validation_and_official_defaults():
     with pytest.raises(ValueError, match="GET models only"):
         GETDistillConfig(model="ViT-N/4", tau=0.5)
     GETDistillConfig(grad="phantom", train_solver_iters=6, tau=0.5, solver="anderson")
+    with pytest.raises(ValueError, match="GET models only"):
+        GETDistillConfig(model="ViT-N/4", z_init="input")
+
+
+def test_get_arch_options_reach_the_model():
+    """--z-init (like --tau, --grad-steps) overrides the named GET config; empty keeps the paper's choice."""
+    from getfast.methods.get_distill import build_student
+    m = build_student(GETDistillConfig(model="GET-N/4", z_init="input", grad_steps=2), 28, 1, 0)
+    assert m.config.z_init == "input" and m.config.grad_steps == 2
+    assert build_student(GETDistillConfig(model="GET-N/4"), 28, 1, 0).config.z_init == "noise"

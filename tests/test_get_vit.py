@@ -168,6 +168,29 @@ def test_get_supervised_states_are_the_unrolled_iterates():
         torch.testing.assert_close(s.detach(), e)
 
 
+@pytest.mark.parametrize("z_init", ["noise", "zeros", "input"])
+def test_get_fixed_point_start(z_init):
+    """The unrolled iterates start from noise (GET), zeros, or the injection tokens x; the last two are
+    deterministic in (noise, label), and z0 still overrides every choice."""
+    m = _small_get(grad_steps=2, z_init=z_init)
+    _randomise_decoder(m)
+    m.train()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        tokens, offs = m.inject(x)
+        start = {"zeros": torch.zeros_like(tokens), "input": tokens}.get(z_init)
+        a, b = m(x)[-1], m(x)[-1]
+        if start is not None:
+            torch.testing.assert_close(a, m.decode(m.equilibrium_step(m.equilibrium_step(start, *offs), *offs)))
+            torch.testing.assert_close(a, b)
+        else:
+            assert not torch.allclose(a, b)  # a fresh Gaussian start per call
+        z0 = torch.randn_like(tokens)
+        torch.testing.assert_close(m(x, z0=z0)[-1], m.decode(m.equilibrium_step(m.equilibrium_step(z0, *offs), *offs)))
+    with pytest.raises(ValueError, match="z_init"):
+        _small_get(z_init="ones")
+
+
 @pytest.mark.parametrize("contractive", [False, True])
 def test_get_eval_returns_lowest_residual_iterate(contractive):
     m = _small_get(eval_iters=5)

@@ -19,7 +19,7 @@ from torch import nn
 from getfast.data import PairDataset
 from getfast.deq import fp_correction_weights, list_solvers
 from getfast.methods.students import GET_ARCH_FIELDS, build_get_student, student_meta
-from getfast.models.get import CONFIGS as GET_MODELS
+from getfast.models.get import CONFIGS as GET_MODELS, Z_INITS
 from getfast.models.vit import CONFIGS as VIT_MODELS
 from getfast.train.loop import check_bool, check_choice, check_number
 
@@ -63,6 +63,7 @@ class GETDistillConfig:
     eval_iters: int = 0           # GET: solver iterations at sampling (0 keeps the default: 6)
     train_solver_iters: int = 0   # GET --grad phantom: solver iterations without gradient first (>= 1)
     tau: float = 0.0              # GET: damping of the differentiable steps, in (0, 1] (0 keeps the default: 1)
+    z_init: str = ""              # GET: fixed-point start, noise | zeros | input ("" keeps GET's default: noise)
 
     def __post_init__(self):
         if not isinstance(self.pairs, str) or not self.pairs:
@@ -82,6 +83,8 @@ class GETDistillConfig:
         for name in ("grad_steps", "eval_iters", "train_solver_iters"):
             check_number(name, getattr(self, name), lo=0, integer=True)
         check_number("tau", self.tau, lo=0, hi=1)
+        if self.z_init:
+            check_choice("z_init", self.z_init, Z_INITS)
         get_only = [k for k in GET_ARCH_FIELDS if getattr(self, k)]
         if not self.model.startswith("GET") and get_only:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in get_only)} apply to GET models only, "

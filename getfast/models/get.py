@@ -9,7 +9,9 @@ Geng, Pokle, Luo, Lin & Kolter, *One-Step Diffusion Distillation via Deep Equili
 * **Equilibrium transformer** — ``f(z) = B_3(B_2(B_1(z; u_1); u_2); u_3)`` where ``B_i`` is a
   pre-LN block whose attention computes ``qkv = W z + b + u_i (+ class embedding)`` (Eq. 6) and
   whose MLP has ratio ``deq_mlp_ratio``. The fixed point ``z* = f(z*)`` is found with
-  :mod:`getfast.deq`, starting from Gaussian noise shaped like the tokens.
+  :mod:`getfast.deq`, starting from Gaussian noise shaped like the tokens (GET's choice; ``z_init`` also offers
+  zeros, and ``"input"``, the injection transformer's tokens ``x``: not in the paper, it shortened the early
+  plateau of GET-N/2's training here, see docs/RESULTS.md).
 * **Decoder** — zero-initialised ``LayerNorm → Linear`` to patch pixels, then unpatchify.
 
 Training (``grad``):
@@ -45,10 +47,10 @@ from getfast.models.layers import (
     unpatchify,
 )
 
-__all__ = ["GETConfig", "GET", "CONFIGS", "build"]
+__all__ = ["GETConfig", "GET", "CONFIGS", "Z_INITS", "build"]
 
 _GRADS = ("unrolled", "phantom", "ift")
-_Z_INITS = ("noise", "zeros")
+Z_INITS = ("noise", "zeros", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,7 @@ class GETConfig:
     qkv_bias: bool = True
     null_class: bool = False  # extra "no class" embedding for classifier-free guidance
     # fixed-point solve
-    z_init: str = "noise"  # "noise" (Gaussian, GET) | "zeros"
+    z_init: str = "noise"  # "noise" (Gaussian, GET) | "zeros" | "input" (the injection tokens x)
     solver: str = "fixed_point"  # any getfast.deq solver name
     solver_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"m": 5} for anderson
     eval_iters: int = 6  # solver iterations at evaluation
@@ -87,8 +89,8 @@ class GETConfig:
     def __post_init__(self):
         if self.grad not in _GRADS:
             raise ValueError(f"grad: {self.grad!r} not one of {_GRADS}")
-        if self.z_init not in _Z_INITS:
-            raise ValueError(f"z_init: {self.z_init!r} not one of {_Z_INITS}")
+        if self.z_init not in Z_INITS:
+            raise ValueError(f"z_init: {self.z_init!r} not one of {Z_INITS}")
         if self.grad_steps < 1:
             raise ValueError(f"grad_steps: must be >= 1, got {self.grad_steps}")
         if self.sup_gap < 1:
@@ -191,6 +193,8 @@ class GET(nn.Module):
             return z0.to(x.dtype)
         if self.config.z_init == "zeros":
             return torch.zeros_like(x)
+        if self.config.z_init == "input":
+            return x
         return torch.randn_like(x)
 
     # ------------------------------------------------------------------ forward
