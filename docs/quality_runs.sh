@@ -14,7 +14,8 @@
 # Environment: RUNS (run folders and pairs, default ./runs), GETFAST (the CLI, default `getfast`), PY (the
 # Python that runs docs/make_curves.py, default python3), THREADS (torch threads per process, default 1),
 # CURVE=0 (keep each stage's student-<K>kimg.safetensors but measure no FID), MODELS (get-vit's models, default
-# "GET-N/2 ViT-N6/2 ViT-N5x/2"; on two cores run two processes, e.g. MODELS=GET-N/2 and MODELS="ViT-N6/2 ViT-N5x/2").
+# "GET-N/2 ViT-N6/2 ViT-N5x/2"; on two cores run two processes, e.g. MODELS=GET-N/2 and MODELS="ViT-N6/2 ViT-N5x/2";
+# a name ending in +x, e.g. GET-N/2+x, is that GET started at its injection tokens, --z-init input, in run get-n-2-zx).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,8 +60,11 @@ case "$cmd" in
       # (GET's loss), AdamW without weight decay at 5e-4 after 1 kimg of warm-up, batch 32 (the recipe of the
       # committed N/4 students); the same pairs, seed and number of training images for each.
       for model in ${MODELS:-GET-N/2 ViT-N6/2 ViT-N5x/2}; do
-        run="$RUNS/$(echo "$model" | tr 'A-Z/' 'a-z-')"
-        train_to "$run" "$k" distill get --pairs "$PAIRS" --model "$model" --cond --lr 5e-4 --warmup-kimg 1 --batch 32
+        extra=(); name="$model"
+        if [[ "$model" == *+x ]]; then model="${model%+x}"; name="$model-zx"; extra=(--z-init input); fi
+        run="$RUNS/$(echo "$name" | tr 'A-Z/' 'a-z-')"
+        train_to "$run" "$k" distill get --pairs "$PAIRS" --model "$model" "${extra[@]}" --cond --lr 5e-4 \
+          --warmup-kimg 1 --batch 32
         curve_point "$run"
       done
     done

@@ -74,3 +74,15 @@ def test_models_splits_get_vit_across_processes(tmp_path):
     res, calls = run(tmp_path, "get-vit", "5", MODELS="ViT-N6/2 ViT-N5x/2")
     assert res.returncode == 0, res.stderr
     assert [c.split("--model ")[1].split()[0] for c in calls if c.startswith("getfast")] == ["ViT-N6/2", "ViT-N5x/2"]
+
+
+def test_models_plus_x_is_get_started_at_its_injection_tokens(tmp_path):
+    (tmp_path / "runs" / "pairs-fmnist").mkdir(parents=True)
+    (tmp_path / "runs" / "pairs-fmnist" / "manifest.json").write_text("{}")
+    res, calls = run(tmp_path, "get-vit", "5", MODELS="GET-N/2+x GET-N/2")
+    assert res.returncode == 0, res.stderr
+    trains = [c for c in calls if c.startswith("getfast")]
+    assert [c.split("--model ")[1].split()[0] for c in trains] == ["GET-N/2", "GET-N/2"]
+    assert ["--z-init input" in c for c in trains] == [True, False]
+    assert trains[0].split("--out ")[1].split()[0].endswith("runs/get-n-2-zx")
+    assert trains[1].split("--out ")[1].split()[0].endswith("runs/get-n-2")
