@@ -230,7 +230,8 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
             f"{verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {v5:.1f} — no worse: {verdict(g <= v5)}.")
 
 
-CURVE_RUNS = [("get-n-2", "GET-N/2"), ("get-n-2-zx", "GET-N/2, start at x"), ("vit-n6-2", "ViT-N6/2 (same parameters)"), ("vit-n5x-2", "ViT-N5x/2 (≈ 5×)")]
+CURVE_RUNS = [("get-n-2", "GET-N/2"), ("get-n-2-zx", "GET-N/2, start at x"), ("vit-n6-2", "ViT-N6/2 (same parameters)"),
+              ("vit-n5x-2", "ViT-N5x/2 (≈ 5×)")]
 
 
 def curve_table(folder: Path) -> list[str]:

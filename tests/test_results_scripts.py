@@ -48,6 +48,17 @@ def test_curves_plot_from_jsonl(tmp_path, monkeypatch):
     assert [p.name for p in written] == ["curves-get-vit.png"] and written[0].stat().st_size > 1000
 
 
+def test_curve_table_from_the_runs_jsonl(tmp_path):
+    (tmp_path / "get-n-2.jsonl").write_text("".join(json.dumps({"kimg": k, "fid": f, "n": 1000}) + "\n"
+                                                    for k, f in ((5, 300.0), (10, 250.25))))
+    (tmp_path / "vit-n6-2.jsonl").write_text(json.dumps({"kimg": 5, "fid": 200.0, "n": 1000}) + "\n"
+                                             + json.dumps({"kimg": 5, "fid": 1.0, "n": 5000}) + "\n")
+    rows = make_results.curve_table(tmp_path)
+    # columns: GET-N/2, GET-N/2 started at x, ViT-N6/2, ViT-N5x/2; only n = 1,000 points, "–" where a run has none
+    assert "| 5 | 300.0 | – | 200.0 | – |" in rows and "| 10 | 250.2 | – | – | – |" in rows
+    assert make_results.curve_table(tmp_path / "none") == []
+
+
 def test_cards_carry_the_measured_fid(tmp_path):
     import shutil
     proto = make_results.PROTOCOLS["n1000"]
