@@ -190,6 +190,11 @@ def test_cli_guided_all_stages_resume_and_sample(teacher_file, tmp_path, one_thr
     assert main(_args(teacher_file, out, ["--resume"])) == 0
     assert capsys.readouterr().out.count("already trained, skipping") == 3
     assert (out / "pd-2" / "student.safetensors").stat().st_mtime_ns == mtime
+    # --resume with a longer --kimg trains stage 1 further; the rounds it taught are then stale: a clear error.
+    assert main(_args(teacher_file, out, ["--resume", "--kimg", "0.024"])) == 2
+    assert "pd-2 was distilled from the earlier round" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in log] == [1, 2, 3]
     # Sampling a guided student: DDIM with its own step count, at weight w.
     for steps in ("1", "2"):
         png = tmp_path / f"s{steps}.png"

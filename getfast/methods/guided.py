@@ -235,7 +235,8 @@ class GuidedMethod:
         """Stage 1 then progressive rounds pd_start/2, …, pd_end (``cfg.stage == 'all'``; ``cfg`` or ``pd``: that
         stage alone, in ``loop.out``). Each stage trains and exports its EMA student with :func:`fit` into its own
         folder, resumes with ``--resume`` (a stage whose ``student.safetensors`` was written by the same
-        configuration is done: its exported weights are reused) and teaches the next round. Returns the exported
+        configuration and whose checkpoint reached the stage's kimg is done: its exported weights are reused; a
+        stage trained further refuses to continue the rounds it taught before) and teaches the next round. Returns the exported
         files; the last one is also copied to ``out/student.safetensors``.
 
         ``teacher``/``student`` (and ``data``, ``shape``, ``num_classes`` in ``given``) replace stage 1's
@@ -246,13 +247,13 @@ class GuidedMethod:
             log = _quiet
         if cfg.stage != "all":
             method = cls(cfg, teacher=teacher, student=student, **given)
-            return [cls._run_one(method, loop, out, log)]
+            return [cls._run_one(method, loop, out, log)[0]]
         plan = [("stage1", {"stage": "cfg"}, loop.kimg)]
         n = cfg.pd_start // 2
         while n >= cfg.pd_end:
             plan.append((f"pd-{n}", {"stage": "pd", "steps": n}, cfg.pd_kimg or loop.kimg))
             n //= 2
-        files, prev, prev_method = [], None, None
+        files, prev, prev_method, advanced = [], None, None, False
         for name, changes, kimg in plan:
             if prev is not None:
                 changes["init"] = str(prev)
@@ -265,7 +266,13 @@ class GuidedMethod:
                 method = cls(stage_cfg, teacher=copy.deepcopy(product), student=copy.deepcopy(product),
                              data=prev_method.data, shape=prev_method.shape, num_classes=prev_method.num_classes,
                              base_meta=prev_method.base_meta)
-            prev = cls._run_one(method, stage_loop, out / name, log)
+            if advanced and _trained_steps(out / name) > 0:
+                # This round's run was distilled from the earlier round that just trained further: continuing
+                # it would silently keep a student of the old teacher.
+                raise ValueError(f"{out / name} was distilled from the earlier round that this run just trained "
+                                 f"further; delete {out / name} (and the rounds after it) or use a new --out")
+            prev, trained = cls._run_one(method, stage_loop, out / name, log)
+            advanced = advanced or trained
             files.append(prev)
             prev_method = method
         if dist_info()[0] == 0:
@@ -276,19 +283,29 @@ class GuidedMethod:
         return files
 
     @classmethod
-    def _run_one(cls, method: GuidedMethod, loop, out: Path, log) -> Path:
+    def _run_one(cls, method: GuidedMethod, loop, out: Path, log) -> tuple[Path, bool]:
+        """Train one stage (or reuse its finished student); returns its student file and whether it trained."""
         path = out / "student.safetensors"
         if loop.resume and path.exists():
             want = json.loads(json.dumps(method.config(), default=str))
-            if _export_config(path) == want:
+            if _export_config(path) == want and _trained_steps(out) >= loop.total_steps():
                 log(f"{out}: already trained, skipping")
                 from safetensors.torch import load_file
                 method.modules[method.ema_module].load_state_dict(load_file(str(path)))
-                return path
+                return path, False
             log(f"{out}: its student was trained with another configuration; training this stage again")
+        trains = _trained_steps(out) < loop.total_steps()
         fit(method, loop)
         log(f"student weights ({method.steps} DDIM steps): {path}")
-        return path
+        return path, trains
+
+
+def _trained_steps(out: Path) -> int:
+    """Optimiser steps of the newest good checkpoint in ``out`` (0 without one): a stage whose student exists is
+    done only when it reached this run's --kimg, so ``--resume --kimg`` with a larger value trains it further."""
+    from getfast.train.checkpoint import latest_good_checkpoint
+    _, state = latest_good_checkpoint(out, log=_quiet)
+    return int(state["loop"]["step"]) if state is not None else 0
 
 
 def _export_config(path: Path):
