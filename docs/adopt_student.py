@@ -1,11 +1,13 @@
 """Commit a trained run's student: copy its exported EMA into getfast/assets/students/, with a model card and a grid.
 
-    python docs/adopt_student.py RUN NAME --title TITLE --command "the command that trained RUN"
+    python docs/adopt_student.py RUN NAME --title TITLE --command "the command that trained RUN" [--pipeline STAGE ...]
 
 writes ``getfast/assets/students/NAME.safetensors`` (RUN/student.safetensors, the EMA the run exported last),
 ``NAME.json``/``NAME.md`` (command, seed, config, kimg, wall time summed over resumed segments, final losses,
 parameters; getfast.cards) and ``NAME.png`` (10×10 grid, columns are classes, seed 0). The FID line of the card is
-added by docs/make_results.py once the student is in its MODELS and measured. Like every committed weight file
+added by docs/make_results.py once the student is in its MODELS and measured. ``--pipeline`` names the run folders of
+every stage that led to a multi-stage student (guided: stage 1, then each progressive round, RUN last); the card
+then carries their summed kimg and wall time, which docs/make_results.py reports. Like every committed weight file
 (tests/test_packaging.py), the weights are stored in float16: half the bytes; loading casts them back to float32,
 and the table measures exactly the committed file.
 """
@@ -19,15 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDENTS = ROOT / "getfast" / "assets" / "students"
 
 
-def adopt(run: Path, name: str, title: str, command: str) -> Path:
+def adopt(run: Path, name: str, title: str, command: str, pipeline=()) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from getfast.cards import write_card
+    from getfast.cards import pipeline_summary, write_card
     from getfast.cli import main as cli
     from getfast.sampling import load
 
     src = run / "student.safetensors"
+    stages = [Path(p) for p in pipeline]
+    if stages and stages[-1].resolve() != run.resolve():
+        raise ValueError(f"--pipeline must end with the run itself ({run}), got {stages[-1]}")
+    summary = pipeline_summary(stages) if stages else None  # validates every stage's log before any copying
     if not src.is_file():
         raise FileNotFoundError(f"{src} does not exist: the run has not exported a student yet")
     dst = STUDENTS / f"{name}.safetensors"
@@ -46,7 +52,8 @@ def adopt(run: Path, name: str, title: str, command: str) -> Path:
         raise RuntimeError(f"sampling {dst} failed")
     return write_card(dst, run, command, title, grid=png.name,
                       extra={"params": params, "network evaluations per sample": s.evaluations,
-                             "grid": "10x10, columns = classes, seed 0"})
+                             "grid": "10x10, columns = classes, seed 0",
+                             **({"pipeline": summary} if summary else {})})
 
 
 def main(argv=None) -> int:
@@ -55,10 +62,12 @@ def main(argv=None) -> int:
     p.add_argument("name", help="asset name, e.g. get-n2-fashion-mnist")
     p.add_argument("--title", required=True)
     p.add_argument("--command", required=True, help="the exact command that trained the run")
+    p.add_argument("--pipeline", type=Path, nargs="+", default=(),
+                   help="run folders of every stage that led to this student, in order, ending with RUN")
     a = p.parse_args(argv)
     if not a.run.is_dir():
         p.error(f"run folder {a.run} does not exist")
-    print(f"wrote {adopt(a.run, a.name, a.title, a.command)}")
+    print(f"wrote {adopt(a.run, a.name, a.title, a.command, a.pipeline)}")
     return 0
 
 

@@ -26,6 +26,18 @@ def _log_summary(run_dir: Path) -> dict:
             "final_losses_last10_logs": losses, "img_per_s_last": round(last.get("img_per_s", 0), 1)}
 
 
+def pipeline_summary(run_dirs) -> dict:
+    """Totals of a multi-stage student (guided: stage 1 then each progressive round), from the run folders of
+    every stage that led to it, in order: {"kimg", "wall_time_min", "stages"}. docs/make_results.py reports
+    these, not the last round's alone."""
+    parts = [(Path(d).name, _log_summary(Path(d))) for d in run_dirs]
+    if not parts:
+        raise ValueError("a pipeline needs at least one stage folder")
+    return {"kimg": round(sum(s["kimg"] for _, s in parts), 3),
+            "wall_time_min": round(sum(s["wall_time_min"] for _, s in parts), 1),
+            "stages": "; ".join(f"{name} {s['kimg']:g} kimg, {s['wall_time_min']} min" for name, s in parts)}
+
+
 def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: dict | None = None,
                grid: str | None = None) -> Path:
     """Write ``<weights>.json`` and ``<weights>.md`` beside a committed ``.safetensors``."""

@@ -130,6 +130,17 @@ def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeyp
     assert card["params"] == sum(p.numel() for p in G.parameters()) and card["seed"] == 3
     assert card["wall_time_min"] == 1.5 and card["kimg"] == 0.2
     assert (tmp_path / "students" / "toy.png").stat().st_size > 100 and "![samples](toy.png)" in md.read_text()
+    assert "pipeline" not in card
+    # A multi-stage student's card sums every stage that led to it (make_results reports the sum).
+    first = tmp_path / "stage1"
+    first.mkdir()
+    (first / "log.jsonl").write_text(json.dumps({"step": 5, "kimg": 0.5, "time": 120.0, "loss": 2.0}) + "\n")
+    with pytest.raises(ValueError, match="must end with the run itself"):
+        adopt_student.adopt(run, "toy", "toy student", "cmd", pipeline=[run, first])
+    adopt_student.adopt(run, "toy", "toy student", "cmd", pipeline=[first, run])
+    card = json.loads((tmp_path / "students" / "toy.json").read_text())
+    assert card["pipeline"]["kimg"] == 0.7 and card["pipeline"]["wall_time_min"] == 3.5
+    assert card["pipeline"]["stages"] == "stage1 0.5 kimg, 2.0 min; run 0.2 kimg, 1.5 min"
 
 
 def test_product_from_checkpoint_reads_the_loop_format(tmp_path, monkeypatch):
