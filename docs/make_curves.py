@@ -8,8 +8,8 @@ or, in a run without them, the EMA product of its newest good checkpoint (FID of
 noise, classes cycled, against 10,000 Fashion-MNIST training images: the quick protocol of
 docs/make_results.py) and appends {"kimg", "fid", "n"} to docs/curves/<run name>.jsonl, skipping a kimg
 already measured. With ``--watch S`` it repeats every S seconds while the run trains (runs keep only their
-newest checkpoints, so a curve is sampled while it is made). ``plot`` draws SIM's FID against kimg and
-GET against ViT against training images, from whichever curve files exist.
+newest checkpoints, so a curve is sampled while it is made). ``plot`` draws SIM's FID against kimg, GET
+against ViT against training images, and GDD/GDD-I against kimg, from whichever curve files exist.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def plot(teacher_fid: float | None = None, floor_fid: float | None = None) -> li
     import matplotlib.pyplot as plt
     written = []
     groups = {"sim": ("SIM: FID (n=1,000) against generator training images", ["sim"]),
-              "get-vit": ("GET vs ViT: FID (n=1,000) against training images", ["get", "vit"])}
+              "get-vit": ("GET vs ViT: FID (n=1,000) against training images", ["get", "vit"]),
+              "gdd": ("GDD and GDD-I: FID (n=1,000) against generator training images", ["gdd"])}
     for name, (title, prefixes) in groups.items():
         files = sorted(p for p in CURVES.glob("*.jsonl") if any(p.stem.startswith(pre) for pre in prefixes))
         if not files:
