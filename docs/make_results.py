@@ -201,7 +201,8 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
     claim = get_claim(recs, {key: ckpt for key, _, ckpt, _ in MODELS})
     if claim:
         lines += ["", claim]
-    lines += curve_table(ROOT / "docs" / "curves")
+    for title, runs in CURVE_TABLES:
+        lines += curve_table(ROOT / "docs" / "curves", title, runs)
     notes = ROOT / "docs" / "results_notes.md"
     if notes.exists():  # its relative links are relative to docs/: re-anchor them to the table's folder
         text = re.sub(r"\]\((?!https?:|#)([^)]+)\)",
@@ -232,23 +233,30 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
 
 CURVE_RUNS = [("get-n-2", "GET-N/2"), ("get-n-2-zx", "GET-N/2, start at x"), ("vit-n6-2", "ViT-N6/2 (same parameters)"),
               ("vit-n5x-2", "ViT-N5x/2 (≈ 5×)")]
+# The one-step students trained from the teacher alone, against the images their generator has seen.
+TEACHER_CURVE_RUNS = [("sim", "SIM"), ("gdd", "GDD"), ("gddi", "GDD-I")]
+CURVE_TABLES = [("GET vs ViT at patch 2, learning curves (FID of 1,000 samples vs 10,000 training images; "
+                 "`docs/quality_runs.sh get-vit`):", CURVE_RUNS),
+                ("SIM, GDD and GDD-I, learning curves (FID of 1,000 samples vs 10,000 training images, against the "
+                 "generator's training images; `docs/make_curves.py eval`, the quick protocol's teacher row for "
+                 "scale: `docs/fid/n1000/teacher.json`):",
+                 TEACHER_CURVE_RUNS)]
 
 
-def curve_table(folder: Path) -> list[str]:
-    """GET vs ViT learning curves as a table (FID of 1,000 samples at each stage, docs/curves/<run>.jsonl written
-    by docs/make_curves.py eval), so the figure's numbers are in the text."""
+def curve_table(folder: Path, title: str = CURVE_TABLES[0][0], runs=CURVE_RUNS) -> list[str]:
+    """Learning curves as a table (FID of 1,000 samples at each stage, docs/curves/<run>.jsonl written by
+    docs/make_curves.py eval), so the figures' numbers are in the text."""
     from make_curves import records
     curves = {run: {r["kimg"]: r["fid"] for r in records(folder / f"{run}.jsonl") if r.get("n") == 1000}
-              for run, _ in CURVE_RUNS}
+              for run, _ in runs}
     kimgs = sorted({k for c in curves.values() for k in c})
     if not kimgs:
         return []
-    rows = ["", "GET vs ViT at patch 2, learning curves (FID of 1,000 samples vs 10,000 training images; "
-            "`docs/quality_runs.sh get-vit`):", "",
-            "| training images (kimg) | " + " | ".join(label for _, label in CURVE_RUNS) + " |",
-            "| --- |" + " --- |" * len(CURVE_RUNS)]
+    rows = ["", title, "",
+            "| training images (kimg) | " + " | ".join(label for _, label in runs) + " |",
+            "| --- |" + " --- |" * len(runs)]
     for k in kimgs:
-        rows.append(f"| {k:g} | " + " | ".join(f"{curves[r][k]:.1f}" if k in curves[r] else "–" for r, _ in CURVE_RUNS)
+        rows.append(f"| {k:g} | " + " | ".join(f"{curves[r][k]:.1f}" if k in curves[r] else "–" for r, _ in runs)
                     + " |")
     return rows
 

@@ -57,6 +57,10 @@ def test_curve_table_from_the_runs_jsonl(tmp_path):
     # columns: GET-N/2, GET-N/2 started at x, ViT-N6/2, ViT-N5x/2; only n = 1,000 points, "–" where a run has none
     assert "| 5 | 300.0 | – | 200.0 | – |" in rows and "| 10 | 250.2 | – | – | – |" in rows
     assert make_results.curve_table(tmp_path / "none") == []
+    title, runs = make_results.CURVE_TABLES[1]  # SIM, GDD, GDD-I
+    (tmp_path / "gddi.jsonl").write_text(json.dumps({"kimg": 15, "fid": 70.04, "n": 1000}) + "\n")
+    rows = make_results.curve_table(tmp_path, title, runs)
+    assert rows[1] == title and "| 15 | – | – | 70.0 |" in rows
 
 
 def test_cards_carry_the_measured_fid(tmp_path):
