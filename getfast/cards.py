@@ -52,6 +52,8 @@ def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: di
           f"wall time {card['wall_time_min']} min on {card['machine']} (shared with other work)",
           f"- final losses (mean of the last 10 log lines): {json.dumps(card['final_losses_last10_logs'])}"]
     for k, v in (extra or {}).items():
+        if isinstance(v, dict):  # e.g. a pipeline's totals: "kimg: 90.0, wall_time_min: 70.3, stages: ..."
+            v = ", ".join(f"{kk}: {vv}" for kk, vv in v.items())
         md.append(f"- {k}: {v}")
     if grid:
         md.append(f"\n![samples]({grid})\n")

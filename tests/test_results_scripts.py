@@ -145,6 +145,8 @@ def test_adopt_student_copies_weights_and_writes_card_and_grid(tmp_path, monkeyp
     card = json.loads((tmp_path / "students" / "toy.json").read_text())
     assert card["pipeline"]["kimg"] == 0.7 and card["pipeline"]["wall_time_min"] == 3.5
     assert card["pipeline"]["stages"] == "stage1 0.5 kimg, 2.0 min; run 0.2 kimg, 1.5 min"
+    assert "- pipeline: kimg: 0.7, wall_time_min: 3.5, stages: stage1 0.5 kimg" in \
+        (tmp_path / "students" / "toy.md").read_text()
 
 
 def test_product_from_checkpoint_reads_the_loop_format(tmp_path, monkeypatch):
