@@ -4,6 +4,7 @@
 #   docs/quality_runs.sh pairs  [N]                 # N teacher pairs (default 10000; growing N reuses shards)
 #   docs/quality_runs.sh get-vit [KIMG ...]         # GET-N/2 vs ViT-N6/2 (equal params) vs ViT-N5x/2 (≈ 5×)
 #   docs/quality_runs.sh sim    [KIMG ...]          # SIM from the committed teacher
+#   docs/quality_runs.sh gdd    [KIMG ...]          # GDD and GDD-I (the paper's recipe), stage by stage in turn
 #
 # Every stage K trains each run up to K kimg (`--resume` when the run folder holds checkpoints, so a killed
 # or stopped stage continues where it was; the learning rate is constant after warm-up, so stages equal one
@@ -78,8 +79,21 @@ case "$cmd" in
       curve_point "$RUNS/sim"
     done
     ;;
+  gdd)
+    [ "$#" -gt 0 ] || set -- 10 20 40
+    check_stages "$@"
+    for k in "$@"; do
+      # The paper's recipe is the CLI default (lr 1e-4 for both networks, augmentation p = 0.12, the generator's
+      # step first); GDD-I freezes the official set (conv0, conv1, attention proj). Batch 16 fits one core.
+      for v in gdd gddi; do
+        extra=(); [ "$v" = gddi ] && extra=(--freeze-innate)
+        train_to "$RUNS/$v" "$k" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
+        curve_point "$RUNS/$v"
+      done
+    done
+    ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$cmd" ] || [ "$cmd" = -h ] || [ "$cmd" = --help ] || exit 2
     ;;
 esac

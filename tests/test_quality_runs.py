@@ -86,3 +86,12 @@ def test_models_plus_x_is_get_started_at_its_injection_tokens(tmp_path):
     assert ["--z-init input" in c for c in trains] == [True, False]
     assert trains[0].split("--out ")[1].split()[0].endswith("runs/get-n-2-zx")
     assert trains[1].split("--out ")[1].split()[0].endswith("runs/get-n-2")
+
+
+def test_gdd_stages_alternate_gdd_and_gddi(tmp_path):
+    res, calls = run(tmp_path, "gdd", "5", "10")
+    assert res.returncode == 0, res.stderr
+    trains = [c for c in calls if c.startswith("getfast")]
+    assert ["--freeze-innate" in c for c in trains] == [False, True, False, True]
+    assert ["--resume" in c for c in trains] == [False, False, True, True]
+    assert [c for c in calls if c.startswith("curve")][-1].endswith("runs/gddi --n 1000")
