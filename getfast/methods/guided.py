@@ -286,18 +286,18 @@ class GuidedMethod:
     def _run_one(cls, method: GuidedMethod, loop, out: Path, log) -> tuple[Path, bool]:
         """Train one stage (or reuse its finished student); returns its student file and whether it trained."""
         path = out / "student.safetensors"
+        finished = _trained_steps(out) >= loop.total_steps()  # reads the newest checkpoint once
         if loop.resume and path.exists():
             want = json.loads(json.dumps(method.config(), default=str))
-            if _export_config(path) == want and _trained_steps(out) >= loop.total_steps():
+            if _export_config(path) == want and finished:
                 log(f"{out}: already trained, skipping")
                 from safetensors.torch import load_file
                 method.modules[method.ema_module].load_state_dict(load_file(str(path)))
                 return path, False
             log(f"{out}: its student was trained with another configuration; training this stage again")
-        trains = _trained_steps(out) < loop.total_steps()
         fit(method, loop)
         log(f"student weights ({method.steps} DDIM steps): {path}")
-        return path, trains
+        return path, not finished
 
 
 def _trained_steps(out: Path) -> int:
