@@ -16,7 +16,8 @@
 # Python that runs docs/make_curves.py, default python3), THREADS (torch threads per process, default 1),
 # CURVE=0 (keep each stage's student-<K>kimg.safetensors but measure no FID), MODELS (get-vit's models, default
 # "GET-N/2 ViT-N6/2 ViT-N5x/2"; on two cores run two processes, e.g. MODELS=GET-N/2 and MODELS="ViT-N6/2 ViT-N5x/2";
-# a name ending in +x, e.g. GET-N/2+x, is that GET started at its injection tokens, --z-init input, in run get-n-2-zx).
+# a name ending in +x, e.g. GET-N/2+x, is that GET started at its injection tokens, --z-init input, in run get-n-2-zx),
+# VARIANTS (gdd's runs, default "gdd gddi"; on two cores run VARIANTS=gdd and VARIANTS=gddi side by side).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,7 +86,8 @@ case "$cmd" in
     for k in "$@"; do
       # The paper's recipe is the CLI default (lr 1e-4 for both networks, augmentation p = 0.12, the generator's
       # step first); GDD-I freezes the official set (conv0, conv1, attention proj). Batch 16 fits one core.
-      for v in gdd gddi; do
+      for v in ${VARIANTS:-gdd gddi}; do
+        [[ "$v" == gdd || "$v" == gddi ]] || die "VARIANTS: '$v' is not gdd or gddi"
         extra=(); [ "$v" = gddi ] && extra=(--freeze-innate)
         train_to "$RUNS/$v" "$k" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
         curve_point "$RUNS/$v"

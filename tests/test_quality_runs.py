@@ -95,3 +95,12 @@ def test_gdd_stages_alternate_gdd_and_gddi(tmp_path):
     assert ["--freeze-innate" in c for c in trains] == [False, True, False, True]
     assert ["--resume" in c for c in trains] == [False, False, True, True]
     assert [c for c in calls if c.startswith("curve")][-1].endswith("runs/gddi --n 1000")
+
+
+def test_variants_split_gdd_across_processes(tmp_path):
+    res, calls = run(tmp_path, "gdd", "5", VARIANTS="gddi")
+    assert res.returncode == 0, res.stderr
+    trains = [c for c in calls if c.startswith("getfast")]
+    assert len(trains) == 1 and "--freeze-innate" in trains[0] and trains[0].endswith("runs/gddi")
+    res, calls = run(tmp_path, "gdd", "5", VARIANTS="gdd gdd-i")
+    assert res.returncode == 2 and "'gdd-i' is not gdd or gddi" in res.stderr
