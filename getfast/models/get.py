@@ -43,7 +43,6 @@ from getfast.models.layers import (
     FinalLayer,
     init_transformer_,
     setup_patch_io,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 
@@ -150,8 +149,6 @@ class GET(nn.Module):
 
     def reset_parameters(self) -> None:
         init_transformer_(self)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid).unsqueeze(0))
 
     # ------------------------------------------------------------------ pieces
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -205,7 +205,8 @@ def setup_patch_io(model: nn.Module, img_resolution, in_channels: int, num_class
 def init_transformer_(model: nn.Module) -> None:
     """Initialisation used by ViT/DiT/GET: Xavier-uniform linear weights (the patch conv as a
     flattened linear), zero biases, unit LayerNorms, N(0, 0.02²) class embeddings, and a zero
-    decoder so every model starts by predicting zeros."""
+    decoder so every model starts by predicting zeros; a model set up by :func:`setup_patch_io` gets its
+    frozen sin-cos position table."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -225,3 +226,6 @@ def init_transformer_(model: nn.Module) -> None:
         if isinstance(m, FinalLayer):
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
+    if isinstance(getattr(model, "pos_embed", None), torch.Tensor):
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed_2d(model.pos_embed.shape[-1], *model.grid).unsqueeze(0))

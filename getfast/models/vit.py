@@ -20,7 +20,6 @@ from getfast.models.layers import (
     FinalLayer,
     init_transformer_,
     setup_patch_io,
-    sincos_pos_embed_2d,
     unpatchify,
 )
 
@@ -71,8 +70,6 @@ class ViT(nn.Module):
 
     def reset_parameters(self) -> None:
         init_transformer_(self)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid).unsqueeze(0))
 
     def _class_offset(self, class_labels, batch: int):
         if self.class_embed is None:
