@@ -86,6 +86,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def fid_text(fid: float) -> str:
+    """One rounding for every FID this script writes (table, claim line, model cards): the cards store it to two
+    decimals, so the table shows that value to one decimal too (39.745 reads 39.7 in one and 39.8 in the other
+    otherwise)."""
+    return f"{round(fid, 2):.1f}"
+
+
 def fresh(rec: dict | None, ckpt) -> bool:
     """Whether ``rec`` measured the weights ``ckpt`` holds now (they exist and their sha256 matches)."""
     w = weights_of(ckpt)
@@ -173,14 +180,14 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
     ]
     if "real" in recs:
         floor = f"{recs['real']['fid'] / teacher:.2f}×" if teacher else "–"
-        lines.append(f"| real data: {proto.n} test images (floor) | {recs['real']['fid']:.1f} | {floor} | – | – | – | – | – |")
+        lines.append(f"| real data: {proto.n} test images (floor) | {fid_text(recs['real']['fid'])} | {floor} | – | – | – | – | – |")
     grids = []
     for key, label, ckpt, card_path in MODELS:
         card = json.loads(card_path.read_text()) if card_path and card_path.exists() else {}
         rec = recs.get(key)
         stale = rec is not None and not fresh(rec, ckpt)
         fid = ("not measured" if weights_of(ckpt).exists() else "not trained yet") if rec is None else \
-            f"{rec['fid']:.1f}" + (" (stale weights)" if stale else "")
+            fid_text(rec['fid']) + (" (stale weights)" if stale else "")
         ratio = f"{rec['fid'] / teacher:.2f}×" if rec and teacher and not stale else "–"
         target = TARGETS.get(key)
         if target is None:
@@ -227,8 +234,8 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
         fids[key] = recs[key]["fid"]
     g, v1, v5 = fids["get-n2"], fids["vit-n6-2"], fids["vit-n5x-2"]
     verdict = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
-    return (f"**GET's claim at patch 2:** GET-N/2 {g:.1f} vs the ViT of its parameters {v1:.1f} — better: "
-            f"{verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {v5:.1f} — no worse: {verdict(g <= v5)}.")
+    return (f"**GET's claim at patch 2:** GET-N/2 {fid_text(g)} vs the ViT of its parameters {fid_text(v1)} — better: "
+            f"{verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {fid_text(v5)} — no worse: {verdict(g <= v5)}.")
 
 
 CURVE_RUNS = [("get-n-2", "GET-N/2"), ("get-n-2-zx", "GET-N/2, start at x"), ("vit-n6-2", "ViT-N6/2 (same parameters)"),
@@ -300,7 +307,7 @@ def update_cards(proto: Protocol, folder: Path | None = None, models=None) -> li
             lines = [line for line in md.read_text().splitlines() if not line.startswith(FID_LINE)]
             at = next((i for i, line in enumerate(lines) if line.startswith("- grid")), len(lines))
             new = [f"{FID_LINE}{name} (docs/RESULTS.md: {e['samples']:,} samples vs {e['reference_train_images']:,} "
-                   f"training images): {e['fid']:.1f}" + (f", {e['ratio_to_teacher']:.2f}× the teacher's {e['teacher_fid']:.1f}"
+                   f"training images): {fid_text(e['fid'])}" + (f", {e['ratio_to_teacher']:.2f}× the teacher's {e['teacher_fid']:.1f}"
                                                          if e.get("ratio_to_teacher") and key != "teacher" else "")
                    for name, e in sorted(fids.items())]
             atomic_write_text(md, "\n".join(lines[:at] + new + lines[at:]) + "\n")
