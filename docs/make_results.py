@@ -93,6 +93,11 @@ def fid_text(fid: float) -> str:
     return f"{round(fid, 2):.1f}"
 
 
+def ratio_text(ratio: float) -> str:
+    """The same for a ratio to the teacher: the cards store it to three decimals, everything shows two."""
+    return f"{round(ratio, 3):.2f}×"
+
+
 def fresh(rec: dict | None, ckpt) -> bool:
     """Whether ``rec`` measured the weights ``ckpt`` holds now (they exist and their sha256 matches)."""
     w = weights_of(ckpt)
@@ -179,7 +184,7 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     if "real" in recs:
-        floor = f"{recs['real']['fid'] / teacher:.2f}×" if teacher else "–"
+        floor = ratio_text(recs['real']['fid'] / teacher) if teacher else "–"
         lines.append(f"| real data: {proto.n} test images (floor) | {fid_text(recs['real']['fid'])} | {floor} | – | – | – | – | – |")
     grids = []
     for key, label, ckpt, card_path in MODELS:
@@ -188,7 +193,7 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
         stale = rec is not None and not fresh(rec, ckpt)
         fid = ("not measured" if weights_of(ckpt).exists() else "not trained yet") if rec is None else \
             fid_text(rec['fid']) + (" (stale weights)" if stale else "")
-        ratio = f"{rec['fid'] / teacher:.2f}×" if rec and teacher and not stale else "–"
+        ratio = ratio_text(rec['fid'] / teacher) if rec and teacher and not stale else "–"
         target = TARGETS.get(key)
         if target is None:
             goal = "–"
@@ -307,7 +312,7 @@ def update_cards(proto: Protocol, folder: Path | None = None, models=None) -> li
             lines = [line for line in md.read_text().splitlines() if not line.startswith(FID_LINE)]
             at = next((i for i, line in enumerate(lines) if line.startswith("- grid")), len(lines))
             new = [f"{FID_LINE}{name} (docs/RESULTS.md: {e['samples']:,} samples vs {e['reference_train_images']:,} "
-                   f"training images): {fid_text(e['fid'])}" + (f", {e['ratio_to_teacher']:.2f}× the teacher's {e['teacher_fid']:.1f}"
+                   f"training images): {fid_text(e['fid'])}" + (f", {ratio_text(e['ratio_to_teacher'])} the teacher's {fid_text(e['teacher_fid'])}"
                                                          if e.get("ratio_to_teacher") and key != "teacher" else "")
                    for name, e in sorted(fids.items())]
             atomic_write_text(md, "\n".join(lines[:at] + new + lines[at:]) + "\n")
