@@ -118,3 +118,115 @@ def test_sim_distils_from_a_diffusers_teacher(tmp_path, monkeypatch):
             assert all(torch.isfinite(p.grad).all() for p in m.modules[name].parameters() if p.grad is not None)
             seen.add(name)
     assert seen == {"fake", "generator"}
+
+
+# --- `--sampler ddim` reproduces DDIMPipeline ------------------------------------------------------------------
+
+def _unet(out_channels=3):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=out_channels, layers_per_block=1,
+                                 block_out_channels=(16, 32), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+# (scheduler class, its settings, steps): every schedule, prediction type, spacing, clip_sample on/off,
+# set_alpha_to_one and steps_offset of DDIMScheduler; a DDPM folder checks DDIMPipeline's conversion of it.
+DDIM_CASES = {
+    "ddpm-eps-linear-clip-leading": ("DDPMScheduler", dict(beta_schedule="linear"), 10),
+    "ddim-v-scaled_linear-noclip-trailing": ("DDIMScheduler", dict(
+        beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
+        set_alpha_to_one=False), 7),
+    "ddim-eps-cosine-clip0.5-linspace": ("DDIMScheduler", dict(
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=0.5, timestep_spacing="linspace"), 6),
+    "ddim-v-linear-clip-leading-offset1": ("DDIMScheduler", dict(
+        beta_schedule="linear", prediction_type="v_prediction", steps_offset=1, set_alpha_to_one=False), 8),
+    "ddim-eps-scaled_linear-noclip-trailing": ("DDIMScheduler", dict(
+        beta_schedule="scaled_linear", clip_sample=False, timestep_spacing="trailing"), 3),
+    "ddim-v-cosine-noclip-leading": ("DDIMScheduler", dict(
+        beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False), 5),
+    "ddpm-sample-linear-clip": ("DDPMScheduler", dict(beta_schedule="linear", prediction_type="sample"), 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DDIM_CASES))
+def test_sampler_ddim_reproduces_ddim_pipeline(tmp_path, case):
+    from getfast.sampling import load as load_sampler
+    sched_name, kw, steps = DDIM_CASES[case]
+    sched = getattr(diffusers, sched_name)(num_train_timesteps=1000, **kw)
+    folder = tmp_path / case
+    diffusers.DDPMPipeline(unet=_unet(), scheduler=sched).save_pretrained(folder)
+    pipe = diffusers.DDIMPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), eta=0.0, num_inference_steps=steps,
+                output_type="np").images                                     # (B, H, W, C) in [0, 1]
+    s = load_sampler(str(folder), sampler="ddim", steps=steps)               # the path of `getfast sample`
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))  # the pipeline's first draw
+    got = (s(z) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    err = float(abs(got - want).max())
+    print(f"{case}: steps {steps}, max |Δ| {err:.2e}")
+    assert err <= 1e-4, f"{case}: max |Δ| {err:.2e}"
+
+
+def test_learned_variance_unet_uses_the_prediction_half(tmp_path):
+    """out_channels = 2·in_channels (a learned variance): the first half is the ε prediction, as diffusers' DDPM
+    scheduler splits it; DDIM then matches diffusers' DDIMScheduler stepped on that half."""
+    from getfast.sampling import load as load_sampler
+    unet = _unet(out_channels=6)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+    folder = tmp_path / "learned"
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(folder)
+    D = load(str(folder))
+    x, s = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    assert D(x, s).shape == x.shape
+    ddim = diffusers.DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(6)
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    want = z
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            want = ddim.step(unet(want, t).sample[:, :3], t, want, eta=0.0).prev_sample
+    got = load_sampler(str(folder), sampler="ddim", steps=6)(z)
+    assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_unet_with_other_output_channels_is_refused(tmp_path):
+    folder = tmp_path / "odd"
+    diffusers.DDPMPipeline(unet=_unet(out_channels=4), scheduler=diffusers.DDPMScheduler()).save_pretrained(folder)
+    with pytest.raises(ValueError, match="unsupported: a UNet2DModel with out_channels 4"):
+        load(str(folder))
+
+
+def _stable_diffusion_layout(root):
+    import json
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "unet": ["diffusers",
+        "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "PNDMScheduler"]}))
+    for sub, cfg in (("unet", {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4,
+                               "sample_size": 64, "cross_attention_dim": 768}),
+                     ("vae", {"_class_name": "AutoencoderKL"})):
+        (root / sub).mkdir()
+        (root / sub / "config.json").write_text(json.dumps(cfg))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "PNDMScheduler"}))
+    return root
+
+
+@pytest.mark.parametrize("command", ["sample", "distill", "convert", "fid"])
+def test_stable_diffusion_layout_is_unsupported_in_one_line(tmp_path, capsys, command):
+    from getfast.cli import main
+    sd = _stable_diffusion_layout(tmp_path / "sd")
+    argv = {"sample": ["sample", "--ckpt", str(sd), "--out", str(tmp_path / "s.png")],
+            "distill": ["distill", "sim", "--teacher", str(sd), "--out", str(tmp_path / "run"), "--no-progress"],
+            "convert": ["convert", "--from", str(sd), "--out", str(tmp_path / "t.safetensors")],
+            "fid": ["fid", "--gen", str(sd)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "unsupported: a diffusers UNet2DConditionModel" in err[0] and "Stable Diffusion" in err[0], err[0]
+    assert "config.json" not in err[0]

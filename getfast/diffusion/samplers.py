@@ -99,9 +99,18 @@ def ddim_step(x_hat, z_t, t, t_next):
 
 @torch.no_grad()
 def ddim(D, z, steps: int, class_labels=None, cfg_scale=None, **kw):
-    """DDIM sampler with ``steps`` uniform steps in t from 1 to 0; ``steps`` network evaluations."""
+    """DDIM sampler with ``steps`` uniform steps in t from 1 to 0; ``steps`` network evaluations.
+
+    A discrete-time teacher that defines ``scheduler_ddim`` (a diffusers UNet2DModel,
+    :class:`getfast.importers.hf_diffusers.DiffusersDenoiser`) is stepped on its own scheduler's timesteps instead,
+    as its pipeline does, so that ``--sampler ddim`` reproduces the pipeline's images."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    native = getattr(D, "scheduler_ddim", None)
+    if native is not None:
+        if kw:
+            raise ValueError(f"{', '.join(sorted(kw))}: not an input of a diffusers teacher's DDIM")
+        return native(z, steps, class_labels, cfg_scale=cfg_scale)
     x = z
     ts = torch.linspace(1, 0, steps + 1, device=z.device)
     for t, t_next in zip(ts[:-1], ts[1:]):
