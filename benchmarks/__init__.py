@@ -1,4 +1,3 @@
-"""Entry points kept at the repository root: ``python -m benchmarks`` and
-``python -m benchmarks.bench_<name>``. The benchmark code lives in :mod:`getfast.bench` (so it ships
-in the wheel and ``getfast bench`` works from an installed package); RESULTS.md and ``results/``
-stay here."""
+"""The entry point kept at the repository root: ``python -m benchmarks``. The benchmark code lives in
+:mod:`getfast.bench` (so it ships in the wheel and ``getfast bench`` works from an installed package);
+RESULTS.md, ``results/`` and ``gpu_check.sh`` stay here."""

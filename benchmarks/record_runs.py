@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.common import machine_line, markdown_table, update_results_md
+from getfast.bench.common import machine_line, markdown_table, update_results_md
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"teacher-fmnist": "EDM teacher UNet-S (train step, batch 64)", "sim-fmnist": "SIM (fake + generator step, batch 16)",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import getfast.bench as bench
-from getfast.bench import common, gpu_common, runner
+from getfast.bench import common, runner
 from getfast.bench.common import PAST_GPU_SECTION, Skipped
 
 
@@ -27,7 +27,7 @@ def test_config_defaults_are_the_cpu_benchmarks():
     cfg = bench.BenchConfig()
     assert (cfg.device, cfg.quick, cfg.only, cfg.out, cfg.budget_s) == ("cpu", False, (), "", 0.0)
     assert {"deq", "models", "overhead", "pairs", "sim_loss"} <= set(cfg.chosen())
-    assert bench.names("cuda") == ["attention", "sim_loss", "deq", "sampling", "train"]
+    assert bench.names("cuda") == ["sampling", "deq", "train", "sim_loss", "attention"]  # gpu_check.sh's order
     assert bench.BenchConfig(device="cuda:1", only="deq").only == ("deq",)
 
 
@@ -90,14 +90,14 @@ def test_cuda_refuses_the_triton_interpreter(monkeypatch):
 # --- the CPU runner --------------------------------------------------------------------------------
 
 def _fake(kind):
-    mod = types.SimpleNamespace(TITLE=f"fake {kind}")
+    mod = types.SimpleNamespace(TITLES={"cpu": f"fake {kind}"})
 
-    def run(quick):
+    def run(device, quick, budget, peak_bw=None):
         if kind == "skip":
             raise Skipped("optional package absent")
         if kind == "fail":
             raise RuntimeError("boom")
-        return {"value": 1.5, "quick": quick}
+        return {"value": 1.5, "quick": quick} if kind == "ok" else {"value": 2.5, "skipped": ["part B (no time)"]}
 
     mod.run = run
     mod.report = lambda res: f"value {res['value']}"
@@ -105,55 +105,43 @@ def _fake(kind):
 
 
 def test_cpu_runner_writes_results_and_keeps_going(monkeypatch, bench_out, capsys):
-    kinds = {"deq": "skip", "models": "ok", "pairs": "fail"}
-    monkeypatch.setattr(runner, "load_module", lambda name, device: _fake(kinds[name]))
-    rc = bench.run(bench.BenchConfig(only=("deq", "models", "pairs"), quick=True, out=str(bench_out)))
+    kinds = {"deq": "skip", "models": "ok", "pairs": "fail", "sim_loss": "partial"}
+    monkeypatch.setattr(runner, "load_module", lambda name: _fake(kinds[name]))
+    rc = bench.run(bench.BenchConfig(only=("deq", "models", "pairs", "sim_loss"), quick=True, out=str(bench_out)))
     assert rc == 1  # pairs failed; the others still ran
-    assert json.loads((bench_out / "models.json").read_text()) == {"value": 1.5, "quick": True}
+    assert json.loads((bench_out / "models.json").read_text())["value"] == 1.5
     summary = json.loads((bench_out / "all.json").read_text())
     assert summary["deq"] == {"skipped": "optional package absent"} and "boom" in summary["pairs"]["error"]
+    assert summary["status"] == {"deq": "skipped: optional package absent", "models": "ok",
+                                 "pairs": "FAILED: RuntimeError: boom", "sim_loss": "partial (skipped: part B (no time))"}
     md = (bench_out / "RESULTS.md").read_text()
     assert "<!-- BEGIN models -->\n## fake ok\n\nvalue 1.5\n<!-- END models -->" in md
-    assert "skipped: optional package absent" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deq: skipped: optional package absent" in out and "sim_loss: partial (skipped: part B" in out
 
 
 def test_cpu_runner_with_only_keeps_the_other_results(monkeypatch, bench_out):
     """``--only X`` updates X in all.json and keeps what earlier runs recorded for the others."""
-    monkeypatch.setattr(runner, "load_module", lambda name, device: _fake("ok"))
+    monkeypatch.setattr(runner, "load_module", lambda name: _fake("ok"))
     assert bench.run(bench.BenchConfig(only=("models",), quick=True, out=str(bench_out))) == 0
     assert bench.run(bench.BenchConfig(only=("deq",), quick=False, out=str(bench_out))) == 0
     summary = json.loads((bench_out / "all.json").read_text())
-    assert summary["models"] == {"value": 1.5, "quick": True} and summary["deq"] == {"value": 1.5, "quick": False}
+    assert summary["models"]["quick"] is True and summary["deq"]["quick"] is False
 
 
-def test_checkout_benchmark_modules_join_the_cpu_set(monkeypatch, tmp_path, bench_out):
-    """A ``benchmarks/bench_<name>.py`` of the checkout (e.g. the host-overhead benchmark) runs with the others."""
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "bench_h5extra.py").write_text(
-        'TITLE = "extra"\n\ndef run(quick):\n    return {"x": 2, "quick": quick}\n\n'
-        'def report(res):\n    return f"x is {res[\'x\']}"\n')
-    (tmp_path / "benchmarks" / "bench_deq.py").write_text("raise RuntimeError('a shim is never loaded')\n")
-    monkeypatch.setattr(common, "source_checkout", lambda: tmp_path)
-    monkeypatch.delitem(sys.modules, "benchmarks.bench_h5extra", raising=False)
-    assert bench.checkout_benchmarks() == {"h5extra": str(tmp_path / "benchmarks" / "bench_h5extra.py")}
-    assert "h5extra" in bench.names("cpu") and "h5extra" not in bench.names("cuda")
-    try:
-        assert bench.run(bench.BenchConfig(only=("h5extra",), out=str(bench_out))) == 0
-    finally:
-        sys.modules.pop("benchmarks.bench_h5extra", None)
-    assert json.loads((bench_out / "h5extra.json").read_text()) == {"x": 2, "quick": False}
-    assert "## extra\n\nx is 2" in (bench_out / "RESULTS.md").read_text()
-
-
-def test_cpu_benchmarks_ship_in_the_package_with_one_shape():
-    """Every CPU benchmark is a getfast.bench module (so it is in the wheel) with NAME, TITLE, run and report;
-    the checkout's benchmarks/bench_<name>.py files are only entry points to them."""
+def test_every_benchmark_is_one_package_module_taking_the_device():
+    """Each benchmark is getfast.bench.<name> (so it ships in the wheel) with a title per device it runs on,
+    run(device, quick, budget, peak_bw) and report; a benchmark of both sets is one module."""
     import importlib
-    for name, module in bench.CPU_BENCHMARKS.items():
-        mod = importlib.import_module(module)
-        assert mod.NAME == name and mod.TITLE and callable(mod.run) and callable(mod.report)
-    if common.source_checkout() is not None:
-        assert bench.checkout_benchmarks() == {}
+    import inspect
+    for name in {*bench.CPU_BENCHMARKS, *bench.GPU_BENCHMARKS}:
+        mod = importlib.import_module(f"getfast.bench.{name}")
+        want = {d for d, names in (("cpu", bench.CPU_BENCHMARKS), ("cuda", bench.GPU_BENCHMARKS)) if name in names}
+        assert set(mod.TITLES) == want and callable(mod.report)
+        assert list(inspect.signature(mod.run).parameters)[:4] == ["device", "quick", "budget", "peak_bw"]
+    root = common.source_checkout()
+    if root is not None:  # the checkout keeps only the entry point, no per-benchmark shims
+        assert not list((root / "benchmarks").glob("bench_*.py"))
 
 
 def test_cpu_reports_render_from_the_committed_results():
@@ -161,9 +149,10 @@ def test_cpu_reports_render_from_the_committed_results():
     root = common.source_checkout()
     if root is None:
         pytest.skip("needs the source checkout")
-    from getfast.bench import deq, models, overhead, pairs, sim_loss
-    for mod in (deq, models, overhead, pairs, sim_loss):
-        path = root / "benchmarks" / "results" / f"{mod.NAME}.json"
+    import importlib
+    for name in bench.CPU_BENCHMARKS:
+        mod = importlib.import_module(f"getfast.bench.{name}")
+        path = root / "benchmarks" / "results" / f"{name}.json"
         if not path.exists():
             continue
         text = mod.report(json.loads(path.read_text()))
@@ -227,24 +216,24 @@ def test_committed_results_state_that_no_gpu_run_happened_unless_one_did():
 # --- models of work, device facts, formatting -------------------------------------------------------
 
 def test_attention_flops_reproduce_the_quoted_h200_rates():
-    fwd = gpu_common.attention_flops(128, 12, 256, 64, "fwd")
+    fwd = common.attention_flops(128, 12, 256, 64, "fwd")
     assert fwd == 4 * 128 * 12 * 256 * 256 * 64
-    assert gpu_common.attention_flops(128, 12, 256, 64, "fwd+bwd") == 3.5 * fwd
-    assert gpu_common.rate(fwd, 0.281) / 1e12 == pytest.approx(92, rel=0.01)  # 92 TFLOP/s at 0.281 ms
-    assert gpu_common.rate(3.5 * fwd, 1.20) / 1e12 == pytest.approx(75, rel=0.01)
+    assert common.attention_flops(128, 12, 256, 64, "fwd+bwd") == 3.5 * fwd
+    assert common.rate(fwd, 0.281) / 1e12 == pytest.approx(92, rel=0.01)  # 92 TFLOP/s at 0.281 ms
+    assert common.rate(3.5 * fwd, 1.20) / 1e12 == pytest.approx(75, rel=0.01)
     with pytest.raises(ValueError, match="mode"):
-        gpu_common.attention_flops(1, 1, 1, 1, "bwd")
+        common.attention_flops(1, 1, 1, 1, "bwd")
 
 
 def test_bytes_models():
     n = 256 * 3 * 64 * 64
-    assert gpu_common.sim_loss_bytes(n, 4) == 9 * n * 4
-    assert gpu_common.rate(gpu_common.sim_loss_bytes(n, 4), 0.718) / 1e9 == pytest.approx(158, rel=0.01)
-    b = gpu_common.anderson_bytes(6, 128, 256 * 768, 4)
+    assert common.sim_loss_bytes(n, 4) == 9 * n * 4
+    assert common.rate(common.sim_loss_bytes(n, 4), 0.718) / 1e9 == pytest.approx(158, rel=0.01)
+    b = common.anderson_bytes(6, 128, 256 * 768, 4)
     assert b == 22 * 128 * 256 * 768 * 4 and b / 1e9 == pytest.approx(2.21, rel=0.01)
-    assert gpu_common.share(gpu_common.rate(b, 0.547), 4.8e12) == pytest.approx(0.84, abs=0.01)
-    assert gpu_common.anderson_bytes(1, 2, 3, 2) == 7 * 2 * 3 * 2  # fixed point: m = 1
-    assert gpu_common.rate(None, 1.0) is None and gpu_common.share(1.0, None) is None
+    assert common.share(common.rate(b, 0.547), 4.8e12) == pytest.approx(0.84, abs=0.01)
+    assert common.anderson_bytes(1, 2, 3, 2) == 7 * 2 * 3 * 2  # fixed point: m = 1
+    assert common.rate(None, 1.0) is None and common.share(1.0, None) is None
 
 
 @pytest.mark.parametrize("name, tbs", [
@@ -252,25 +241,25 @@ def test_bytes_models():
     ("NVIDIA A100-SXM4-80GB", 2.039), ("NVIDIA A100 80GB PCIe", 1.935), ("NVIDIA A100-SXM4-40GB", 1.555),
 ])
 def test_spec_sheet_bandwidth(name, tbs):
-    value, label = gpu_common.spec_sheet_bandwidth(name)
+    value, label = common.spec_sheet_bandwidth(name)
     assert value == pytest.approx(tbs * 1e12)
-    assert gpu_common.peak_bandwidth(name)["source"].startswith("data sheet")
+    assert common.peak_bandwidth(name)["source"].startswith("data sheet")
 
 
 def test_unknown_gpu_uses_clock_times_bus_width():
-    assert gpu_common.spec_sheet_bandwidth("NVIDIA L4") is None
-    pb = gpu_common.peak_bandwidth("NVIDIA L4", memory_clock_khz=2619000, bus_width_bits=5120)
+    assert common.spec_sheet_bandwidth("NVIDIA L4") is None
+    pb = common.peak_bandwidth("NVIDIA L4", memory_clock_khz=2619000, bus_width_bits=5120)
     assert pb["bytes_per_s"] == pytest.approx(3.352e12, rel=1e-3) and "bus width" in pb["source"]
-    assert gpu_common.peak_bandwidth("NVIDIA L4")["bytes_per_s"] is None
+    assert common.peak_bandwidth("NVIDIA L4")["bytes_per_s"] is None
 
 
 def test_device_info_and_header_on_cpu():
-    info = gpu_common.device_info(torch.device("cpu"))
+    info = common.device_info(torch.device("cpu"))
     assert info["torch"] == torch.__version__ and info["peak_bandwidth"]["bytes_per_s"] is None
     fake = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "total_memory_gib": 79.1, "torch": "2.11.0+cu130",
             "torch_cuda": "13.0", "triton": "3.6.0", "matmul_bf16_tflops": 700.4, "tf32_matmul": False,
-            "peak_bandwidth": gpu_common.peak_bandwidth("NVIDIA H100 80GB HBM3")}
-    line = gpu_common.device_line(fake)
+            "peak_bandwidth": common.peak_bandwidth("NVIDIA H100 80GB HBM3")}
+    line = common.device_line(fake)
     for part in ("NVIDIA H100 80GB HBM3", "3.35 TB/s", "torch 2.11.0+cu130", "triton 3.6.0", "700 TFLOP/s"):
         assert part in line
     header = runner.gpu_header({"device": fake, "machine": common.machine_info()}, quick=True, budget_s=330)
@@ -278,21 +267,21 @@ def test_device_info_and_header_on_cpu():
 
 
 def test_budget_and_attempt():
-    assert gpu_common.Budget(None).allows(1e9) and gpu_common.Budget(0).left() == math.inf
-    b = gpu_common.Budget(5)
+    assert common.Budget(None).allows(1e9) and common.Budget(0).left() == math.inf
+    b = common.Budget(5)
     assert b.allows(1) and not b.allows(60) and b.skip_note(60).startswith("skipped: time budget")
-    assert gpu_common.attempt(lambda: 3) == (3, None)
-    value, err = gpu_common.attempt(lambda: 1 / 0)
+    assert common.attempt(lambda: 3) == (3, None)
+    value, err = common.attempt(lambda: 1 / 0)
     assert value is None and err.startswith("ZeroDivisionError: ")
 
 
 def test_forced_backend_restores_the_environment(monkeypatch):
     monkeypatch.setenv("GETFAST_BACKEND", "cpp")
-    with gpu_common.forced_backend("reference"):
-        assert gpu_common.os.environ["GETFAST_BACKEND"] == "reference"
-    with gpu_common.forced_backend(None):
-        assert "GETFAST_BACKEND" not in gpu_common.os.environ
-    assert gpu_common.os.environ["GETFAST_BACKEND"] == "cpp"
+    with common.forced_backend("reference"):
+        assert common.os.environ["GETFAST_BACKEND"] == "reference"
+    with common.forced_backend(None):
+        assert "GETFAST_BACKEND" not in common.os.environ
+    assert common.os.environ["GETFAST_BACKEND"] == "cpp"
 
 
 def test_contention_note_only_on_an_oversubscribed_machine():
@@ -303,15 +292,19 @@ def test_contention_note_only_on_an_oversubscribed_machine():
 
 
 def test_cell_formatting():
-    assert gpu_common.fmt(None) == "–" and gpu_common.fmt("err") == "err" and gpu_common.fmt(0.12345, ".2f") == "0.12"
-    assert gpu_common.fmt_pct(0.843) == "84 %" and gpu_common.fmt_ratio(0.3) == "**0.30×**"
-    assert gpu_common.markdown_safe("a|b\nc") == "a/b c" and gpu_common.markdown_safe(None) == "–"
-    assert gpu_common.dtype_name(torch.bfloat16) == "bfloat16"
+    assert common.fmt(None) == "–" and common.fmt("err") == "err" and common.fmt(0.12345, ".2f") == "0.12"
+    assert common.fmt_pct(0.843) == "84 %" and common.fmt_ratio(0.3) == "**0.30×**"
+    assert common.markdown_safe("a|b\nc") == "a/b c" and common.markdown_safe(None) == "–"
+    assert common.dtype_name(torch.bfloat16) == "bfloat16"
 
 
 def test_gpu_reports_render_errors_and_skips_as_cells():
-    from getfast.bench import gpu_attention, gpu_deq, gpu_sampling, gpu_sim_loss, gpu_train
-    att = {"flops_model": "m", "skipped": [{"shape": [1, 2, 3, 4], "dtype": "float16", "why": "skipped: time budget"}],
+    from getfast.bench import attention as gpu_attention
+    from getfast.bench import deq as gpu_deq
+    from getfast.bench import sampling as gpu_sampling
+    from getfast.bench import sim_loss as gpu_sim_loss
+    from getfast.bench import train as gpu_train
+    att = {"flops_model": "m", "skipped": ["1·2·3·4 float16 (skipped: time budget)"],
            "rows": [{"shape": [1, 2, 3, 4], "dtype": "bfloat16", "sdpa_backend": "flash", "default_backend": "reference",
                      "triton_error": "RuntimeError: x|y", "fwd_sdpa_ms": 0.5, "fwd_sdpa_tflops": 100.0,
                      "fwd+bwd_sdpa_ms": 1.0, "fwd+bwd_sdpa_tflops": 200.0}]}
@@ -343,8 +336,9 @@ def test_gpu_reports_render_errors_and_skips_as_cells():
 
 def test_config_imports_no_benchmark_module():
     """Importing getfast.bench (what `getfast bench --help` does) stays light: no benchmark module loads."""
-    for name in list(bench.CPU_BENCHMARKS.values()) + list(bench.GPU_BENCHMARKS.values()):
+    modules = [f"getfast.bench.{n}" for n in {*bench.CPU_BENCHMARKS, *bench.GPU_BENCHMARKS}]
+    for name in modules + ["getfast.bench.runner"]:
         sys.modules.pop(name, None)
     bench.names("cpu")
     bench.BenchConfig(device="cuda")
-    assert not any(name in sys.modules for name in bench.GPU_BENCHMARKS.values())
+    assert not any(name in sys.modules for name in modules)

@@ -3,7 +3,12 @@ can check — the numbers are meaningless and never recorded), and on CUDA tenso
 import pytest
 import torch
 
-from getfast.bench import gpu_attention, gpu_common, gpu_deq, gpu_sampling, gpu_sim_loss, gpu_train
+from getfast.bench import attention as gpu_attention
+from getfast.bench import common
+from getfast.bench import deq as gpu_deq
+from getfast.bench import sampling as gpu_sampling
+from getfast.bench import sim_loss as gpu_sim_loss
+from getfast.bench import train as gpu_train
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny ops: one thread avoids OpenMP contention on a busy machine
 
@@ -41,7 +46,7 @@ def test_attention_plan_covers_the_issue_shapes():
 
 def test_attention_rows_on_cpu():
     """Triton under the interpreter vs SDPA, fwd and fwd+bwd, on a tiny shape."""
-    res = gpu_attention.run(CPU, True, gpu_common.Budget(None), cases=[((1, 2, 16, 8), torch.float32)])
+    res = gpu_attention.run(CPU, True, common.Budget(None), cases=[((1, 2, 16, 8), torch.float32)])
     _no_errors(res)
     row = res["rows"][0]
     assert row["default_backend"] == "reference" and row["max_abs_diff_vs_sdpa"] < 1e-5
@@ -51,13 +56,13 @@ def test_attention_rows_on_cpu():
 
 
 def test_attention_budget_skips_are_reported():
-    b = gpu_common.Budget(1e-9)
+    b = common.Budget(1e-9)
     res = gpu_attention.run(CPU, True, b, cases=[((1, 1, 4, 4), torch.float32)])
-    assert res["rows"] == [] and res["skipped"][0]["why"].startswith("skipped: time budget")
+    assert res["rows"] == [] and res["skipped"][0].startswith("1·1·4·4 float32 (skipped: time budget")
 
 
 def test_sim_loss_rows_on_cpu():
-    res = gpu_sim_loss.run(CPU, True, gpu_common.Budget(None), peak_bw=1e11,
+    res = gpu_sim_loss.run_gpu(CPU, True, common.Budget(None), peak_bw=1e11,
                            cases=[((3, 1, 5, 7), torch.float32), ((2, 3, 4), torch.bfloat16)])
     _no_errors(res)
     for row in res["rows"]:
@@ -71,19 +76,19 @@ def test_sim_loss_rows_on_cpu():
 
 def test_sim_loss_flags_a_wrong_backend(monkeypatch):
     """A backend whose gradient disagrees with the float64 reference is reported, not timed."""
-    real = gpu_sim_loss._fused
+    real = gpu_sim_loss.fused
 
-    def wrong(a, f, x, sigma, w, backend):
+    def wrong(a, f, x, sigma, w, backend=None):
         return tuple(2 * g for g in real(a, f, x, sigma, w, backend))
 
-    monkeypatch.setattr(gpu_sim_loss, "_fused", wrong)
+    monkeypatch.setattr(gpu_sim_loss, "fused", wrong)
     row = gpu_sim_loss.measure((2, 3, 4), torch.float32, CPU, True, None)
     assert row["impls"]["cpp"]["error"].startswith("wrong result") and "ms" not in row["impls"]["cpp"]
     assert row["impls"]["eager"]["error"] is None
 
 
 def test_deq_rows_on_cpu():
-    res = gpu_deq.run(CPU, True, gpu_common.Budget(None), peak_bw=1e11, batch=2, dim=64,
+    res = gpu_deq.run_gpu(CPU, True, common.Budget(None), peak_bw=1e11, batch=2, dim=64,
                       dtypes=(torch.float32,), solvers=("anderson",))
     _no_errors({k: v for k, v in res.items() if k != "torchdeq"})
     row = res["per_iteration"][0]
@@ -92,8 +97,8 @@ def test_deq_rows_on_cpu():
     assert any(label.startswith("getfast default (") for label in row["impls"])
     tol = res["to_tolerance"][0]
     if gpu_deq.torchdeq_missing() is None:
-        assert tol["getfast_f_evals"] == tol["torchdeq_f_evals"]
-        assert tol["getfast_max_rel_residual"] < gpu_deq.TOL and tol["torchdeq_max_rel_residual"] < gpu_deq.TOL
+        assert tol["f_calls"]["ours"] == tol["f_calls"]["theirs"] and tol["wall_s"]["theirs"] > 0
+        assert max(tol["final_max_rel_residual"].values()) < gpu_deq.TOL and tol["converged"]
     assert "Time to tolerance" in gpu_deq.report(res)
 
 
@@ -102,15 +107,17 @@ def test_deq_without_torchdeq_still_measures_getfast(monkeypatch):
     row = gpu_deq.per_iteration("fixed_point", torch.float32, CPU, True, 2, 16, ("cpp",))
     assert row["impls"]["torchdeq"] == {"error": "torchdeq not installed (test)"}
     assert "ms_per_iter" in row["impls"]["getfast cpp"] and row["model_bytes"] == 7 * 2 * 16 * 4
-    tol = gpu_deq.to_tolerance("fixed_point", CPU, True, 2, 16)
-    assert tol["torchdeq_error"] == "torchdeq not installed (test)" and tol["getfast_f_evals"] > 1
+    tol = gpu_deq.to_tolerance("fixed_point", CPU, 2, 16, repeats=1)
+    assert tol["errors"] == {"theirs": "torchdeq not installed (test)"} and tol["f_calls"]["ours"] > 1
+    assert set(tol["wall_s"]) == {"ours"} and "ratio_wall" not in tol
+    assert "not installed (test)" in gpu_deq.report({**gpu_deq.run_gpu(CPU, True, common.Budget(None), batch=2, dim=16,
+                                                                         dtypes=(), solvers=("fixed_point",))})
 
 
 def test_sampling_rows_on_cpu_through_the_sampler():
-    res = gpu_sampling.run(CPU, True, gpu_common.Budget(None), plan=TINY_SAMPLING)
+    res = gpu_sampling.run(CPU, True, common.Budget(None), plan=TINY_SAMPLING)
     _no_errors(res)
-    assert res["path"] == gpu_sampling.SAMPLER_PATH
-    assert res["nfe_teacher"] == 3 and [r["model"] for r in res["rows"]] == ["student", "teacher"]
+    assert res["params_M"]["student"] > 0 and res["nfe_teacher"] == 3 and [r["model"] for r in res["rows"]] == ["student", "teacher"]
     student = res["rows"][0]["variants"]
     assert student["CUDA graph bf16"] == {"error": "needs a CUDA device"}
     assert student["eager fp32"]["ms"] > 0 and student["eager bf16"]["speedup_vs_teacher"] > 0
@@ -142,16 +149,11 @@ class _StandInCapture:
         return Captured(static_z, static_labels, out, replay)
 
 
-def _teacher_sample(plan=TINY_SAMPLING):
-    from getfast.diffusion import heun
-    _, teacher = gpu_sampling.models(plan)
-    labels = torch.tensor([1, 2])
-    return lambda x: heun(teacher, x, plan["heun_steps"], labels), torch.randn(2, 1, 8, 8)
-
-
-def test_module_graph_row_replays_through_the_library_capture():
-    sample, z = _teacher_sample()
-    out = gpu_sampling.module_variants(sample, z, CPU, iters=2, warmup=1, graph_backend=_StandInCapture())
+def test_graph_row_replays_through_the_library_capture(tmp_path):
+    """The graph row of the teacher (a deterministic Heun call) through the sampler's own capture machinery."""
+    _, teacher_ckpt, _ = gpu_sampling.export_checkpoints(TINY_SAMPLING, tmp_path)
+    out = gpu_sampling.sampler_variants(teacher_ckpt, torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), CPU, iters=2,
+                                        warmup=1, steps=2, graph_backend=_StandInCapture())
     _no_errors(out)
     row = out["CUDA graph bf16"]
     assert row["ms"] > 0 and row["captures"] == 1 and row["replays"] >= 3 and row["eager_calls"] == 0
@@ -159,32 +161,23 @@ def test_module_graph_row_replays_through_the_library_capture():
 
 
 def test_a_graph_row_that_fell_back_to_eager_is_an_error(tmp_path):
-    sample, z = _teacher_sample()
-    out = gpu_sampling.module_variants(sample, z, CPU, iters=1, warmup=0, graph_backend=_StandInCapture("no graphs"))
-    assert "ms" not in out["CUDA graph bf16"]
-    assert out["CUDA graph bf16"]["error"].startswith("replayed eagerly, not from a CUDA graph: capture failed")
-    assert "no graphs" in out["CUDA graph bf16"]["error"] and out["eager bf16"]["ms"] > 0
-    student_ckpt, _ = gpu_sampling.export_checkpoints(TINY_SAMPLING, tmp_path)
+    student_ckpt, _, _ = gpu_sampling.export_checkpoints(TINY_SAMPLING, tmp_path)
     for backend, ok in ((_StandInCapture("no graphs"), False), (_StandInCapture(), True)):
-        row = gpu_sampling.sampler_variants(student_ckpt, torch.randn(1, 1, 8, 8), None, CPU, 1, 0,
-                                            graph_backend=backend)["CUDA graph bf16"]
+        out = gpu_sampling.sampler_variants(student_ckpt, torch.randn(1, 1, 8, 8), None, CPU, 1, 0,
+                                            graph_backend=backend)
+        row = out["CUDA graph bf16"]
+        assert out["eager bf16"]["ms"] > 0
         if ok:
             assert row["ms"] > 0 and row["captures"] == 1 and row["eager_calls"] == 0, row
         else:
-            assert "ms" not in row and "replayed eagerly" in row["error"] and "no graphs" in row["error"]
-    assert gpu_sampling.graph_entry(None, True)["error"].endswith("no graph captured")
-
-
-def test_sampling_rows_on_cpu_on_the_modules():
-    res = gpu_sampling.run(CPU, True, gpu_common.Budget(None), plan={**TINY_SAMPLING, "use_sampler": False})
-    _no_errors(res)
-    assert res["path"].startswith("modules directly")
-    assert res["rows"][1]["variants"]["eager fp32"]["ms"] > 0
+            assert "ms" not in row and row["error"].startswith("replayed eagerly, not from a CUDA graph")
+            assert "no graphs" in row["error"]
+    assert gpu_sampling.graph_entry(None).endswith("no graph captured")
 
 
 @pytest.mark.slow
 def test_train_rows_on_cpu_through_the_loop():
-    res = gpu_train.run(CPU, True, gpu_common.Budget(None), plan=TINY_TRAIN, log_every=1, intervals=1)
+    res = gpu_train.run(CPU, True, common.Budget(None), plan=TINY_TRAIN, log_every=1, intervals=1)
     _no_errors(res)
     assert [r["model"] for r in res["rows"]] == ["GET-N/4 distillation", "UNet-XS EDM teacher step"]
     for r in res["rows"]:
@@ -197,24 +190,20 @@ def test_train_rows_on_cpu_through_the_loop():
 @pytest.mark.gpu
 def test_gpu_sampling_rows_capture_a_graph():
     plan = {**TINY_SAMPLING, "student_iters": 3, "teacher_iters": 2}
-    res = gpu_sampling.run(torch.device("cuda"), True, gpu_common.Budget(None), plan=plan)
+    res = gpu_sampling.run(torch.device("cuda"), True, common.Budget(None), plan=plan)
     _no_errors(res)
     for row in res["rows"]:
-        assert row["variants"]["CUDA graph bf16"]["ms"] > 0
-    res = gpu_sampling.run(torch.device("cuda"), True, gpu_common.Budget(None), plan={**plan, "use_sampler": False})
-    _no_errors(res)
-    assert res["path"].startswith("modules directly")
-    for row in res["rows"]:
-        assert row["variants"]["CUDA graph bf16"]["ms"] > 0 and row["variants"]["CUDA graph bf16"]["eager_calls"] == 0
+        graph = row["variants"]["CUDA graph bf16"]
+        assert graph["ms"] > 0 and graph["captures"] == 1 and graph["eager_calls"] == 0
 
 
 @pytest.mark.gpu
 def test_gpu_kernel_rows_run_compiled():
     dev = torch.device("cuda")
-    b = gpu_common.Budget(None)
+    b = common.Budget(None)
     att = gpu_attention.run(dev, True, b, cases=[((2, 2, 64, 32), torch.bfloat16)])
     _no_errors(att)
     assert att["rows"][0]["max_abs_diff_vs_sdpa"] < 3e-2
-    _no_errors(gpu_sim_loss.run(dev, True, b, cases=[((3, 1, 5, 7), torch.float32)]))
-    dq = gpu_deq.run(dev, True, b, batch=2, dim=256, dtypes=(torch.float32,), solvers=("anderson",))
+    _no_errors(gpu_sim_loss.run_gpu(dev, True, b, cases=[((3, 1, 5, 7), torch.float32)]))
+    dq = gpu_deq.run_gpu(dev, True, b, batch=2, dim=256, dtypes=(torch.float32,), solvers=("anderson",))
     _no_errors({k: v for k, v in dq.items() if k != "torchdeq"})

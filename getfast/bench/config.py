@@ -1,64 +1,27 @@
 """getfast benchmarks: kernels and end-to-end paths, measured side by side in one process.
 
     python -m benchmarks [--device cpu|cuda] [--quick] [--only NAME ...] [--out DIR] [--budget-s S]
-    getfast bench ...        (the same options)
-    python -m getfast.bench ...
+    getfast bench ...  |  python -m getfast.bench ...      (the same options)
 
-Library use: ``getfast.bench.run(BenchConfig(device="cuda", quick=True))`` returns the exit status (0: every
-benchmark ran or was skipped with a message; 1: one failed) and writes ``<name>.json`` files and
-the sections of RESULTS.md (see :func:`getfast.bench.common.set_output` for where).
-
-CPU benchmarks (``--device cpu``, the default): ``deq`` (solvers vs torchdeq), ``models`` (one step
-vs Heun, eager vs compile), ``pairs`` (teacher pair generation), ``sim_loss`` (fused vs eager),
-``overhead`` (host cost per call of the fused ops at tiny sizes), and, in a source checkout, any
-``benchmarks/bench_<name>.py`` module that is not one of these. GPU benchmarks (``--device cuda``):
-``attention``, ``sim_loss``, ``deq``, ``sampling``, ``train`` (modules
-``getfast.bench.gpu_<name>``), written as ``gpu_<name>.json`` and the ``gpu-<name>`` sections after
-a ``gpu`` section naming the device.
+CPU (the default): deq (solvers vs torchdeq), models (one step vs Heun, eager vs compile), overhead
+(host cost of the fused ops at tiny sizes), pairs (teacher pair generation), sim_loss (fused vs eager).
+CUDA, in this order: sampling (latency eager / bf16 / CUDA graph), deq (vs torchdeq), train (img/s eager
+vs --compile), sim_loss (vs eager: GB/s, % of peak), attention (Triton vs SDPA): gpu_<name>.json and the
+gpu-<name> sections after a `gpu` section naming the device. Each is the module getfast.bench.<name>.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-CPU_BENCHMARKS = {
-    "deq": "getfast.bench.deq",
-    "models": "getfast.bench.models",
-    "overhead": "getfast.bench.overhead",
-    "pairs": "getfast.bench.pairs",
-    "sim_loss": "getfast.bench.sim_loss",
-}
-GPU_BENCHMARKS = {
-    "attention": "getfast.bench.gpu_attention",
-    "sim_loss": "getfast.bench.gpu_sim_loss",
-    "deq": "getfast.bench.gpu_deq",
-    "sampling": "getfast.bench.gpu_sampling",
-    "train": "getfast.bench.gpu_train",
-}
+CPU_BENCHMARKS = ("deq", "models", "overhead", "pairs", "sim_loss")
+GPU_BENCHMARKS = ("sampling", "deq", "train", "sim_loss", "attention")  # the most telling first (a cut-off run keeps them)
 QUICK_GPU_BUDGET_S = 330.0  # --quick on CUDA: the whole run within 6 minutes on one H100, with margin
-
-
-def checkout_benchmarks() -> dict[str, str]:
-    """``{name: file}`` of ``bench_<name>.py`` modules in a source checkout's ``benchmarks/`` folder
-    that are not thin entry points to the built-in CPU benchmarks."""
-    from getfast.bench.common import source_checkout
-
-    root = source_checkout()
-    if root is None:
-        return {}
-    found = {}
-    for path in sorted((root / "benchmarks").glob("bench_*.py")):
-        name = path.stem[len("bench_"):]
-        if name not in CPU_BENCHMARKS:
-            found[name] = str(path)
-    return found
 
 
 def names(device: str = "cpu") -> list[str]:
     """The benchmarks ``--device`` runs, in order."""
-    if device.split(":")[0] == "cuda":
-        return list(GPU_BENCHMARKS)
-    return sorted({*CPU_BENCHMARKS, *checkout_benchmarks()})
+    return list(GPU_BENCHMARKS if device.split(":")[0] == "cuda" else CPU_BENCHMARKS)
 
 
 @dataclass
@@ -66,10 +29,10 @@ class BenchConfig:
     """Benchmarks: JSON per benchmark and the sections of RESULTS.md (ratios measured in one process)."""
 
     device: str = "cpu"          # cpu | cuda (cuda:N): the CPU benchmarks or the GPU ones; cuda needs a visible GPU
-    quick: bool = False          # smaller sizes, shorter timing; cuda: the whole run within 6 minutes on one H100
-    only: tuple[str, ...] = ()   # run only these (cpu: deq models overhead pairs sim_loss + checkout extras; cuda: attention sim_loss deq sampling train)
+    quick: bool = False          # smaller sizes, shorter timing, 2 attention tile configs; cuda: within 6 minutes on one H100
+    only: tuple[str, ...] = ()   # run only these (cpu: deq models overhead pairs sim_loss; cuda: sampling deq train sim_loss attention)
     out: str = ""                # folder for <name>.json and RESULTS.md ("": benchmarks/ of a source checkout, else ./getfast-bench)
-    budget_s: float = 0.0        # cuda: start no new measurement after this many seconds (0: no limit; with --quick: 330)
+    budget_s: float = 0.0        # start no new measurement after this many seconds (0: no limit; cuda with --quick: 330)
 
     def __post_init__(self):
         if not isinstance(self.device, str) or not (
@@ -94,4 +57,5 @@ class BenchConfig:
             raise ValueError(f"budget_s must be a finite number of seconds >= 0, got {self.budget_s!r}")
 
     def chosen(self) -> list[str]:
-        return list(self.only) if self.only else names(self.device)
+        """The benchmarks to run, in :data:`GPU_BENCHMARKS` / :data:`CPU_BENCHMARKS` order."""
+        return [n for n in names(self.device) if not self.only or n in self.only]

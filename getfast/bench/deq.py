@@ -1,272 +1,215 @@
-"""DEQ solvers (getfast.deq) vs torchdeq 0.1.0 on CPU.
+"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0, on the CPU or a GPU.
 
-    python -m benchmarks --only deq [--quick]      (or: python -m benchmarks.bench_deq [--quick])
+The problem: the contraction ``f(z) = x + a ⊙ tanh(z)``, a ∈ [0.5, 0.95], from zeros (cheap, so the
+solvers' own cost shows); m = 6, λ = 1e-4, relative tol 1e-4 (Anderson needs 13 evaluations, fixed point
+23; both Anderson implementations add λ to the Gram matrix absolutely, so a much tighter tol turns either
+into plain averaging); each solver stops by its own rule. torchdeq is optional (``pip install
+torchdeq==0.1.0``): without it the CPU benchmark is skipped with a message, the GPU one keeps its rows.
 
-torchdeq is optional (``pip install torchdeq==0.1.0``, in the ``test`` extra): without it this
-benchmark is skipped with a message.
-
-Measured, side by side in one process:
-
-1. solver overhead: ATen ops per iteration, *excluding f's own ops* (a TorchDispatchMode counts
-   every op; counting pauses while f runs), from the difference between a 20- and a 10-iteration
-   run. A custom op (``getfast::anderson_step``) counts as one op — its native kernel does the
-   whole step — so the plain-PyTorch reference step is also counted unfolded. Target ≤ 12.
-2. host syncs per iteration: ``aten._local_scalar_dense`` / ``item`` / ``is_nonzero`` in the same
-   counts. Target 0 with ``tol=None``.
-3. wall time to tolerance at B=32, D=65536 on a cheap map (``f(z) = x + a ⊙ tanh(z)``, 2 ops)
-   so the solver's own cost shows: getfast Anderson (cpp backend) vs torchdeq Anderson with the
-   same ``m``, ``lam``, ``tol`` (relative 1e-4, where Anderson needs 13 evaluations and the
-   fixed-point iteration 23; both Anderson implementations add ``lam`` to the Gram matrix
-   *absolutely*, so a much tighter tolerance puts ``‖g‖²`` below ``lam`` and turns either into
-   plain averaging); each stops by its own rule. Target ratio ≤ 0.5. Also the time per iteration with f's cost removed, and
-   single-thread CPU time (contention-robust). fixed_point and broyden vs their torchdeq twins
-   on the same problem (single-thread CPU time).
-4. memory: bytes of the history buffers (analytic) and the measured peak of a whole solve
-   (PyTorch CPU allocator, ``getfast.bench.common.cpu_peak_bytes``).
+CPU (B=32, D=65536): ATen ops and host syncs per iteration outside f (counting pauses inside f; 20 minus
+10 iterations; a custom op counts as one, so the reference step is also counted unfolded); Anderson to
+tolerance (wall, interleaved; single-thread CPU time; cost per iteration without f's); fixed point and
+Broyden likewise; one fused step vs the reference composition; history bytes and the peak of a solve.
+GPU (B=128, D=256·768, GET-B/2's state): ms per iteration outside f per backend and torchdeq, fp32 and
+bf16 (solves of 5 and 15 iterations, minus one f call), with the bytes model (3m+4)·B·D·itemsize and its
+share of peak bandwidth; time to tolerance with the default dispatch.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os
-import time
+import statistics
 
 import torch
 
-from getfast.bench.common import (
-    SYNC_OPS,
-    OpCounter,
-    publish,
-    Skipped,
-    contention_note,
-    cpu_peak_bytes,
-    fmt_bytes,
-    machine_info,
-    machine_line,
-    markdown_table,
-)
+from getfast.bench.common import (SYNC_OPS, Budget, OpCounter, Skipped, anderson_bytes, attempt, contention_note,
+                                  cpu_peak_bytes, default_backend, dtype_name, fmt, fmt_bytes, fmt_pct, fmt_ratio,
+                                  kernel_ms, machine_info, machine_line, markdown_safe, markdown_table,
+                                  not_measured, one_thread, rate, share, thread_cpu_s, wall_ms)
 
-NAME = "deq"
-TITLE = "deq — DEQ solvers vs torchdeq (CPU)"
+TITLES = {"cpu": "deq — DEQ solvers vs torchdeq (CPU)", "cuda": "GPU deq — fixed-point solvers vs torchdeq"}
+M, LAM, TOL, STOP = 6, 1e-4, 1e-4, "rel"
+N1, N2 = 5, 15
+SOLVERS = ("anderson", "fixed_point", "broyden")
+_THEIRS = {"anderson": "anderson", "fixed_point": "fixed_point_iter", "broyden": "broyden"}
+_MAX_ITER = {"anderson": 100, "fixed_point": 300, "broyden": 40}
+CPU = torch.device("cpu")
+_NEVER = 1e-30  # a tolerance never reached: torchdeq cannot switch its convergence test off
 
 
-def _per_iteration(call, f, n1=10, n2=20) -> tuple[float, float, dict]:
-    """(ops/iter, syncs/iter, top ops) from runs of n1 and n2 iterations."""
-    res = []
-    for n in (n1, n2):
-        c = OpCounter()
-        with c:
-            call(c.excluding(f), n)
-        res.append(c.counts)
-    diff = collections.Counter(res[1])
-    diff.subtract(res[0])
-    per = {k: v / (n2 - n1) for k, v in diff.items() if v}
-    ops = sum(per.values())
-    syncs = sum(v for k, v in per.items() if any(s in k for s in SYNC_OPS))
-    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])
-    return ops, syncs, top
+def torchdeq_missing() -> str | None:
+    try:
+        import torchdeq  # noqa: F401
+    except ImportError as exc:
+        return f"torchdeq not installed ({exc})"
+    return None
 
 
-def _op_counts(B: int, D: int) -> list[dict]:
+def problem(batch: int, dim: int, dtype=torch.float32, device=torch.device("cpu"), seed: int = 0):
+    """``(f, z0)``: ``f(z) = x + a ⊙ tanh(z)`` with a ∈ [0.5, 0.95], from zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g, device=device).to(dtype)
+    a = (0.5 + 0.45 * torch.rand(batch, dim, generator=g, device=device)).to(dtype)
+    return (lambda z: torch.addcmul(x, a, torch.tanh(z))), torch.zeros(batch, dim, device=device, dtype=dtype)
+
+
+class Counted:
+    """``f`` counting its calls in ``n``."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def __call__(self, z):
+        self.n += 1
+        return self.f(z)
+
+
+def ours(solver: str, f, z0, n: int, backend: str | None, tol=None, **kw):
+    import getfast.deq as deq
+
+    kw = {"m": M, "lam": LAM, **kw} if solver == "anderson" else kw
+    return deq.solve(f, z0, solver=solver, max_iter=n, tol=tol, stop_mode=STOP, backend=backend, **kw)
+
+
+def theirs(solver: str, f, z0, n: int, tol=_NEVER):
+    from torchdeq.solver import get_solver
+
+    kw = {"m": M, "lam": LAM} if solver == "anderson" else {}
+    return get_solver(_THEIRS[solver])(f, z0, max_iter=n, tol=tol, stop_mode=STOP, **kw)
+
+
+def op_counts(B: int = 4, D: int = 1000) -> list[dict]:
+    """ATen ops and host syncs per iteration outside f (see the module docstring)."""
     import getfast.deq as deq
     from getfast.deq import solvers as S
     from getfast.ops import anderson as A
     from torchdeq.solver import get_solver
 
-    x = torch.randn(B, D)
+    x, z0 = torch.randn(B, D), torch.zeros(B, D)
     f = lambda z: torch.tanh(0.5 * z + x)  # noqa: E731
-    z0 = torch.zeros(B, D)
-    never = 1e-30  # torchdeq cannot disable its convergence test: a tolerance never reached
 
-    def ours(name, backend, tol=None, check_every=1):
-        return lambda g, n: deq.solve(g, z0, solver=name, max_iter=n, tol=tol, check_every=check_every,
-                                      backend=backend)
+    def mine(name, backend, tol=None, check_every=1):
+        return lambda g, n: deq.solve(g, z0, solver=name, max_iter=n, tol=tol, check_every=check_every, backend=backend)
 
-    def ours_unfolded(g, n):  # the reference step as plain ATen ops (not through the custom op)
+    def unfolded(g, n):  # the reference step as plain ATen ops, not through the custom op
         real = S.anderson_step
-
-        def step(state, fx, k, *, tau, lam, tol, stop_mode, backend=None, validate=True):
-            A.anderson_step_reference(*state, fx, k, tau, lam, -1.0 if tol is None else tol, stop_mode == "rel")
-
-        S.anderson_step = step
+        S.anderson_step = lambda state, fx, k, *, tau, lam, tol, stop_mode, **_: A.anderson_step_reference(
+            *state, fx, k, tau, lam, -1.0 if tol is None else tol, stop_mode == "rel")
         try:
             return deq.anderson(g, z0, max_iter=n, tol=None)
         finally:
             S.anderson_step = real
 
-    def theirs(name):
-        return lambda g, n: get_solver(name)(g, z0, max_iter=n, tol=never)
-
-    cases = [
-        ("getfast anderson (cpp), tol=None", ours("anderson", "cpp")),
-        ("getfast anderson (reference step unfolded), tol=None", ours_unfolded),
-        ("getfast anderson (cpp), tol, check_every=1", ours("anderson", "cpp", tol=never)),
-        ("getfast anderson (cpp), tol, check_every=5", ours("anderson", "cpp", tol=never, check_every=5)),
-        ("torchdeq anderson", theirs("anderson")),
-        ("getfast fixed_point (cpp), tol=None", ours("fixed_point", "cpp")),
-        ("torchdeq fixed_point_iter", theirs("fixed_point_iter")),
-        ("getfast broyden (cpp), tol=None", ours("broyden", "cpp")),
-        ("torchdeq broyden", theirs("broyden")),
-    ]
+    cases = [("getfast anderson (cpp), tol=None", mine("anderson", "cpp")),
+             ("getfast anderson (reference step unfolded), tol=None", unfolded),
+             ("getfast anderson (cpp), tol, check_every=1", mine("anderson", "cpp", _NEVER)),
+             ("getfast anderson (cpp), tol, check_every=5", mine("anderson", "cpp", _NEVER, 5)),
+             ("torchdeq anderson", lambda g, n: get_solver("anderson")(g, z0, max_iter=n, tol=_NEVER))]
+    for name in ("fixed_point", "broyden"):
+        cases += [(f"getfast {name} (cpp), tol=None", mine(name, "cpp")),
+                  (f"torchdeq {_THEIRS[name]}", lambda g, n, t=_THEIRS[name]: get_solver(t)(g, z0, max_iter=n, tol=_NEVER))]
     rows = []
     for label, call in cases:
-        ops, syncs, top = _per_iteration(call, f)
-        rows.append({"solver": label, "ops_per_iter": ops, "syncs_per_iter": syncs, "top_ops": top})
+        counts = []
+        for n in (10, 20):
+            c = OpCounter()
+            with c:
+                call(c.excluding(f), n)
+            counts.append(c.counts)
+        diff = collections.Counter(counts[1])
+        diff.subtract(counts[0])
+        per = {k: v / 10 for k, v in diff.items() if v}
+        rows.append({"solver": label, "ops_per_iter": sum(per.values()),
+                     "syncs_per_iter": sum(v for k, v in per.items() if any(s in k for s in SYNC_OPS)),
+                     "top_ops": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])})
     return rows
 
 
-def _cheap_map(B: int, D: int, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g).to(dtype)
-    a = (0.5 + 0.45 * torch.rand(B, D, generator=g)).to(dtype)  # contraction factors in [0.5, 0.95]
-    return lambda z: torch.addcmul(x, a, torch.tanh(z)), torch.zeros(B, D, dtype=dtype)
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def _wall_to_tolerance(B: int, D: int, m: int, lam: float, tol: float, stop_mode: str, repeats: int) -> dict:
-    import getfast.deq as deq
-    from torchdeq.solver import get_solver
-
-    f, z0 = _cheap_map(B, D)
-    calls = {"n": 0}
-
-    def fc(z):
-        calls["n"] += 1
-        return f(z)
-
-    def ours():
-        return deq.anderson(fc, z0, m=m, lam=lam, tol=tol, stop_mode=stop_mode, max_iter=100, backend="cpp")
-
-    def theirs():
-        return get_solver("anderson")(fc, z0, m=m, lam=lam, tol=tol, stop_mode=stop_mode, max_iter=100)
-
-    # warm-up (the first custom-op call imports torch._dynamo) and correctness guard
-    calls["n"] = 0
-    z, st = ours()
-    n_ours = calls["n"]
-    calls["n"] = 0
-    zt, _, stt = theirs()
-    n_theirs = calls["n"]
-    assert bool(st["converged"].all())
-    res_ours = torch.linalg.vector_norm(f(z) - z, dim=1).max().item()
-    res_theirs = torch.linalg.vector_norm(f(zt) - zt, dim=1).max().item()
-    t_f = min(_timed(lambda: f(z0), 10))
-
-    wall = {"ours": [], "theirs": []}
+def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None, repeats: int = 3,
+                 cpu_repeats: int = 0) -> dict:
+    """f evaluations, residual at exit and wall time to ``TOL`` (fp32), getfast vs torchdeq when installed;
+    interleaved and synchronised; ``cpu_repeats``: also single-thread CPU time and the cost per iteration."""
+    f, z0 = problem(B, D, device=device)
+    fc = Counted(f)
+    runs = {"ours": lambda: ours(solver, fc, z0, _MAX_ITER[solver], backend, tol=TOL)}
+    if torchdeq_missing() is None:
+        runs["theirs"] = lambda: theirs(solver, fc, z0, _MAX_ITER[solver], tol=TOL)
+    step = "broyden_step" if solver == "broyden" else "anderson_step"
+    out = {"solver": solver, "B": B, "D": D, "m": M, "lam": LAM, "tol": TOL, "stop_mode": STOP,
+           "backend": backend or default_backend(step, device, torch.float32), "f_calls": {}, "final_max_residual": {},
+           "final_max_rel_residual": {}, "errors": {"theirs": torchdeq_missing()} if torchdeq_missing() else {}}
+    for who, fn in list(runs.items()):
+        fc.n = 0
+        res, err = attempt(fn)  # also the warm-up: the first custom-op call imports torch._dynamo
+        if err:
+            out["errors"][who] = err
+            del runs[who]
+            continue
+        out["f_calls"][who], r = fc.n, (f(res[0]) - res[0]).norm(dim=1)
+        out["final_max_residual"][who] = float(r.max())
+        out["final_max_rel_residual"][who] = float((r / f(res[0]).norm(dim=1).clamp_min(1e-30)).max())
+        if who == "ours":
+            out["converged"] = bool(res[1]["converged"].all())
+    wall = {who: [] for who in runs}
     for _ in range(repeats):  # interleaved, so both see the same machine load
-        wall["ours"] += _timed(ours, 1)
-        wall["theirs"] += _timed(theirs, 1)
-
-    def med(v):
-        return sorted(v)[len(v) // 2]
-
-    cpu, cpu_f = _cpu_1thread({"ours": ours, "theirs": theirs}, lambda: f(z0))
-    out = {
-        "B": B, "D": D, "m": m, "lam": lam, "tol": tol, "stop_mode": stop_mode,
-        "f_calls": {"ours": n_ours, "theirs": n_theirs},
-        "final_max_residual": {"ours": res_ours, "theirs": res_theirs},
-        "wall_s": {k: med(v) for k, v in wall.items()},
-        "wall_min_s": {k: min(v) for k, v in wall.items()},
-        "f_call_s": t_f,
-        "cpu_1thread_s": cpu,
-        "cpu_1thread_f_call_s": cpu_f,
-    }
-    out["ratio_wall"] = out["wall_s"]["ours"] / out["wall_s"]["theirs"]
-    out["ratio_wall_min"] = out["wall_min_s"]["ours"] / out["wall_min_s"]["theirs"]
-    out["ratio_cpu_1thread"] = cpu["ours"] / cpu["theirs"]
-    out["overhead_per_iter_s"] = {
-        "ours": (out["wall_min_s"]["ours"] - n_ours * t_f) / n_ours,
-        "theirs": (out["wall_min_s"]["theirs"] - n_theirs * t_f) / n_theirs,
-    }
-    out["overhead_per_iter_cpu_1thread_s"] = {
-        "ours": (cpu["ours"] - n_ours * cpu_f) / n_ours,
-        "theirs": (cpu["theirs"] - n_theirs * cpu_f) / n_theirs,
-    }
+        for who, fn in runs.items():
+            wall[who] += [t / 1e3 for t in wall_ms(fn, device)]
+    out["wall_s"] = {k: statistics.median(v) for k, v in wall.items() if v}
+    out["wall_min_s"] = {k: min(v) for k, v in wall.items() if v}
+    out["f_call_s"] = min(wall_ms(lambda: f(z0), device, 10)) / 1e3
+    if cpu_repeats:
+        with one_thread():
+            out["cpu_1thread_s"] = {who: thread_cpu_s(fn, repeats=cpu_repeats) for who, fn in runs.items()}
+            out["cpu_1thread_f_call_s"] = thread_cpu_s(lambda: f(z0), min_cpu_time=0.05)
+    if len(runs) == 2:
+        for key, ratio in (("wall_s", "ratio_wall"), ("wall_min_s", "ratio_wall_min"), ("cpu_1thread_s", "ratio_cpu_1thread")):
+            if out.get(key):
+                out[ratio] = out[key]["ours"] / out[key]["theirs"]
+        n, t_f = out["f_calls"], out["f_call_s"]
+        if out["wall_min_s"]:
+            out["overhead_per_iter_s"] = {k: (out["wall_min_s"][k] - n[k] * t_f) / n[k] for k in n}
+        if cpu_repeats:
+            out["overhead_per_iter_cpu_1thread_s"] = {
+                k: (out["cpu_1thread_s"][k] - n[k] * out["cpu_1thread_f_call_s"]) / n[k] for k in n}
     return out
 
 
-def _cpu_1thread(fns: dict, f_call, repeats: int = 3) -> tuple[dict, float]:
-    """Median CPU seconds of the calling thread per call, with torch (and OpenMP) on 1 thread:
-    robust to other processes on a shared machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = {}
-        for key, fn in fns.items():
-            fn()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.thread_time()
-                fn()
-                ts.append(time.thread_time() - t0)
-            out[key] = sorted(ts)[len(ts) // 2]
-        t0 = time.thread_time()
-        for _ in range(10):
-            f_call()
-        cpu_f = (time.thread_time() - t0) / 10
-    finally:
-        torch.set_num_threads(prev)
-    return out, cpu_f
+def step_micro(B: int, D: int, repeats: int) -> dict:
+    """One Anderson step with a full history (k = m + 3): the fused cpp op vs the reference composition."""
+    from getfast.ops import anderson as A
+
+    g = torch.Generator().manual_seed(0)
+    X, G = torch.randn(M, B, D, generator=g), torch.randn(M, B, D, generator=g) * 0.1
+    lowest = torch.zeros(3, B)
+    lowest[:2] = math.inf
+    base = [X, G, torch.einsum("jbd,kbd->bjk", G, G), X[0].clone(), lowest, torch.zeros(2, B, 64),
+            torch.zeros(B, dtype=torch.int32)]
+    fx, fns, out = torch.randn(B, D), {}, {}
+    for backend in ("cpp", "reference"):
+        state = A.AndersonState(*(t.clone() for t in base))
+        fns[backend] = lambda s=state, b=backend: A.anderson_step(s, fx, M + 3, backend=b)
+        fns[backend]()  # warm-up
+        out[backend] = min(wall_ms(fns[backend], torch.device("cpu"), repeats)) / 1e3
+    with one_thread():
+        out["cpu_1thread_s"] = {b: thread_cpu_s(fn) for b, fn in fns.items()}
+    out["speedup"] = out["reference"] / out["cpp"]
+    out["speedup_cpu_1thread"] = out["cpu_1thread_s"]["reference"] / out["cpu_1thread_s"]["cpp"]
+    out["bytes_fused_model"] = anderson_bytes(M, B, D, 4)
+    return out
 
 
-def _other_solvers(B: int, D: int, tol: float, stop_mode: str) -> list[dict]:
-    """Single-thread CPU time to tolerance of fixed_point and broyden vs their torchdeq twins."""
-    import getfast.deq as deq
-    from torchdeq.solver import get_solver
-
-    f, z0 = _cheap_map(B, D)
-    rows = []
-    for ours_name, theirs_name, max_iter in (("fixed_point", "fixed_point_iter", 300), ("broyden", "broyden", 40)):
-        calls = {"n": 0}
-
-        def fc(z):
-            calls["n"] += 1
-            return f(z)
-
-        def ours():
-            return deq.solve(fc, z0, solver=ours_name, tol=tol, stop_mode=stop_mode, max_iter=max_iter, backend="cpp")
-
-        def theirs():
-            return get_solver(theirs_name)(fc, z0, tol=tol, stop_mode=stop_mode, max_iter=max_iter)
-
-        calls["n"] = 0
-        _, st = ours()
-        n_ours = calls["n"]
-        calls["n"] = 0
-        theirs()
-        n_theirs = calls["n"]
-        cpu, cpu_f = _cpu_1thread({"ours": ours, "theirs": theirs}, lambda: f(z0), repeats=1)
-        rows.append({"solver": ours_name, "converged": bool(st["converged"].all()),
-                     "f_calls": {"ours": n_ours, "theirs": n_theirs}, "cpu_1thread_s": cpu,
-                     "ratio_cpu_1thread": cpu["ours"] / cpu["theirs"], "cpu_1thread_f_call_s": cpu_f})
-    return rows
-
-
-def _memory(B: int, D: int, m: int) -> list[dict]:
-    import getfast.deq as deq
-    from torchdeq.solver import get_solver
-
+def memory(B: int, D: int) -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        f, z0 = _cheap_map(B, D, dtype)
-        item = torch.finfo(dtype).bits // 8
-        ours_hist = 2 * m * B * D * item + B * m * m * 4  # X, G in the state dtype + fp32 Gram
-        ours_peak = cpu_peak_bytes(lambda: deq.anderson(f, z0, m=m, max_iter=12, tol=None, backend="cpp"))
-        row = {"dtype": str(dtype).replace("torch.", ""), "state_bytes": B * D * item,
-               "ours_history_bytes": ours_hist, "ours_peak_bytes": ours_peak}
-        theirs_hist = 2 * m * B * D * item + B * (m + 1) * (m + 1) * item  # X, F + bordered H
+        f, z0 = problem(B, D, dtype)
+        item = z0.element_size()
+        row = {"dtype": dtype_name(dtype), "state_bytes": B * D * item,
+               "ours_history_bytes": 2 * M * B * D * item + B * M * M * 4,  # X, G in the state dtype + fp32 Gram
+               "ours_peak_bytes": cpu_peak_bytes(lambda: ours("anderson", f, z0, 12, "cpp"))}
         try:
-            theirs_peak = cpu_peak_bytes(lambda: get_solver("anderson")(f, z0, m=m, max_iter=12, tol=1e-30))
-            row.update(theirs_history_bytes=theirs_hist, theirs_peak_bytes=theirs_peak)
+            row.update(theirs_peak_bytes=cpu_peak_bytes(lambda: theirs("anderson", f, z0, 12)),
+                       theirs_history_bytes=2 * M * B * D * item + B * (M + 1) ** 2 * item)  # X, F + bordered H
         except Exception as exc:  # torchdeq's Anderson does not run on bf16 states
             row.update(theirs_history_bytes=None, theirs_peak_bytes=None,
                        theirs_error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
@@ -274,133 +217,151 @@ def _memory(B: int, D: int, m: int) -> list[dict]:
     return rows
 
 
-def _step_micro(B: int, D: int, m: int, repeats: int) -> dict:
-    """One Anderson step with full history: fused cpp op vs the reference composition."""
-    from getfast.ops import anderson as A
-
-    def bufs():
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(m, B, D, generator=g)
-        G = torch.randn(m, B, D, generator=g) * 0.1
-        H = torch.einsum("jbd,kbd->bjk", G, G)
-        best = X[0].clone()
-        lowest = torch.zeros(3, B)
-        lowest[:2] = math.inf
-        return [X, G, H, best, lowest, torch.zeros(2, B, 64), torch.zeros(B, dtype=torch.int32)]
-
-    fx = torch.randn(B, D)
-    out = {}
-    fns = {}
-    for backend in ("cpp", "reference"):
-        b = bufs()
-        k = m + 3  # ring full
-        state = A.AndersonState(*b)
-        A.anderson_step(state, fx, k, backend=backend)  # warm-up
-        fns[backend] = (lambda state=state, backend=backend: A.anderson_step(state, fx, k, backend=backend))
-        out[backend] = min(_timed(fns[backend], repeats))
-    out["speedup"] = out["reference"] / out["cpp"]
-    cpu, _ = _cpu_1thread(fns, lambda: None)
-    out["cpu_1thread_s"] = cpu
-    out["speedup_cpu_1thread"] = cpu["reference"] / cpu["cpp"]
-    out["bytes_fused_model"] = (3 * m + 4) * B * D * 4  # see getfast/ops/anderson/__init__.py
+# ---- GPU --------------------------------------------------------------------------------------------
+def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int, backends) -> dict:
+    """ms per iteration outside f for every getfast backend and torchdeq (see the module docstring)."""
+    f, z0 = problem(batch, dim, dtype, device)
+    t_f = kernel_ms(lambda: f(z0), device, quick)
+    model = None if solver == "broyden" else anderson_bytes(M if solver == "anderson" else 1, batch, dim,
+                                                             z0.element_size())
+    dflt = default_backend("broyden_step" if solver == "broyden" else "anderson_step", device, dtype)
+    out = {"solver": solver, "dtype": dtype_name(dtype), "B": batch, "D": dim, "f_ms": t_f, "model_bytes": model,
+           "default_backend": dflt, "impls": {}}
+    impls = {(f"getfast {b}" if b else f"getfast default ({dflt})"): (lambda n, b=b: ours(solver, f, z0, n, b))
+             for b in backends}
+    missing = torchdeq_missing()
+    impls["torchdeq"] = None if missing else (lambda n: theirs(solver, f, z0, n))
+    for label, call in impls.items():
+        t1, err = (None, missing) if call is None else attempt(lambda: kernel_ms(lambda: call(N1), device, quick))
+        t2, err = (None, err) if err else attempt(lambda: kernel_ms(lambda: call(N2), device, quick))
+        if err:
+            out["impls"][label] = {"error": err}
+            continue
+        e = out["impls"][label] = {"ms_per_iter_total": (t2 - t1) / (N2 - N1), "ms_per_iter": (t2 - t1) / (N2 - N1) - t_f}
+        if e["ms_per_iter"] <= 0:  # the solver's own cost is below the timing noise of f's
+            e["note"] = "below timing noise"
+        elif model is not None:
+            e["gb_s"] = rate(model, e["ms_per_iter"]) / 1e9
+    ref = out["impls"].get("torchdeq", {}).get("ms_per_iter")
+    for e in out["impls"].values():
+        if ref and ref > 0 and e.get("ms_per_iter", 0) > 0:
+            e["ratio_vs_torchdeq"] = e["ms_per_iter"] / ref
     return out
 
 
-def _require_torchdeq() -> None:
-    try:
-        import torchdeq  # noqa: F401
-    except ImportError as exc:
-        raise Skipped(f"torchdeq is not installed ({exc}); pip install torchdeq==0.1.0 to compare against it") from exc
+def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None) -> dict:
+    return run_gpu(device, quick, budget, peak_bw) if device.type == "cuda" else run_cpu(quick)
 
 
-def run(quick: bool = False) -> dict:
-    _require_torchdeq()
+def run_cpu(quick: bool) -> dict:
+    if torchdeq_missing():
+        raise Skipped(f"{torchdeq_missing()}; pip install torchdeq==0.1.0 to compare against it")
     torch.manual_seed(0)
     B, D = (8, 8192) if quick else (32, 65536)
-    m, lam, tol, stop_mode = 6, 1e-4, 1e-4, "rel"
     reps = 2 if quick else 7
-    res = {
-        "what": "getfast.deq vs torchdeq 0.1.0 (CPU)",
-        "quick": quick,
-        "machine": machine_info(),
-        "loadavg": os.getloadavg(),
-        "op_counts": _op_counts(4, 1000),
-        "wall_to_tolerance": _wall_to_tolerance(B, D, m, lam, tol, stop_mode, reps),
-        "other_solvers": _other_solvers(B, D, tol, stop_mode),
-        "anderson_step_micro": _step_micro(B, D, m, reps),
-        "memory": _memory(8, 8192, m) if quick else _memory(B, D, m),
-    }
-    return res
+    return {"what": "getfast.deq vs torchdeq 0.1.0 (CPU)", "quick": quick, "machine": machine_info(),
+            "loadavg": os.getloadavg(), "op_counts": op_counts(),
+            "wall_to_tolerance": to_tolerance("anderson", CPU, B, D, "cpp", reps, cpu_repeats=3),
+            "other_solvers": [to_tolerance(s, CPU, B, D, "cpp", 0, cpu_repeats=1) for s in ("fixed_point", "broyden")],
+            "anderson_step_micro": step_micro(B, D, reps), "memory": memory(8, 8192) if quick else memory(B, D)}
+
+
+def run_gpu(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, batch: int = 128,
+            dim: int = 256 * 768, dtypes=(torch.float32, torch.bfloat16), solvers=SOLVERS) -> dict:
+    """The GPU measurements (on CPU tensors too, with the cpp backend in place of triton and cuda: tests)."""
+    backends = ("triton", "cuda", "reference", None) if device.type == "cuda" else ("cpp", "reference", None)
+    per_iter, skipped, tol_rows = [], [], []
+    for solver in solvers:
+        for dtype in dtypes:
+            if not budget.allows(15.0):
+                skipped.append(f"{solver} {dtype_name(dtype)} per iteration ({budget.skip_note(15.0)})")
+                continue
+            row = per_iteration(solver, dtype, device, quick, batch, dim, backends)
+            for e in row["impls"].values():
+                if e.get("gb_s") is not None:
+                    e["bw_share"] = share(e["gb_s"] * 1e9, peak_bw)
+            per_iter.append(row)
+    for solver in solvers:
+        if budget.allows(10.0):
+            tol_rows.append(to_tolerance(solver, device, batch, dim, repeats=3 if quick else 7))
+        else:
+            skipped.append(f"{solver} to tolerance ({budget.skip_note(10.0)})")
+    if torchdeq_missing():
+        skipped.append(f"the torchdeq columns ({torchdeq_missing()})")
+    return {"quick": quick, "m": M, "lam": LAM, "n1": N1, "n2": N2, "per_iteration": per_iter, "to_tolerance": tol_rows,
+            "skipped": skipped, "torchdeq": torchdeq_missing() or "present",
+            "bytes_model": "(3m+4)·B·D·itemsize per Anderson step; m = 1 for fixed point"}
 
 
 def report(res: dict) -> str:
-    ops = markdown_table(
-        ["solver", "ATen ops / iteration (excl. f)", "host syncs / iteration"],
-        [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]],
-    )
-    w = res["wall_to_tolerance"]
-    wall = markdown_table(
-        ["", "getfast anderson (cpp)", "torchdeq anderson", "ratio (target ≤ 0.5)"],
-        [
-            ("f evaluations to tol", w["f_calls"]["ours"], w["f_calls"]["theirs"],
-             w["f_calls"]["ours"] / w["f_calls"]["theirs"]),
-            ("wall s to tol (median)", w["wall_s"]["ours"], w["wall_s"]["theirs"], w["ratio_wall"]),
-            ("wall s to tol (min)", w["wall_min_s"]["ours"], w["wall_min_s"]["theirs"], w["ratio_wall_min"]),
-            ("CPU s to tol, 1 thread", w["cpu_1thread_s"]["ours"], w["cpu_1thread_s"]["theirs"],
-             w["ratio_cpu_1thread"]),
-            ("solver ms / iteration excl. f (min wall)", 1e3 * w["overhead_per_iter_s"]["ours"],
-             1e3 * w["overhead_per_iter_s"]["theirs"],
-             w["overhead_per_iter_s"]["ours"] / w["overhead_per_iter_s"]["theirs"]),
-            ("solver ms / iteration excl. f (CPU, 1 thread)", 1e3 * w["overhead_per_iter_cpu_1thread_s"]["ours"],
-             1e3 * w["overhead_per_iter_cpu_1thread_s"]["theirs"],
-             w["overhead_per_iter_cpu_1thread_s"]["ours"] / w["overhead_per_iter_cpu_1thread_s"]["theirs"]),
-            ("max residual at exit", w["final_max_residual"]["ours"], w["final_max_residual"]["theirs"], ""),
-        ],
-    )
+    return _report_gpu(res) if "per_iteration" in res else _report_cpu(res)
+
+
+def _report_cpu(res: dict) -> str:
+    ops = markdown_table(["solver", "ATen ops / iteration (excl. f)", "host syncs / iteration"],
+                         [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]])
+    w, ms = res["wall_to_tolerance"], lambda d: {k: 1e3 * v for k, v in d.items()}
+    oh, ohc = ms(w["overhead_per_iter_s"]), ms(w["overhead_per_iter_cpu_1thread_s"])
+    rows = [("f evaluations to tol", w["f_calls"], w["f_calls"]["ours"] / w["f_calls"]["theirs"]),
+            ("wall s to tol (median)", w["wall_s"], w["ratio_wall"]),
+            ("wall s to tol (min)", w["wall_min_s"], w["ratio_wall_min"]),
+            ("CPU s to tol, 1 thread", w["cpu_1thread_s"], w["ratio_cpu_1thread"]),
+            ("solver ms / iteration excl. f (min wall)", oh, oh["ours"] / oh["theirs"]),
+            ("solver ms / iteration excl. f (CPU, 1 thread)", ohc, ohc["ours"] / ohc["theirs"]),
+            ("max residual at exit", w["final_max_residual"], "")]
+    wall = markdown_table(["", "getfast anderson (cpp)", "torchdeq anderson", "ratio (target ≤ 0.5)"],
+                          [(label, v["ours"], v["theirs"], r) for label, v, r in rows])
     mem = markdown_table(
-        ["state dtype", "getfast history", "torchdeq history", "getfast peak (whole solve)",
-         "torchdeq peak (whole solve)"],
+        ["state dtype", "getfast history", "torchdeq history", "getfast peak (whole solve)", "torchdeq peak (whole solve)"],
         [(r["dtype"], fmt_bytes(r["ours_history_bytes"]),
-          fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails",
-          fmt_bytes(r["ours_peak_bytes"]),
+          fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails", fmt_bytes(r["ours_peak_bytes"]),
           fmt_bytes(r["theirs_peak_bytes"]) if r["theirs_peak_bytes"] else r.get("theirs_error", "fails"))
-         for r in res["memory"]],
-    )
+         for r in res["memory"]])
     others = markdown_table(
         ["solver", "f evaluations getfast / torchdeq", "CPU s to tol, 1 thread, getfast", "torchdeq", "ratio"],
         [(r["solver"], f"{r['f_calls']['ours']} / {r['f_calls']['theirs']}", r["cpu_1thread_s"]["ours"],
-          r["cpu_1thread_s"]["theirs"], r["ratio_cpu_1thread"]) for r in res["other_solvers"]],
-    )
-    s = res["anderson_step_micro"]
-    load = ", ".join(f"{v:.1f}" for v in res["loadavg"])
-    return (
-        f"{res['what']}. Machine: {machine_line(res['machine'])}; load average {load}.\n\n"
-        f"**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op "
-        f"counts as one op):\n\n{ops}\n\n"
-        f"**Time to tolerance** — B={w['B']}, D={w['D']}, f(z) = x + a⊙tanh(z) (a ∈ [0.5, 0.95]), "
-        f"m={w['m']}, lam={w['lam']}, tol={w['tol']} ({w['stop_mode']}), each solver stopping by its own rule "
-        f"(torchdeq: the current residual of every sample < tol; getfast: every sample's best residual "
-        f"< tol, converged samples frozen). One f call: {1e3 * w['f_call_s']:.1f} ms (wall, min).\n\n"
-        f"{wall}\n\n"
-        f"Same problem, the other solvers (torchdeq `fixed_point_iter`, `broyden` with its defaults):\n\n"
-        f"{others}\n\n"
-        f"Fused step alone (B={w['B']}, D={w['D']}, m={w['m']}, ring full): cpp {1e3 * s['cpp']:.1f} ms vs "
-        f"reference composition {1e3 * s['reference']:.1f} ms wall, min (**{s['speedup']:.1f}×**); "
-        f"single-thread CPU {1e3 * s['cpu_1thread_s']['cpp']:.1f} vs {1e3 * s['cpu_1thread_s']['reference']:.1f} ms "
-        f"(**{s['speedup_cpu_1thread']:.1f}×**); model of bytes moved by the fused step (3m+4)·B·D·4 = "
-        f"{fmt_bytes(s['bytes_fused_model'])}.\n\n"
-        f"**Memory** (Anderson, m={w['m']}, 12 iterations):\n\n{mem}\n"
-        + ("\n(quick run)" if res["quick"] else "") + contention_note(res["machine"]) + "\n"
-    )
+          r["cpu_1thread_s"]["theirs"], r["ratio_cpu_1thread"]) for r in res["other_solvers"]])
+    s, c = res["anderson_step_micro"], res["anderson_step_micro"]["cpu_1thread_s"]
+    return (f"{res['what']}. Machine: {machine_line(res['machine'])}; load average "
+            f"{', '.join(f'{v:.1f}' for v in res['loadavg'])}.\n\n**Solver overhead** (B=4, D=1000, `tanh` map; f's own "
+            f"ops not counted; a getfast custom op counts as one op):\n\n{ops}\n\n**Time to tolerance** — B={w['B']}, "
+            f"D={w['D']}, f(z) = x + a⊙tanh(z) (a ∈ [0.5, 0.95]), m={w['m']}, lam={w['lam']}, tol={w['tol']} "
+            f"({w['stop_mode']}), each solver stopping by its own rule (torchdeq: the current residual of every sample "
+            f"< tol; getfast: every sample's best residual < tol, converged samples frozen). One f call: "
+            f"{1e3 * w['f_call_s']:.1f} ms (wall, min).\n\n{wall}\n\nSame problem, the other solvers (torchdeq "
+            f"`fixed_point_iter`, `broyden` with its defaults):\n\n{others}\n\nFused step alone (B={w['B']}, D={w['D']}, "
+            f"m={w['m']}, ring full): cpp {1e3 * s['cpp']:.1f} ms vs reference composition {1e3 * s['reference']:.1f} ms "
+            f"wall, min (**{s['speedup']:.1f}×**); single-thread CPU {1e3 * c['cpp']:.1f} vs {1e3 * c['reference']:.1f} ms "
+            f"(**{s['speedup_cpu_1thread']:.1f}×**); model of bytes moved by the fused step (3m+4)·B·D·4 = "
+            f"{fmt_bytes(s['bytes_fused_model'])}.\n\n**Memory** (Anderson, m={w['m']}, 12 iterations):\n\n{mem}\n"
+            + ("\n(quick run)" if res["quick"] else "") + contention_note(res["machine"]) + "\n")
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick)
-    return publish(NAME, TITLE, res, report)
-
-
-if __name__ == "__main__":
-    main()
+def _report_gpu(res: dict) -> str:
+    lines = []
+    for r in res["per_iteration"]:
+        for label, e in r["impls"].items():
+            lines.append([r["solver"], r["dtype"], label] + (
+                [markdown_safe(e["error"]), "–", "–", "–"] if e.get("error") else
+                [e.get("note") or fmt(e.get("ms_per_iter"), ".3f"), fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
+                 fmt_ratio(e.get("ratio_vs_torchdeq"))]))
+    p = res["per_iteration"][0] if res["per_iteration"] else None
+    shape = f"B={p['B']}, D={p['D']}, " if p else ""
+    text = (f"Per iteration outside f ({shape}m={res['m']}, λ={res['lam']}; "
+            f"iterations {res['n1']}→{res['n2']}, f's time subtracted). GB/s from the bytes model {res['bytes_model']}; "
+            f"ratio = getfast ÷ torchdeq time (< 1: getfast is faster). torchdeq: {res['torchdeq']}.\n\n"
+            + markdown_table(["solver", "state dtype", "implementation", "ms / iteration", "GB/s (model)", "% of peak",
+                              "vs torchdeq"], lines) + "\n")
+    tl = []
+    for r in res["to_tolerance"]:
+        cells = [[markdown_safe(r["errors"][w]), "–", "–"] if w in r["errors"] else
+                 [fmt(1e3 * r["wall_s"][w], ".2f") if w in r["wall_s"] else "–", fmt(r["f_calls"].get(w), "d"),
+                  fmt(r["final_max_rel_residual"].get(w), ".2g")] for w in ("ours", "theirs")]
+        tl.append([f"{r['solver']} ({r['backend']})", cells[0][0], cells[1][0], fmt_ratio(r.get("ratio_wall")),
+                   f"{cells[0][1]} / {cells[1][1]}", f"{cells[0][2]} / {cells[1][2]}"])
+    if tl:
+        text += (f"\nTime to tolerance (fp32, relative tol {TOL}, each solver's own stopping rule, getfast's default "
+                 "dispatch; synchronised wall time, median):\n\n" + markdown_table(
+                     ["solver", "getfast ms", "torchdeq ms", "ratio", "f evaluations getfast / torchdeq",
+                      "max rel. residual getfast / torchdeq"], tl) + "\n")
+    return text + not_measured(res["skipped"])

@@ -1,0 +1,136 @@
+"""Sampling latency on the GPU: a one-step GET-B/2 student vs the UNet-DDPMpp teacher with EDM's Heun
+sampler (18 steps, 35 evaluations), 32×32×3, batch 1 and 64, random weights exported in getfast's
+checkpoint formats (latency depends on the architecture, not the weights). Every variant goes through
+``getfast.sampling.load`` (the sampler of ``getfast sample``, its checks included): eager fp32, eager
+bf16 autocast, and a CUDA graph of the whole bf16 call (``compile=True``) replayed — an error row if the
+sampler fell back to eager, the replay checked against eager bf16. Synchronised wall time, median.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from getfast.bench.common import Budget, attempt, fmt, fmt_ratio, latency_ms, markdown_safe, markdown_table, not_measured
+
+TITLES = {"cuda": "GPU sampling latency — one-step GET-B/2 vs UNet-DDPMpp teacher (Heun, 35 evaluations)"}
+VARIANTS = ("eager fp32", "eager bf16", "CUDA graph bf16")
+NONDETERMINISTIC = "two eager calls differ (random fixed-point start): replay not compared"
+DEFAULT_PLAN = {"student": "GET-B/2", "teacher": "UNet-DDPMpp", "resolution": 32, "channels": 3, "num_classes": 10,
+                "batches": (1, 64), "heun_steps": 18,
+                "student_iters": None, "teacher_iters": None}  # timed calls per variant (None: by --quick)
+
+
+def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
+    """Random-weight student and teacher checkpoints as ``getfast distill get`` and ``getfast train-teacher``
+    write them, and their parameter counts (millions)."""
+    from getfast.bench.train import RandomPairs
+    from getfast.methods import save_student, student_meta
+    from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod
+    from getfast.teacher import build_denoiser, export
+
+    r, c, K = plan["resolution"], plan["channels"], plan["num_classes"]
+    torch.manual_seed(0)
+    method = GETDistillMethod(GETDistillConfig(model=plan["student"]), data=RandomPairs(1, (c, r, r)))
+    student, teacher = method.modules["student"], build_denoiser(plan["teacher"], r, c, K)
+    save_student(student, student_meta(method), folder / "student.safetensors")
+    export(teacher, {"model": plan["teacher"], "resolution": r, "channels": c, "num_classes": K, "label_dropout": 0.0,
+                     "data": "random weights (benchmark)"}, folder / "teacher.safetensors")
+    params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("student", student), ("teacher", teacher))}
+    return folder / "student.safetensors", folder / "teacher.safetensors", params
+
+
+def graph_entry(graphs) -> str | None:
+    """Why a call that should have replayed a CUDA graph ran eagerly, else None: a graph row never times the
+    eager path under the graph's name."""
+    if graphs is not None and graphs.captures >= 1 and not graphs.reasons:
+        return None
+    why = "; ".join(graphs.reasons.values()) if graphs is not None and graphs.reasons else "no graph captured"
+    return f"replayed eagerly, not from a CUDA graph: {why}"
+
+
+def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, steps: int | None = None,
+                     graph_backend=None) -> dict:
+    """The three variants through ``getfast.sampling.load(ckpt)`` (``steps``: the teacher's Heun steps);
+    ``graph_backend`` replaces the CUDA capture of the graph row (tests run its bookkeeping on CPU)."""
+    from getfast.sampling import load
+
+    out, eager = {}, None
+    for name, bf16, graph in (("eager fp32", False, False), ("eager bf16", True, False), ("CUDA graph bf16", True, True)):
+        if graph and device.type != "cuda" and graph_backend is None:
+            out[name] = {"error": "needs a CUDA device"}
+            continue
+        kw = {} if not graph else {"compile": True} if graph_backend is None else {"graph_backend": graph_backend}
+        sampler, err = attempt(lambda: load(str(ckpt), steps=steps, device=device, bf16=bf16, log=lambda _: None, **kw))
+        call = lambda: sampler(z, labels)  # noqa: E731
+        if graph and err is None:  # the first call captures
+            err = attempt(call)[1] or graph_entry(sampler.graphs)
+        lat, err = (None, err) if err else attempt(lambda: latency_ms(call, device, iters, warmup))
+        entry = out[name] = {"error": err} if err else {"ms": lat["median"], "min_ms": lat["min"], "n": lat["n"]}
+        if err is None and bf16:
+            if not graph:  # only a deterministic sampler can be compared call for call
+                first, second = call(), call()
+                eager = first if torch.equal(first, second) else None
+            elif eager is not None:
+                entry["max_abs_diff_vs_eager_bf16"] = float((call().float() - eager.float()).abs().max())
+            if eager is None:
+                entry["nondeterministic"] = NONDETERMINISTIC
+            if graph:  # every timed call must have been a replay
+                g = sampler.graphs
+                out[name] = {"error": graph_entry(g)} if graph_entry(g) else {
+                    **entry, "captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls}
+        sampler = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, plan: dict | None = None) -> dict:
+    plan = {**DEFAULT_PLAN, **(plan or {})}
+    res = {"quick": quick, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.items()},
+           "nfe_teacher": 2 * plan["heun_steps"] - 1, "rows": [], "skipped": []}
+    r, c, K = plan["resolution"], plan["channels"], plan["num_classes"]
+    with tempfile.TemporaryDirectory() as td:
+        *ckpts, res["params_M"] = export_checkpoints(plan, Path(td))
+        for batch in plan["batches"]:
+            z = torch.randn(batch, c, r, r, generator=torch.Generator(device=device).manual_seed(batch), device=device)
+            labels = torch.arange(batch, device=device) % K
+            for who, need, iters, warmup in (("student", 20.0, plan["student_iters"] or (20 if quick else 100), 3),
+                                             ("teacher", 40.0, plan["teacher_iters"] or (3 if quick else 10), 1)):
+                if budget.allows(need):
+                    t = who == "teacher"
+                    res["rows"].append({"model": who, "batch": batch, "variants": sampler_variants(
+                        ckpts[t], z, labels if t else None, device, iters, warmup, plan["heun_steps"] if t else None)})
+                else:
+                    res["skipped"].append(f"{who} batch {batch} ({budget.skip_note(need)})")
+    teacher = {r["batch"]: r["variants"] for r in res["rows"] if r["model"] == "teacher"}
+    for row in res["rows"]:  # one step vs the teacher, same batch and variant
+        for name, e in row["variants"].items() if row["model"] == "student" else ():
+            te = teacher.get(row["batch"], {}).get(name, {}).get("ms")
+            if te and e.get("ms"):
+                e["speedup_vs_teacher"] = te / e["ms"]
+    return res
+
+
+def report(res: dict) -> str:
+    p = res["plan"]
+    names = {"student": f"{p['student']} one step (6 fixed-point iterations)",
+             "teacher": f"{p['teacher']} teacher, Heun {p['heun_steps']} steps ({res['nfe_teacher']} evaluations)"}
+    lines = []
+    for row in res["rows"]:
+        v = {n: row["variants"].get(n, {}) for n in VARIANTS}
+        g, eager = v["CUDA graph bf16"], v["eager bf16"]
+        lines.append([names[row["model"]], row["batch"]]
+                     + [markdown_safe(e["error"]) if e.get("error") else fmt(e.get("ms"), ".2f") for e in v.values()]
+                     + [fmt_ratio(eager["ms"] / g["ms"]) if (eager.get("ms") and g.get("ms")) else "–",
+                        fmt_ratio(g.get("speedup_vs_teacher")) if row["model"] == "student" else "",
+                        fmt(g["max_abs_diff_vs_eager_bf16"], ".2g") if "max_abs_diff_vs_eager_bf16" in g
+                        else "random start: not compared" if eager.get("nondeterministic") else "–"])
+    return (f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights ({res['params_M']['student']:.1f}M / "
+            f"{res['params_M']['teacher']:.1f}M parameters), sampled through `getfast.sampling.load` (the sampler of "
+            "`getfast sample`). Latency: synchronised wall ms per batch, median. Graph = one CUDA-graph capture of the "
+            "whole bf16 call, replayed.\n\n"
+            + markdown_table(["sampler", "batch", *[f"{v} ms" for v in VARIANTS], "graph speed-up vs eager bf16",
+                              "one step vs teacher (graph)", "replay vs eager bf16, max abs diff"], lines) + "\n"
+            + not_measured(res["skipped"]))

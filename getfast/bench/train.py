@@ -1,0 +1,139 @@
+"""Training throughput on the GPU through the shared training loop, eager vs ``--compile``.
+
+Steps at batch 128 with bf16 autocast (the loop's default on CUDA), 32×32×3:
+
+* GET-B/2 offline distillation (``getfast.methods.get_distill``: 6 unrolled fixed-point states, every one
+  supervised, AdamW) on random noise/image pairs held in memory;
+* the EDM teacher step of UNet-DDPMpp (``getfast.teacher.TeacherMethod``: 10 classes, label dropout 0.1,
+  Adam) on random images in a temporary ``.npz`` — full runs only: a quick run keeps the first row.
+
+Each runs through ``getfast.train.train`` itself (data order, update, EMA, logging) with
+``LoopConfig(compile=False)`` and then ``compile=True``, so the figures are what ``getfast distill get`` /
+``getfast train-teacher`` do with and without ``--compile``. Throughput: the median of the loop's own
+``img_per_s`` over the logged intervals after the first; the first holds compilation and warm-up,
+reported as its excess over the steady time. Peak memory: ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from getfast.bench.common import Budget, attempt, fmt, fmt_bytes, fmt_ratio, markdown_safe, markdown_table, not_measured
+
+TITLES = {"cuda": "GPU training throughput — eager vs --compile (the shared loop, bf16)"}
+DEFAULT_PLAN = {"student": "GET-B/2", "teacher": "UNet-DDPMpp", "resolution": 32, "channels": 3, "num_classes": 10,
+                "batch": 128, "bf16": True, "compile": True}
+
+
+class RandomPairs:
+    """Noise/image pairs in memory with the interface ``GETDistillMethod`` reads from a pair set."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.shape, self.num_classes = tuple(shape), 0
+        self.noise, self.images = torch.randn(n, *shape, generator=g), torch.rand(n, *shape, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.noise)
+
+    def batch(self, idx):
+        return self.noise[idx], self.images[idx], None
+
+
+def get_method(plan: dict, folder: Path | None = None):
+    from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod
+
+    torch.manual_seed(0)
+    shape = (plan["channels"], plan["resolution"], plan["resolution"])
+    return GETDistillMethod(GETDistillConfig(model=plan["student"], lr=1e-4), data=RandomPairs(2 * plan["batch"], shape))
+
+
+def teacher_method(plan: dict, folder: Path):
+    import numpy as np
+
+    from getfast.teacher import TeacherConfig, TeacherMethod
+
+    n, r, c = 2 * plan["batch"], plan["resolution"], plan["channels"]
+    np.savez(folder / "images.npz", x=np.random.default_rng(0).integers(0, 256, size=(n, r, r, c), dtype=np.uint8),
+             y=np.arange(n, dtype=np.int64) % plan["num_classes"])
+    return TeacherMethod(TeacherConfig(data=str(folder / "images.npz"), model=plan["teacher"], cond=True,
+                                       label_dropout=0.1), seed=0)
+
+
+def throughput(make_method, plan: dict, device: torch.device, compile: bool, log_every: int, intervals: int) -> dict:
+    """Train ``1 + intervals`` logged intervals of ``log_every`` steps; img/s from the loop's own log."""
+    from getfast.train import LoopConfig, train
+
+    batch, steps = plan["batch"], log_every * (1 + intervals)
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        method = make_method(plan, td)
+        cfg = LoopConfig(out=str(td / "run"), kimg=steps * batch / 1000, batch=batch, log_every=log_every,
+                         ckpt_every=10**9, grid_every=0, grid_n=1, warmup_kimg=0.0, compile=compile, bf16=plan["bf16"],
+                         device=device.type, progress=False)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        train(method, cfg)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        records = [json.loads(line) for line in (td / "run" / "log.jsonl").read_text().splitlines() if line.strip()]
+        del method
+    if cuda:
+        torch.cuda.empty_cache()
+    if compile:
+        torch._dynamo.reset()  # free the compiled graphs before the next model
+    rates = [r["img_per_s"] for r in records[1:]]
+    if not rates:
+        raise RuntimeError(f"the loop logged {len(records)} record(s); need at least 2")
+    steady = statistics.median(rates)
+    return {"img_s": steady, "img_s_all": rates, "steps": steps, "first_interval_s": records[0]["time"],
+            "warmup_excess_s": records[0]["time"] - log_every * batch / steady, "peak_bytes": peak}
+
+
+def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, plan: dict | None = None,
+        log_every: int | None = None, intervals: int | None = None) -> dict:
+    plan = {**DEFAULT_PLAN, **(plan or {})}
+    log_every, intervals = log_every or (5 if quick else 10), intervals or (2 if quick else 4)
+    res = {"quick": quick, "plan": plan, "log_every": log_every, "intervals": intervals, "rows": [], "skipped": []}
+    jobs = [(f"{plan['student']} distillation", get_method), (f"{plan['teacher']} EDM teacher step", teacher_method)]
+    if quick and device.type == "cuda":
+        res["skipped"].append(f"{jobs.pop()[0]} (quick run: one row)")
+    cost = {False: 40.0, True: 150.0}  # seconds on one H100, compilation included
+    rows = {label: {"model": label, "batch": plan["batch"]} for label, _ in jobs}
+    for compiled in (False, True) if plan["compile"] else (False,):  # eager first: a tight budget keeps those
+        for label, make in jobs:
+            key = "compiled" if compiled else "eager"
+            if budget.allows(cost[compiled]):
+                out, err = attempt(lambda: throughput(make, plan, device, compiled, log_every, intervals))
+                rows[label][key] = out if out is not None else {"error": err}
+            else:
+                res["skipped"].append(f"{label} {key} ({budget.skip_note(cost[compiled])})")
+    for row in rows.values():
+        e, c = row.get("eager", {}).get("img_s"), row.get("compiled", {}).get("img_s")
+        row["compile_speedup"] = (c / e) if (e and c) else None
+        res["rows"].append(row)
+    return res
+
+
+def report(res: dict) -> str:
+    def cell(e, key, spec):
+        return "–" if not e else markdown_safe(e["error"]) if e.get("error") else fmt(e.get(key), spec)
+
+    def mem(e):
+        return fmt_bytes(e["peak_bytes"]) if e and e.get("peak_bytes") else "–"
+
+    lines = [[r["model"], r["batch"], cell(r.get("eager"), "img_s", ".0f"), cell(r.get("compiled"), "img_s", ".0f"),
+              fmt_ratio(r.get("compile_speedup")), cell(r.get("compiled"), "warmup_excess_s", ".0f"), mem(r.get("eager")),
+              mem(r.get("compiled"))] for r in res["rows"]]
+    p = res["plan"]
+    return (f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: {p['bf16']}; "
+            f"`getfast.train.train` for {1 + res['intervals']} log intervals of {res['log_every']} steps, img/s = median "
+            "of the loop's own rate over the intervals after the first.\n\n"
+            + markdown_table(["train step", "batch", "eager img/s", "compiled img/s", "compile speed-up",
+                              "compile + warm-up s", "eager peak memory", "compiled peak memory"], lines) + "\n"
+            + not_measured(res["skipped"]))
