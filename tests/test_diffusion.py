@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from getfast.diffusion import EDMLoss, EDMPrecond, ddim, edm_sigmas, euler, heun, nfe, sample
-from getfast.methods.toy import GaussianDenoiser, moments_distance, pf_ode_map
 from getfast.models import create
+
+from toy import GaussianDenoiser, moments_distance, pf_ode_map  # tests/toy.py
 
 SHAPE = (1, 2, 3)
 MU = torch.linspace(-0.6, 0.9, 6).reshape(SHAPE)

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from getfast.diffusion import ddim, heun, vp_alpha_sigma, vp_denoise
-from getfast.methods import toy
 from getfast.methods.gdd import GDDConfig, GDDMethod
 from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod
 from getfast.methods.guided import GuidedConfig, GuidedMethod, pd_target
 from getfast.methods.sim import SIMConfig, SIMMethod
 from getfast.models.onestep import OneStepGenerator
 from getfast.train import LoopConfig, load_ema, train
+
+import toy  # tests/toy.py: the analytic problems with known answers
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

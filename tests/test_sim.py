@@ -7,8 +7,9 @@ import torch
 
 from getfast.diffusion import edm_sigmas
 from getfast.methods.sim import SIMConfig, SIMMethod, sample_sigma_rho, sid_generator_loss, sim_generator_loss
-from getfast.methods.toy import AffineGenerator, GaussianDenoiser, moments_distance
 from getfast.train import LoopConfig, load_ema, train
+
+from toy import AffineGenerator, GaussianDenoiser, moments_distance  # tests/toy.py
 
 SHAPE = (1, 2, 2)
 MU = torch.tensor([1.0, -0.5, 0.3, 0.8]).reshape(SHAPE)
