@@ -14,13 +14,15 @@ Dao 2023, *FlashAttention-2*, Alg. 2), non-causal, over ``(B, H, N, d)`` tensors
 Sequence lengths need not divide the tiles (masked); head dimensions up to 256 are padded to a
 power of two ≥ 16. Tiles are autotuned on a GPU (64/128 × 64/128, 4/8 warps, 2-4 stages) per
 head dimension, dtype and power-of-two bucket of the sequence length, so a new length reuses the
-tuned and compiled kernel; under ``TRITON_INTERPRET=1`` there is one configuration, and every
+tuned and compiled kernel (``GETFAST_QUICK_AUTOTUNE=1`` at import: 2 configurations, for quick benchmark
+runs); under ``TRITON_INTERPRET=1`` there is one configuration, and every
 ``tl.dot`` operand is fp32 (the interpreter's half-precision ``tl.dot`` is wrong). fp32 inputs use
 IEEE fp32 products (no TF32), half-precision inputs the tensor cores with fp32 accumulation.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -35,6 +37,9 @@ MAX_HEAD_DIM = 256
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("GETFAST_QUICK_AUTOTUNE", "0") not in ("", "0"):  # quick benchmark/GPU-check runs: 2 of the 24
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
 

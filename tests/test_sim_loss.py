@@ -232,11 +232,20 @@ def test_forced_unavailable_backend_is_an_error(monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "cuda", "cuda_cupy"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_gpu_backends(backend, dtype, monkeypatch, nan_empty):
+    launched = None
     if backend == "cuda_cupy":
         pytest.importorskip("cupy")
-        from getfast.ops import _framework
+        from getfast.ops import _cupy, _framework
 
-        monkeypatch.setattr(_framework, "load_C", lambda required=True: None)  # only the CuPy/NVRTC path is left
+        # Without _C only the CuPy/NVRTC path is left: the launchers look load_C up in getfast.ops.sim, the
+        # availability check in _framework; both must see no extension. Then prove CuPy ran the kernels.
+        monkeypatch.setattr(_framework, "load_C", lambda required=True: None)
+        monkeypatch.setattr(S, "load_C", lambda required=True: None)
+        launched = []
+        real_launch = _cupy.launch
+        monkeypatch.setattr(_cupy, "launch", lambda *a, **k: launched.append(a[1]) or real_launch(*a, **k))
+        if _cupy.unavailable_reason() is not None:
+            pytest.skip(f"CuPy path unavailable: {_cupy.unavailable_reason()}")
         backend = "cuda"
     a, f, g, sigma = _inputs((5, 3, 31, 29), dtype=dtype, device="cuda", seed=11)
     ref = sim_loss_reference(a.double(), f.double(), g.double(), sigma.double(), 0.6)
@@ -250,3 +259,5 @@ def test_gpu_backends(backend, dtype, monkeypatch, nan_empty):
     gtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     for x, y in zip(got, want):
         torch.testing.assert_close(x.double(), y.double(), rtol=gtol, atol=gtol * y.double().abs().max().item())
+    if launched is not None:
+        assert [n.split("<")[0] for n in launched] == ["getfast::sim_loss_fwd", "getfast::sim_loss_bwd"], launched

@@ -143,6 +143,8 @@ class OpSpec:
     ``dtypes``    backend -> the state dtypes it supports (default: all float dtypes)
     ``cupy``      the CUDA backend also runs through CuPy/NVRTC when ``_C`` lacks CUDA
     ``family``    the op whose :data:`DEFAULTS` entry this one follows (a backward op: its forward)
+    ``grid_y``    the dims whose product the GPU kernels (triton, cuda) launch along grid axis y: at most
+                  :data:`MAX_GRID_Y`, else a ValueError before any launch
     """
 
     schema: str
@@ -155,8 +157,10 @@ class OpSpec:
     dtypes: dict[str, tuple] = dataclasses.field(default_factory=dict)
     cupy: bool = False
     family: str | None = None
+    grid_y: tuple[str, ...] = ()
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z); gridDim.x allows 2^31 - 1
 _LIB = torch.library.Library("getfast", "DEF")
 OPS: dict[str, "Op"] = {}
 _warned: set = set()
@@ -310,12 +314,26 @@ class Op:
         args = args + tuple(kwargs[n] for n in self.arg_names[len(args):])  # compiled code may pass keywords
         return (args[:-1], args[-1] or None) if self._backend_arg else (args, None)
 
+    def check_grid(self, backend: str, dims: dict) -> None:
+        """A ValueError when ``backend``'s kernels would launch more than :data:`MAX_GRID_Y` blocks along
+        grid axis y for these dims (a CUDA launch error, or wrong results, otherwise)."""
+        if self.spec.grid_y and backend in ("triton", "cuda"):
+            n = 1
+            for d in self.spec.grid_y:  # a plain loop: torch.compile traces no generator here
+                n *= dims[d]
+            if n > MAX_GRID_Y:
+                raise ValueError(f"getfast::{self.name}: the {backend} kernels launch {'·'.join(self.spec.grid_y)} = {n} "
+                                 f"blocks along grid axis y, above CUDA's limit of {MAX_GRID_Y}; split the batch or "
+                                 f"use backend 'reference' (GETFAST_BACKEND=reference)")
+
     def _dispatched(self, *args, **kwargs):
         """The ``torch.library`` kernel: validation, then the chosen launcher."""
         args, backend = self._split(args, kwargs)
-        self.validate(*args)
+        dims = self.validate(*args)
         t = args[self._si]
-        return self.spec.launchers[self.choose(t.device, t.dtype, backend)](*args)
+        backend = self.choose(t.device, t.dtype, backend)
+        self.check_grid(backend, dims)
+        return self.spec.launchers[backend](*args)
 
     def _fake(self, *args, **kwargs):
         args, _ = self._split(args, kwargs)
@@ -327,10 +345,12 @@ class Op:
         launcher itself, inside an autograd function when an input requires grad."""
         if torch.compiler.is_compiling():
             return self.torch_op(*args, backend or "") if self._backend_arg else self.torch_op(*args)
-        if validate:
-            self.validate(*args)
+        dims = self.validate(*args) if validate else None
         t = args[self._si]
-        return self.launch(self.choose(t.device, t.dtype, backend), *args)
+        backend = self.choose(t.device, t.dtype, backend)
+        if dims is not None and self.spec.grid_y:
+            self.check_grid(backend, dims)
+        return self.launch(backend, *args)
 
     def launch(self, backend: str, *args):
         """The eager path on a backend :meth:`choose` returned, for validated arguments."""
@@ -350,11 +370,12 @@ class Op:
 
     def run(self, backend: str, *args):
         """Validate and run on one named backend (tests compare backends with this)."""
-        self.validate(*args)
+        dims = self.validate(*args)
         t = args[self._si]
         why = self.unavailable(backend, t.device, t.dtype)
         if why is not None:
             raise RuntimeError(f"getfast::{self.name}: {why}")
+        self.check_grid(backend, dims)
         return self.spec.launchers[backend](*args)
 
 

@@ -94,7 +94,7 @@ ANDERSON_STEP = define_op(OpSpec(
           "trace": "2 B T acc", "status": "B int32", "fx": "B D state"},
     launchers={"reference": naive.anderson_step, "triton": _triton,
                "cuda": lambda *a: _native("cuda", *a), "cpp": lambda *a: _native("cpp", *a)},
-    check=_check, native={"cpp": "anderson_step_cpu", "cuda": "anderson_step_cuda"},
+    check=_check, native={"cpp": "anderson_step_cpu", "cuda": "anderson_step_cuda"}, grid_y=("B",),
 ))
 
 

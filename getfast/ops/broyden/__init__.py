@@ -81,7 +81,7 @@ BROYDEN_STEP = define_op(OpSpec(
           "best": "B D state", "lowest": "3 B acc", "trace": "2 B T acc", "status": "B int32", "fx": "B D state"},
     launchers={"reference": naive.broyden_step, "triton": _triton,
                "cuda": lambda *a: _native("cuda", *a), "cpp": lambda *a: _native("cpp", *a)},
-    check=_check, native={"cpp": "broyden_step_cpu", "cuda": "broyden_step_cuda"},
+    check=_check, native={"cpp": "broyden_step_cpu", "cuda": "broyden_step_cuda"}, grid_y=("B",),
 ))
 
 

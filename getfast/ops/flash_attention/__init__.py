@@ -53,14 +53,14 @@ ATTENTION_BWD = define_op(OpSpec(
           "v": "B H M d state strided", "out": "B H N d state strided", "lse": "B H N acc"},
     launchers={"reference": naive.backward, "triton": _triton_bwd},
     fake=lambda do, q, k, v, *rest: tuple(t.new_empty(t.shape) for t in (q, k, v)),
-    check=_check, dtypes={"triton": _HALF_AND_FLOAT}, family="attention_fwd",
+    check=_check, dtypes={"triton": _HALF_AND_FLOAT}, family="attention_fwd", grid_y=("B", "H"),
 ))
 ATTENTION = define_op(OpSpec(
     schema="attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
     args={"q": "B H N d state strided", "k": "B H M d state strided", "v": "B H M d state strided"},
     launchers={"reference": naive.forward, "triton": _triton_fwd},
     fake=lambda q, k, v, scale: (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))),
-    check=_check, backward=(_setup, _backward), dtypes={"triton": _HALF_AND_FLOAT},
+    check=_check, backward=(_setup, _backward), dtypes={"triton": _HALF_AND_FLOAT}, grid_y=("B", "H"),
 ))
 
 
@@ -73,7 +73,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim():
         scale = q.shape[-1] ** -0.5
-    ATTENTION.validate(q, k, v, scale)
-    if ATTENTION.choose(q.device, q.dtype) == "reference":
+    dims = ATTENTION.validate(q, k, v, scale)
+    backend = ATTENTION.choose(q.device, q.dtype)
+    if backend == "reference":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    ATTENTION.check_grid(backend, dims)
     return ATTENTION(q, k, v, float(scale), validate=False)[0]
