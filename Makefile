@@ -19,7 +19,7 @@ BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc getfast kernels 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 FMNIST_PKG := dataset-fashion-mnist
 
-.PHONY: test demo install venv bench clean data
+.PHONY: test demo install venv bench clean data wheel-py312
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,21 @@ demo: $(STAMPS)/install data
 
 bench: $(STAMPS)/install
 	$(VENV)/bin/getfast bench
+
+# The cp312 wheel, CUDA kernels included, that a GPU machine without a package index installs when building in
+# place fails there (benchmarks/gpu_check.sh looks in wheels/ and dist/). Built here with pyenv's Python 3.12
+# (PY312=... for another) and this machine's nvcc, for CUDA_ARCHS (90: H100/H200); the build tools come from PyPI
+# into build/py312-venv. The wheel is only valid for the commit it was built from.
+PY312 ?= $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12)))
+CUDA_ARCHS ?= 90
+wheel-py312:
+	@test -n "$(PY312)" || { echo "wheel-py312: no Python 3.12 under ~/.pyenv/versions (pyenv install 3.12, or PY312=/path/to/python3.12)" >&2; exit 2; }
+	@command -v nvcc >/dev/null || { echo "wheel-py312: nvcc is not on PATH: the wheel would have no CUDA kernels" >&2; exit 2; }
+	$(PY312) -m venv build/py312-venv
+	build/py312-venv/bin/python -m pip install -q "scikit-build-core>=1.1" pybind11 ninja
+	GETFAST_CUDA=ON SKBUILD_CMAKE_DEFINE="CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)" \
+	  build/py312-venv/bin/python -m pip wheel --no-build-isolation --no-deps -w dist .
+	@ls -l dist/getfast-*-cp312-*.whl
 
 clean:
 	rm -rf build dist $(STAMPS)

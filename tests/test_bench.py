@@ -127,6 +127,7 @@ def test_cpu_runner_with_only_keeps_the_other_results(monkeypatch, bench_out):
     assert bench.run(bench.BenchConfig(only=("deq",), quick=False, out=str(bench_out))) == 0
     summary = json.loads((bench_out / "all.json").read_text())
     assert summary["models"]["quick"] is True and summary["deq"]["quick"] is False
+    assert summary["status"] == {"models": "ok", "deq": "ok"}
 
 
 def test_every_benchmark_is_one_package_module_taking_the_device():

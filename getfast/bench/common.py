@@ -77,12 +77,15 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 def merge_json(name: str, payload: dict) -> Path:
-    """Update ``<name>.json`` with ``payload``'s keys: an ``--only`` run keeps the others' results."""
+    """Update ``<name>.json`` with ``payload``'s keys (and its ``status`` entries): an ``--only`` run keeps the
+    others' results."""
     try:
         old = json.loads((_out("dir") / f"{name}.json").read_text())
     except (OSError, ValueError):
         old = None
-    return write_json(name, {**old, **payload} if isinstance(old, dict) else payload)
+    if not isinstance(old, dict):
+        return write_json(name, payload)
+    return write_json(name, {**old, **payload, "status": {**old.get("status", {}), **payload.get("status", {})}})
 
 
 def section_order(name: str) -> tuple[int, str]:
