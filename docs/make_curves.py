@@ -54,29 +54,31 @@ def _measured(out: Path, kimg: float, n: int) -> bool:
     return any(abs(r["kimg"] - kimg) < 1e-9 and r["n"] == n for r in records(out))
 
 
-def _measure(sample, shape, classes, kimg: float, n: int, out: Path) -> dict:
+def _measure(sample, shape, classes, kimg: float, n: int, out: Path, ref: str = "fashion-mnist",
+             ref_n: int = 10000) -> dict:
     from getfast.metrics.fid import evaluate
     from make_results import seeded_sample_fn  # the same seeded noise and cycled classes as RESULTS.md
     t0 = time.time()
-    res = evaluate(seeded_sample_fn(sample, shape, classes, seed=0), ref="fashion-mnist", n=n, split="train",
-                   ref_n=10000, batch_size=100, progress=False)
-    rec = {"kimg": kimg, "fid": res["fid"], "n": n, "seconds": round(time.time() - t0, 1)}
+    res = evaluate(seeded_sample_fn(sample, shape, classes, seed=0), ref=ref, n=n, split="train",
+                   ref_n=ref_n, batch_size=100, progress=False)
+    rec = {"kimg": kimg, "fid": res["fid"], "n": n, **({} if ref == "fashion-mnist" else {"ref": ref, "ref_n": ref_n}),
+           "seconds": round(time.time() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
 
 
-def eval_once(run: Path, n: int, out: Path) -> dict | None:
+def eval_once(run: Path, n: int, out: Path, ref: str = "fashion-mnist", ref_n: int = 10000) -> dict | None:
     """The newest checkpoint's EMA (None when its kimg is on the curve already)."""
     product, kimg, shape, classes = product_from_checkpoint(run)
-    return None if _measured(out, kimg, n) else _measure(product, shape, classes, kimg, n, out)
+    return None if _measured(out, kimg, n) else _measure(product, shape, classes, kimg, n, out, ref, ref_n)
 
 
 STAGE_FILE = re.compile(r"student-(\d+(?:\.\d+)?)kimg\.safetensors$")
 
 
-def eval_stage_files(run: Path, n: int, out: Path) -> list[dict]:
+def eval_stage_files(run: Path, n: int, out: Path, ref: str = "fashion-mnist", ref_n: int = 10000) -> list[dict]:
     """The students docs/quality_runs.sh keeps after each stage (``student-<K>kimg.safetensors``), so a run trained
     where FID cannot be computed (a GPU machine without the Inception weights) gets its curve afterwards."""
     from getfast.sampling import load
@@ -85,7 +87,7 @@ def eval_stage_files(run: Path, n: int, out: Path) -> list[dict]:
         kimg = float(STAGE_FILE.search(f.name).group(1))
         if not _measured(out, kimg, n):
             s = load(str(f))
-            recs.append(_measure(s, tuple(s.shape), s.num_classes, kimg, n, out))
+            recs.append(_measure(s, tuple(s.shape), s.num_classes, kimg, n, out, ref, ref_n))
     return recs
 
 
@@ -100,7 +102,8 @@ def plot(teacher_fid: float | None = None, floor_fid: float | None = None) -> li
     written = []
     groups = {"sim": ("SIM: FID (n=1,000) against generator training images", ["sim"]),
               "get-vit": ("GET vs ViT: FID (n=1,000) against training images", ["get", "vit"]),
-              "gdd": ("GDD and GDD-I: FID (n=1,000) against generator training images", ["gdd"])}
+              "gdd": ("GDD and GDD-I: FID (n=1,000) against generator training images", ["gdd"]),
+              "r16": ("16×16 regime: GET-P/2 vs ViT-P6/2 vs ViT-P5x/2, FID (n=1,000)", ["r16-"])}
     for name, (title, prefixes) in groups.items():
         files = sorted(p for p in CURVES.glob("*.jsonl") if any(p.stem.startswith(pre) for pre in prefixes))
         if not files:
@@ -109,10 +112,14 @@ def plot(teacher_fid: float | None = None, floor_fid: float | None = None) -> li
         for p in files:
             pts = read_curve(p)
             ax.plot([k for k, _ in pts], [f for _, f in pts], marker="o", label=p.stem)
-        if teacher_fid is not None:
-            ax.axhline(teacher_fid, color="k", ls="--", lw=1, label=f"teacher ({teacher_fid:.1f})")
-        if floor_fid is not None:  # FID's bias at n = 1,000: no model can score below real images
-            ax.axhline(floor_fid, color="grey", ls=":", lw=1, label=f"real test images ({floor_fid:.1f})")
+        lines = (teacher_fid, floor_fid)
+        if name == "r16":  # its own teacher and floor (16×16), not the 28×28 protocol's
+            refs = json.loads((CURVES / "r16-refs.json").read_text()) if (CURVES / "r16-refs.json").exists() else {}
+            lines = (refs.get("teacher"), refs.get("real"))
+        if lines[0] is not None:
+            ax.axhline(lines[0], color="k", ls="--", lw=1, label=f"teacher ({lines[0]:.1f})")
+        if lines[1] is not None:  # FID's bias at n = 1,000: no model can score below real images
+            ax.axhline(lines[1], color="grey", ls=":", lw=1, label=f"real test images ({lines[1]:.1f})")
         ax.set(xlabel="training images (kimg)", ylabel="FID", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -132,8 +139,29 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=1000, help="generated samples")
     e.add_argument("--name", default="", help="curve name (default: the run folder's name)")
     e.add_argument("--watch", type=float, default=0, help="repeat every this many seconds (0: once)")
+    e.add_argument("--ref", default="fashion-mnist", help="reference images: fashion-mnist or an .npz")
+    e.add_argument("--ref-n", type=int, default=10000, help="reference images used (the first ones)")
     sub.add_parser("plot", help="draw docs/curves-*.png from docs/curves/*.jsonl")
+    r = sub.add_parser("refs", help="a curve group's scale lines: its teacher's FID and real test images' FID")
+    r.add_argument("teacher", help="teacher run folder or weights (sampled with Heun, 18 steps)")
+    r.add_argument("--ref", required=True, help="reference .npz (its first 10,000 images)")
+    r.add_argument("--test", required=True, help=".npz of held-out real images (the floor at --n)")
+    r.add_argument("--name", required=True, help="curve group: writes docs/curves/<name>-refs.json")
+    r.add_argument("--n", type=int, default=1000)
+    r.add_argument("--ref-n", type=int, default=10000)
     a = p.parse_args(argv)
+    if a.cmd == "refs":
+        from getfast.io import atomic_write_json
+        from getfast.metrics.fid import evaluate
+        from getfast.sampling import load
+        from make_results import seeded_sample_fn
+        s = load(a.teacher)
+        kw = dict(ref=a.ref, n=a.n, split="train", ref_n=a.ref_n, batch_size=100, progress=False)
+        rec = {"teacher": evaluate(seeded_sample_fn(s, tuple(s.shape), s.num_classes, seed=0), **kw)["fid"],
+               "real": evaluate(a.test, **kw)["fid"], "n": a.n, "ref_n": a.ref_n, "teacher_sampler": s.description}
+        print(json.dumps(rec))
+        atomic_write_json(CURVES / f"{a.name}-refs.json", rec)
+        return 0
     if a.cmd == "plot":
         from make_results import _records  # the quick protocol's records: the teacher and the real-data floor
         recs, teacher = _records(ROOT / "docs" / "fid" / "n1000")
@@ -147,9 +175,9 @@ def main(argv=None) -> int:
     out = CURVES / f"{a.name or a.run.name}.jsonl"
     while True:
         if any(a.run.glob("student-*kimg.safetensors")):  # a staged run: its curve is its stage students
-            recs = eval_stage_files(a.run, a.n, out)
+            recs = eval_stage_files(a.run, a.n, out, a.ref, a.ref_n)
         else:
-            recs = [r for r in [eval_once(a.run, a.n, out)] if r]
+            recs = [r for r in [eval_once(a.run, a.n, out, a.ref, a.ref_n)] if r]
         for rec in recs:
             print(json.dumps(rec), flush=True)
         if not recs:

@@ -215,6 +215,9 @@ def write_table(proto: Protocol, folder: Path | None = None, out: Path | None = 
         lines += ["", claim]
     for title, runs in CURVE_TABLES:
         lines += curve_table(ROOT / "docs" / "curves", title, runs)
+    lines += r16_verdict(ROOT / "docs" / "curves")
+    from get_equilibrium import table as equilibrium_table  # docs/get-equilibrium/*.json
+    lines += equilibrium_table()
     notes = ROOT / "docs" / "results_notes.md"
     if notes.exists():  # its relative links are relative to docs/: re-anchor them to the table's folder
         text = re.sub(r"\]\((?!https?:|#)([^)]+)\)",
@@ -243,6 +246,8 @@ def get_claim(recs: dict, ckpts: dict) -> str | None:
             f"{verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {fid_text(v5)} — no worse: {verdict(g <= v5)}.")
 
 
+R16_RUNS = [("r16-vit-p6-2", "ViT-P6/2 (0.30M)"), ("r16-vit-p5x-2", "ViT-P5x/2 (1.52M, ≈ 5×)"),
+            ("r16-get-p-2", "GET-P/2 (0.29M)"), ("r16-get-p-2-norm", "GET-P/2, normalized state")]
 CURVE_RUNS = [("get-n-2", "GET-N/2"), ("get-n-2-zx", "GET-N/2, start at x"), ("vit-n6-2", "ViT-N6/2 (same parameters)"),
               ("vit-n5x-2", "ViT-N5x/2 (≈ 5×)")]
 # The one-step students trained from the teacher alone, against the images their generator has seen.
@@ -252,7 +257,37 @@ CURVE_TABLES = [("GET vs ViT at patch 2, learning curves (FID of 1,000 samples v
                 ("SIM, GDD and GDD-I, learning curves (FID of 1,000 samples vs 10,000 training images, against the "
                  "generator's training images; `docs/make_curves.py eval`, the quick protocol's teacher row for "
                  "scale: `docs/fid/n1000/teacher.json`):",
-                 TEACHER_CURVE_RUNS)]
+                 TEACHER_CURVE_RUNS),
+                ("The capacity regime at 16×16 (issue 26; `docs/quality_runs.sh r16`): the same recipe on 8,000 pairs "
+                 "of a 16×16 teacher, FID of 1,000 samples vs 5,000 16×16 training images "
+                 "(`docs/curves/r16-refs.json` holds that teacher's and real images' FID at this n):", R16_RUNS)]
+
+
+def r16_verdict(folder: Path) -> list[str]:
+    """The 16×16 regime's two judgements at the largest number of training images all three runs reached:
+    first whether capacity matters there at all (the ≈ 5× ViT ≥ 15 % lower FID than the 1× ViT), then GET's claim
+    (GET-P/2 better than the ViT of its size, no worse than the ≈ 5× ViT)."""
+    from make_curves import records
+    curves = {run: {r["kimg"]: r["fid"] for r in records(folder / f"{run}.jsonl") if r.get("n") == 1000}
+              for run in ("r16-vit-p6-2", "r16-vit-p5x-2", "r16-get-p-2")}
+    common = set.intersection(*(set(c) for c in curves.values()))
+    vit_common = set(curves["r16-vit-p6-2"]) & set(curves["r16-vit-p5x-2"])
+    lines = []
+    verdict = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
+    if vit_common:
+        k = max(vit_common)
+        v1, v5 = curves["r16-vit-p6-2"][k], curves["r16-vit-p5x-2"][k]
+        gain = 1 - v5 / v1
+        lines.append(f"**Capacity check at 16×16, {k:g} kimg:** ViT-P5x/2 {fid_text(v5)} vs ViT-P6/2 {fid_text(v1)}: "
+                     f"{100 * gain:.1f} % lower FID — capacity " + ("matters here (≥ 15 %)." if gain >= 0.15 else
+                                                                    "does not yet matter here (< 15 %)."))
+    if common:
+        k = max(common)
+        g, v1, v5 = (curves[r][k] for r in ("r16-get-p-2", "r16-vit-p6-2", "r16-vit-p5x-2"))
+        lines.append(f"**GET's claim at 16×16, {k:g} kimg:** GET-P/2 {fid_text(g)} vs the ViT of its parameters "
+                     f"{fid_text(v1)} — better: {verdict(g < v1)}; vs the ViT with ≈ 5× its parameters {fid_text(v5)} — "
+                     f"no worse: {verdict(g <= v5)}.")
+    return [""] + lines if lines else []
 
 
 def curve_table(folder: Path, title: str = CURVE_TABLES[0][0], runs=CURVE_RUNS) -> list[str]:

