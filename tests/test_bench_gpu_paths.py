@@ -64,16 +64,20 @@ def test_attention_budget_skips_are_reported():
 
 
 def test_sim_loss_rows_on_cpu():
-    res = gpu_sim_loss.run_gpu(CPU, True, common.Budget(None), peak_bw=1e11,
-                           cases=[((3, 1, 5, 7), torch.float32), ((2, 3, 4), torch.bfloat16)])
+    """The GPU rows' code on CPU tensors, and the CPU rows (torch threads given: CPU time and peak memory)."""
+    res = gpu_sim_loss.run(CPU, True, common.Budget(None), peak_bw=1e11,
+                           cases=[((3, 1, 5, 7), torch.float32, None), ((2, 3, 4), torch.bfloat16, None),
+                                  ((4, 1, 4, 4), torch.float32, 1)])
     _no_errors(res)
     for row in res["rows"]:
-        assert set(row["impls"]) == {"eager", "cpp", "default"}
+        assert set(row["impls"]) == {"eager", "cpp"} and row["default_backend"] == "cpp"  # the default is a cpp row
         numel, itemsize = torch.Size(row["shape"]).numel(), 4 if row["dtype"] == "float32" else 2
         assert row["model_bytes"] == 9 * numel * itemsize
         for e in row["impls"].values():
-            assert e["ms"] > 0 and e["bw_share"] is not None
-    assert "fused, cpp" in gpu_sim_loss.report(res)
+            assert e["ms"] > 0 and e["bw_share"] is not None and e["speedup_vs_eager"] > 0
+            assert (e.get("cpu_ms", 0) > 0 and e["peak_bytes"] > 0) == (row["threads"] == 1)
+    text = gpu_sim_loss.report(res)
+    assert "fused, cpp" in text and "CPU ms, 1 thread" in text and "| 4×1×4×4 | float32 | 1 |" in text
 
 
 def test_sim_loss_flags_a_wrong_backend(monkeypatch):
@@ -90,7 +94,7 @@ def test_sim_loss_flags_a_wrong_backend(monkeypatch):
 
 
 def test_deq_rows_on_cpu():
-    res = gpu_deq.run_gpu(CPU, True, common.Budget(None), peak_bw=1e11, batch=2, dim=64,
+    res = gpu_deq.run(CPU, True, common.Budget(None), peak_bw=1e11, batch=2, dim=64,
                       dtypes=(torch.float32,), solvers=("anderson",))
     _no_errors(res)
     row = res["per_iteration"][0]
@@ -112,7 +116,7 @@ def test_deq_without_torchdeq_still_measures_getfast(monkeypatch):
     tol = gpu_deq.to_tolerance("fixed_point", CPU, 2, 16, repeats=1)
     assert tol["errors"] == {"theirs": "torchdeq not installed (test)"} and tol["f_calls"]["ours"] > 1
     assert set(tol["wall_s"]) == {"ours"} and "ratio_wall" not in tol
-    assert "not installed (test)" in gpu_deq.report({**gpu_deq.run_gpu(CPU, True, common.Budget(None), batch=2, dim=16,
+    assert "not installed (test)" in gpu_deq.report({**gpu_deq.run(CPU, True, common.Budget(None), batch=2, dim=16,
                                                                          dtypes=(), solvers=("fixed_point",))})
 
 
@@ -121,8 +125,9 @@ def test_sampling_rows_on_cpu_through_the_sampler():
     _no_errors(res)
     assert res["params_M"]["student"] > 0 and res["nfe_teacher"] == 3 and [r["model"] for r in res["rows"]] == ["student", "teacher"]
     student = res["rows"][0]["variants"]
-    assert student["CUDA graph bf16"] == {"error": "needs a CUDA device"}
-    assert student["eager fp32"]["ms"] > 0 and student["eager bf16"]["speedup_vs_teacher"] > 0
+    assert student["CUDA graph bf16"] == {"skipped": "needs a CUDA device"} and res["skipped"]
+    assert student["eager bf16"] == {"skipped": "CPU: fp32 only"}
+    assert student["eager fp32"]["ms"] > 0 and student["eager fp32"]["speedup_vs_teacher"] > 0
     assert "GET-N/4 one step" in gpu_sampling.report(res)
 
 
@@ -206,6 +211,6 @@ def test_gpu_kernel_rows_run_compiled():
     att = gpu_attention.run(dev, True, b, cases=[((2, 2, 64, 32), torch.bfloat16)])
     _no_errors(att)
     assert att["rows"][0]["max_abs_diff_vs_sdpa"] < 3e-2
-    _no_errors(gpu_sim_loss.run_gpu(dev, True, b, cases=[((3, 1, 5, 7), torch.float32)]))
-    dq = gpu_deq.run_gpu(dev, True, b, batch=2, dim=256, dtypes=(torch.float32,), solvers=("anderson",))
+    _no_errors(gpu_sim_loss.run(dev, True, b, cases=[((3, 1, 5, 7), torch.float32, None)]))
+    dq = gpu_deq.run(dev, True, b, batch=2, dim=256, dtypes=(torch.float32,), solvers=("anderson",))
     _no_errors(dq)

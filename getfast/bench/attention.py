@@ -1,12 +1,7 @@
-"""Attention on the GPU: getfast's Triton flash-attention kernel vs ``F.scaled_dot_product_attention``.
-
-Forward and forward+backward, bf16 and fp16, at GET-B/2's shape (B·H·N·d = 128·12·256·64), N = 1024
-(GET-B/2 at 64×64 with patch 2) and N = 4096 with d = 64 and 128; TFLOP/s by
-:func:`getfast.bench.common.attention_flops` and the ratio SDPA time / Triton time (> 1: the kernel is
-faster). The SDPA column names the backend PyTorch picked (flash, efficient, cuDNN or math), seen at
-dispatch. Each row records the backend ``getfast.ops.attention`` dispatches to by default and the
-largest difference between the kernel's output and SDPA's, checked before timing. A quick run
-autotunes the kernels over 2 tile configurations instead of 24 (``GETFAST_QUICK_AUTOTUNE``).
+"""Attention on the GPU: getfast's Triton flash-attention kernel vs ``F.scaled_dot_product_attention`` (and
+which SDPA backend ran), fwd and fwd+bwd, bf16 and fp16, at GET-B/2's shape, N = 1024 and N = 4096 (d = 64,
+128): TFLOP/s and SDPA time / Triton time, after checking the outputs agree. A quick run autotunes 2 tile
+configurations instead of 24 (``GETFAST_QUICK_AUTOTUNE``).
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
-"""What every benchmark shares: where results go, the machine and the device, one set of timers for CPU
-and CUDA, a time budget, the work models (FLOPs, bytes), formatting.
-
-Conventions (docs/CONVENTIONS.md): ratios measured side by side in one process, never a lone absolute
-time; benchmark ``<name>`` writes ``<name>.json`` (``gpu_<name>.json``) and owns the RESULTS.md section
-``<!-- BEGIN <name> -->`` … ``<!-- END <name> -->`` (``gpu-<name>``), replaced on every run. Timing
-(DESIGN.md, "Performance method"): kernels by ``triton.testing.do_bench`` on CUDA (warm-up, L2 flush,
-CUDA events), ``torch.utils.benchmark`` on CPU; latency as wall time between two synchronisations; the
-contention-robust CPU figure as the calling thread's CPU time on one torch thread. Every timer runs on a
-CPU device too (the tests exercise the GPU paths there); such numbers are never GPU figures.
+"""What every benchmark shares: output, machine and device, one set of timers for CPU and CUDA, a time
+budget, the work models, formatting. Ratios are measured side by side in one process (docs/CONVENTIONS.md);
+benchmark ``<name>`` writes ``<name>.json`` (``gpu_<name>.json``) and owns the RESULTS.md section between
+``<!-- BEGIN <name> -->`` and ``<!-- END <name> -->`` (``gpu-<name>``), replaced on every run. Timing
+(DESIGN.md, "Performance method"): kernels by ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark``
+on CPU; latency as wall time between synchronisations; the contention-robust CPU figure as the calling
+thread's CPU time on one torch thread. The timers run on CPU tensors too (tests); never GPU figures then.
 """
 from __future__ import annotations
 
@@ -88,20 +85,16 @@ def merge_json(name: str, payload: dict) -> Path:
     return write_json(name, {**old, **payload, "status": {**old.get("status", {}), **payload.get("status", {})}})
 
 
-def section_order(name: str) -> tuple[int, str]:
-    """``gpu`` (the device), the ``gpu-*`` sections, the past GPU figures, then the CPU sections."""
-    return (0 if name == "gpu" else 2 if name == PAST_GPU_SECTION else 1 if name.startswith("gpu-") else 3, name)
-
-
 def update_results_md(name: str, body: str, *, title: str | None = None) -> Path:
-    """Replace (or add) section ``name`` of RESULTS.md, keeping the sections in :func:`section_order`."""
+    """Replace (or add) section ``name`` of RESULTS.md; sections in the order ``gpu`` (the device), ``gpu-*``,
+    the past GPU figures, the CPU sections."""
     path = _out("md")
     text = path.read_text() if path.exists() else _MD_HEADER
     pat = re.compile(r"<!-- BEGIN (?P<name>[\w.-]+) -->\n.*?<!-- END (?P=name) -->\n", re.S)
     sections = {m.group("name"): m.group(0) for m in pat.finditer(text)}
     sections[name] = f"<!-- BEGIN {name} -->\n## {title or name}\n\n{body.strip()}\n<!-- END {name} -->\n"
-    return atomic_write_text(path, pat.sub("", text).rstrip() + "\n"
-                             + "".join("\n" + sections[k] for k in sorted(sections, key=section_order)))
+    order = sorted(sections, key=lambda n: (0 if n == "gpu" else 2 if n == PAST_GPU_SECTION else 1 if n[:4] == "gpu-" else 3, n))
+    return atomic_write_text(path, pat.sub("", text).rstrip() + "\n" + "".join("\n" + sections[k] for k in order))
 
 
 def machine_info() -> dict:
@@ -140,10 +133,9 @@ def machine_line(m: dict | None = None) -> str:
 def contention_note(info: dict, robust: str = "the single-thread CPU-time figures are the contention-robust ones") -> str:
     """A sentence when the machine was oversubscribed (1-minute load above the core count), else ``""``."""
     load, cores = info.get("load_avg_1m"), info.get("cpu_count") or 1
-    if load is None or load <= cores:
-        return ""
-    return (f" The machine was oversubscribed while this ran (load average {load:.1f} on {cores} cores): wall-clock "
-            f"times are noisy; {robust}.")
+    return "" if load is None or load <= cores else (
+        f" The machine was oversubscribed while this ran (load average {load:.1f} on {cores} cores): wall-clock times "
+        f"are noisy; {robust}.")
 
 
 # Peak HBM bandwidth from NVIDIA's data sheets, TB/s, matched on the name torch reports (first match wins).
@@ -233,12 +225,6 @@ def wall_ms(fn: Callable[[], object], device: torch.device, iters: int = 1, warm
     return times
 
 
-def latency_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> dict:
-    """What a caller waits for one result: ``{"median", "min", "n"}`` of :func:`wall_ms`."""
-    t = wall_ms(fn, device, iters, warmup)
-    return {"median": statistics.median(t), "min": min(t), "n": len(t)}
-
-
 @contextlib.contextmanager
 def one_thread():
     """torch (and OpenMP) on one thread: all the work runs on the calling thread."""
@@ -299,10 +285,9 @@ class OpCounter(TorchDispatchMode):
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn``, above what was live before:
-    torch.profiler (``profile_memory=True``) records every allocation and free with a timestamp; replayed
-    in order they give the live-bytes curve. Counts every tensor torch allocates (outputs, temporaries,
-    saved tensors, gradients); getfast's csrc kernels allocate nothing of their own."""
+    """Peak bytes of PyTorch's CPU allocator during one call of ``fn`` above what was live before: the
+    allocations and frees torch.profiler records (``profile_memory=True``), replayed in time order. Every
+    tensor torch allocates counts; getfast's csrc kernels allocate nothing of their own."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

@@ -3,8 +3,8 @@
     python -m benchmarks [--device cpu|cuda] [--quick] [--only NAME ...] [--out DIR] [--budget-s S]
     getfast bench ...  |  python -m getfast.bench ...      (the same options)
 
-CPU (the default): deq (solvers vs torchdeq), models (one step vs Heun, eager vs compile), overhead
-(host cost of the fused ops at tiny sizes), pairs (teacher pair generation), sim_loss (fused vs eager).
+CPU (the default): deq (solvers vs torchdeq), overhead (host cost of the fused ops at tiny sizes), pairs
+(teacher pair generation), sampling (one step vs Heun), sim_loss (fused vs eager), train (eager vs compile).
 CUDA, in this order: sampling (latency eager / bf16 / CUDA graph), deq (vs torchdeq), train (img/s eager
 vs --compile), sim_loss (vs eager: GB/s, % of peak), attention (Triton vs SDPA): gpu_<name>.json and the
 gpu-<name> sections after a `gpu` section naming the device. Each is the module getfast.bench.<name>.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-CPU_BENCHMARKS = ("deq", "models", "overhead", "pairs", "sim_loss")
+CPU_BENCHMARKS = ("deq", "overhead", "pairs", "sampling", "sim_loss", "train")
 GPU_BENCHMARKS = ("sampling", "deq", "train", "sim_loss", "attention")  # the most telling first (a cut-off run keeps them)
 QUICK_GPU_BUDGET_S = 330.0  # --quick on CUDA: the whole run within 6 minutes on one H100, with margin
 
@@ -30,7 +30,7 @@ class BenchConfig:
 
     device: str = "cpu"          # cpu | cuda (cuda:N): the CPU benchmarks or the GPU ones; cuda needs a visible GPU
     quick: bool = False          # smaller sizes, shorter timing, 2 attention tile configs; cuda: within 6 minutes on one H100
-    only: tuple[str, ...] = ()   # run only these (cpu: deq models overhead pairs sim_loss; cuda: sampling deq train sim_loss attention)
+    only: tuple[str, ...] = ()   # run only these (cpu: deq overhead pairs sampling sim_loss train; cuda: sampling deq train sim_loss attention)
     out: str = ""                # folder for <name>.json and RESULTS.md ("": benchmarks/ of a source checkout, else ./getfast-bench)
     budget_s: float = 0.0        # start no new measurement after this many seconds (0: no limit; cuda with --quick: 330)
 

@@ -1,24 +1,13 @@
-"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0, on the CPU or a GPU.
-
-The problem: the contraction ``f(z) = x + a ⊙ tanh(z)``, a ∈ [0.5, 0.95], from zeros (cheap, so the
-solvers' own cost shows); m = 6, λ = 1e-4, relative tol 1e-4 (Anderson needs 13 evaluations, fixed point
-23; both Anderson implementations add λ to the Gram matrix absolutely, so a much tighter tol turns either
-into plain averaging); each solver stops by its own rule. torchdeq is optional (``pip install
-torchdeq==0.1.0``): without it the CPU benchmark is skipped with a message, the GPU one keeps its rows.
-
-CPU (B=32, D=65536): ATen ops and host syncs per iteration outside f (counting pauses inside f; 20 minus
-10 iterations; a custom op counts as one, so the reference step is also counted unfolded); Anderson to
-tolerance (wall, interleaved; single-thread CPU time; cost per iteration without f's); fixed point and
-Broyden likewise; one fused step vs the reference composition; history bytes and the peak of a solve.
-GPU (B=128, D=256·768, GET-B/2's state): ms per iteration outside f per backend and torchdeq, fp32 and
-bf16 (solves of 5 and 15 iterations, minus one f call), with the bytes model (3m+4)·B·D·itemsize and its
-share of peak bandwidth; time to tolerance with the default dispatch.
+"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0 on the contraction
+``f(z) = x + a ⊙ tanh(z)`` (cheap, so the solvers' own cost shows), m = 6, λ = 1e-4, relative tol 1e-4 (a
+much tighter tol puts ‖g‖² below λ and turns both Anderson implementations into averaging). CPU: op and
+sync counts, time to tolerance, the fused step, memory; GPU: ms per iteration per backend with the bytes
+model, time to tolerance. torchdeq is optional: without it the CPU benchmark is skipped, the GPU one keeps
+its rows. The report states each method.
 """
 from __future__ import annotations
 
 import collections
-import math
-import os
 import statistics
 
 import torch
@@ -175,30 +164,6 @@ def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None
     return out
 
 
-def step_micro(B: int, D: int, repeats: int) -> dict:
-    """One Anderson step with a full history (k = m + 3): the fused cpp op vs the reference composition."""
-    from getfast.ops import anderson as A
-
-    g = torch.Generator().manual_seed(0)
-    X, G = torch.randn(M, B, D, generator=g), torch.randn(M, B, D, generator=g) * 0.1
-    lowest = torch.zeros(3, B)
-    lowest[:2] = math.inf
-    base = [X, G, torch.einsum("jbd,kbd->bjk", G, G), X[0].clone(), lowest, torch.zeros(2, B, 64),
-            torch.zeros(B, dtype=torch.int32)]
-    fx, fns, out = torch.randn(B, D), {}, {}
-    for backend in ("cpp", "reference"):
-        state = A.AndersonState(*(t.clone() for t in base))
-        fns[backend] = lambda s=state, b=backend: A.anderson_step(s, fx, M + 3, backend=b)
-        fns[backend]()  # warm-up
-        out[backend] = min(wall_ms(fns[backend], torch.device("cpu"), repeats)) / 1e3
-    with one_thread():
-        out["cpu_1thread_s"] = {b: thread_cpu_s(fn) for b, fn in fns.items()}
-    out["speedup"] = out["reference"] / out["cpp"]
-    out["speedup_cpu_1thread"] = out["cpu_1thread_s"]["reference"] / out["cpu_1thread_s"]["cpp"]
-    out["bytes_fused_model"] = anderson_bytes(M, B, D, 4)
-    return out
-
-
 def memory(B: int, D: int) -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -249,96 +214,45 @@ def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int,
     return out
 
 
-def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None) -> dict:
-    return run_gpu(device, quick, budget, peak_bw) if device.type == "cuda" else run_cpu(quick)
-
-
-def run_cpu(quick: bool) -> dict:
-    if torchdeq_missing():
+def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, batch: int | None = None,
+        dim: int | None = None, dtypes=None, solvers=SOLVERS) -> dict:
+    """Every solver per iteration (each backend, the default dispatch, torchdeq) and to tolerance; on CPU also the
+    op and sync counts, single-thread CPU time and memory (torchdeq required there). ``batch``/``dim`` (tests):
+    a small problem, without the CPU-only extras."""
+    cpu = device.type == "cpu"
+    if cpu and torchdeq_missing() and batch is None:
         raise Skipped(f"{torchdeq_missing()}; pip install torchdeq==0.1.0 to compare against it")
-    torch.manual_seed(0)
-    B, D = (8, 8192) if quick else (32, 65536)
-    reps = 2 if quick else 7
-    return {"what": "getfast.deq vs torchdeq 0.1.0 (CPU)", "quick": quick, "machine": machine_info(),
-            "loadavg": os.getloadavg(), "op_counts": op_counts(),
-            "wall_to_tolerance": to_tolerance("anderson", CPU, B, D, "cpp", reps, cpu_repeats=3),
-            "other_solvers": [to_tolerance(s, CPU, B, D, "cpp", 0, cpu_repeats=1) for s in ("fixed_point", "broyden")],
-            "anderson_step_micro": step_micro(B, D, reps), "memory": memory(8, 8192) if quick else memory(B, D)}
-
-
-def run_gpu(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, batch: int = 128,
-            dim: int = 256 * 768, dtypes=(torch.float32, torch.bfloat16), solvers=SOLVERS) -> dict:
-    """The GPU measurements (on CPU tensors too, with the cpp backend in place of triton and cuda: tests)."""
-    backends = ("triton", "cuda", "reference", None) if device.type == "cuda" else ("cpp", "reference", None)
-    per_iter, skipped, tol_rows = [], [], []
+    size = (8, 8192) if quick else (32, 65536) if cpu else (128, 256 * 768)  # GPU: GET-B/2's state, 256 tokens × 768
+    B, D = batch or size[0], dim or size[1]
+    backends = ("cpp", "reference", None) if cpu else ("triton", "cuda", "reference", None)
+    res = {"quick": quick, "machine": machine_info(), "m": M, "lam": LAM, "n1": N1, "n2": N2, "per_iteration": [],
+           "to_tolerance": [], "skipped": [], "torchdeq": torchdeq_missing() or "present",
+           "bytes_model": "(3m+4)·B·D·itemsize per Anderson step; m = 1 for fixed point"}
+    if cpu and batch is None:
+        res["op_counts"], res["memory"] = op_counts(), memory(*((8, 8192) if quick else (B, D)))
     for solver in solvers:
-        for dtype in dtypes:
+        for dtype in dtypes or ((torch.float32,) if cpu else (torch.float32, torch.bfloat16)):
             if not budget.allows(15.0):
-                skipped.append(f"{solver} {dtype_name(dtype)} per iteration ({budget.skip_note(15.0)})")
+                res["skipped"].append(f"{solver} {dtype_name(dtype)} per iteration ({budget.skip_note(15.0)})")
                 continue
-            row = per_iteration(solver, dtype, device, quick, batch, dim, backends)
+            row = per_iteration(solver, dtype, device, quick, B, D, backends)
             for e in row["impls"].values():
                 if e.get("gb_s") is not None:
                     e["bw_share"] = share(e["gb_s"] * 1e9, peak_bw)
-            per_iter.append(row)
+            res["per_iteration"].append(row)
     for solver in solvers:
-        if budget.allows(10.0):
-            tol_rows.append(to_tolerance(solver, device, batch, dim, repeats=3 if quick else 7))
+        if budget.allows(10.0):  # on CPU the fused C++ step, as the default dispatch picks it
+            res["to_tolerance"].append(to_tolerance(solver, device, B, D, "cpp" if cpu else None, 3 if quick else 7,
+                                                    cpu_repeats=3 if cpu else 0))
         else:
-            skipped.append(f"{solver} to tolerance ({budget.skip_note(10.0)})")
+            res["skipped"].append(f"{solver} to tolerance ({budget.skip_note(10.0)})")
     if torchdeq_missing():
-        skipped.append(f"the torchdeq columns ({torchdeq_missing()})")
-    return {"quick": quick, "m": M, "lam": LAM, "n1": N1, "n2": N2, "per_iteration": per_iter, "to_tolerance": tol_rows,
-            "skipped": skipped, "torchdeq": torchdeq_missing() or "present",
-            "bytes_model": "(3m+4)·B·D·itemsize per Anderson step; m = 1 for fixed point"}
+        res["skipped"].append(f"the torchdeq columns ({torchdeq_missing()})")
+    return res
 
 
 def report(res: dict) -> str:
-    return _report_gpu(res) if "per_iteration" in res else _report_cpu(res)
-
-
-def _report_cpu(res: dict) -> str:
-    ops = markdown_table(["solver", "ATen ops / iteration (excl. f)", "host syncs / iteration"],
-                         [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]])
-    w, ms = res["wall_to_tolerance"], lambda d: {k: 1e3 * v for k, v in d.items()}
-    oh, ohc = ms(w["overhead_per_iter_s"]), ms(w["overhead_per_iter_cpu_1thread_s"])
-    rows = [("f evaluations to tol", w["f_calls"], w["f_calls"]["ours"] / w["f_calls"]["theirs"]),
-            ("wall s to tol (median)", w["wall_s"], w["ratio_wall"]),
-            ("wall s to tol (min)", w["wall_min_s"], w["ratio_wall_min"]),
-            ("CPU s to tol, 1 thread", w["cpu_1thread_s"], w["ratio_cpu_1thread"]),
-            ("solver ms / iteration excl. f (min wall)", oh, oh["ours"] / oh["theirs"]),
-            ("solver ms / iteration excl. f (CPU, 1 thread)", ohc, ohc["ours"] / ohc["theirs"]),
-            ("max residual at exit", w["final_max_residual"], "")]
-    wall = markdown_table(["", "getfast anderson (cpp)", "torchdeq anderson", "ratio (target ≤ 0.5)"],
-                          [(label, v["ours"], v["theirs"], r) for label, v, r in rows])
-    mem = markdown_table(
-        ["state dtype", "getfast history", "torchdeq history", "getfast peak (whole solve)", "torchdeq peak (whole solve)"],
-        [(r["dtype"], fmt_bytes(r["ours_history_bytes"]),
-          fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails", fmt_bytes(r["ours_peak_bytes"]),
-          fmt_bytes(r["theirs_peak_bytes"]) if r["theirs_peak_bytes"] else r.get("theirs_error", "fails"))
-         for r in res["memory"]])
-    others = markdown_table(
-        ["solver", "f evaluations getfast / torchdeq", "CPU s to tol, 1 thread, getfast", "torchdeq", "ratio"],
-        [(r["solver"], f"{r['f_calls']['ours']} / {r['f_calls']['theirs']}", r["cpu_1thread_s"]["ours"],
-          r["cpu_1thread_s"]["theirs"], r["ratio_cpu_1thread"]) for r in res["other_solvers"]])
-    s, c = res["anderson_step_micro"], res["anderson_step_micro"]["cpu_1thread_s"]
-    return (f"{res['what']}. Machine: {machine_line(res['machine'])}; load average "
-            f"{', '.join(f'{v:.1f}' for v in res['loadavg'])}.\n\n**Solver overhead** (B=4, D=1000, `tanh` map; f's own "
-            f"ops not counted; a getfast custom op counts as one op):\n\n{ops}\n\n**Time to tolerance** — B={w['B']}, "
-            f"D={w['D']}, f(z) = x + a⊙tanh(z) (a ∈ [0.5, 0.95]), m={w['m']}, lam={w['lam']}, tol={w['tol']} "
-            f"({w['stop_mode']}), each solver stopping by its own rule (torchdeq: the current residual of every sample "
-            f"< tol; getfast: every sample's best residual < tol, converged samples frozen). One f call: "
-            f"{1e3 * w['f_call_s']:.1f} ms (wall, min).\n\n{wall}\n\nSame problem, the other solvers (torchdeq "
-            f"`fixed_point_iter`, `broyden` with its defaults):\n\n{others}\n\nFused step alone (B={w['B']}, D={w['D']}, "
-            f"m={w['m']}, ring full): cpp {1e3 * s['cpp']:.1f} ms vs reference composition {1e3 * s['reference']:.1f} ms "
-            f"wall, min (**{s['speedup']:.1f}×**); single-thread CPU {1e3 * c['cpp']:.1f} vs {1e3 * c['reference']:.1f} ms "
-            f"(**{s['speedup_cpu_1thread']:.1f}×**); model of bytes moved by the fused step (3m+4)·B·D·4 = "
-            f"{fmt_bytes(s['bytes_fused_model'])}.\n\n**Memory** (Anderson, m={w['m']}, 12 iterations):\n\n{mem}\n"
-            + ("\n(quick run)" if res["quick"] else "") + contention_note(res["machine"]) + "\n")
-
-
-def _report_gpu(res: dict) -> str:
-    lines = []
+    lines, cpu = [], "cpu_1thread_f_call_s" in (res["to_tolerance"] or [{}])[0]
     for r in res["per_iteration"]:
         for label, e in r["impls"].items():
             lines.append([r["solver"], r["dtype"], label] + (
@@ -346,22 +260,46 @@ def _report_gpu(res: dict) -> str:
                 [e.get("note") or fmt(e.get("ms_per_iter"), ".3f"), fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
                  fmt_ratio(e.get("ratio_vs_torchdeq"))]))
     p = res["per_iteration"][0] if res["per_iteration"] else None
+    text = f"Machine: {machine_line(res['machine'])}.\n\n" if cpu else ""
+    if res.get("op_counts"):
+        text += ("**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op counts as "
+                 "one op; 20 minus 10 iterations):\n\n" + markdown_table(
+                     ["solver", "ATen ops / iteration (excl. f)", "host syncs / iteration"],
+                     [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]]) + "\n\n")
     shape = f"B={p['B']}, D={p['D']}, " if p else ""
-    text = (f"Per iteration outside f ({shape}m={res['m']}, λ={res['lam']}; "
-            f"iterations {res['n1']}→{res['n2']}, f's time subtracted). GB/s from the bytes model {res['bytes_model']}; "
-            f"ratio = getfast ÷ torchdeq time (< 1: getfast is faster). torchdeq: {res['torchdeq']}.\n\n"
-            + markdown_table(["solver", "state dtype", "implementation", "ms / iteration", "GB/s (model)", "% of peak",
-                              "vs torchdeq"], lines) + "\n")
+    text += (f"**Per iteration outside f** ({shape}m={res['m']}, "
+             f"λ={res['lam']}; whole solves of {res['n1']} and {res['n2']} iterations, the difference per iteration "
+             f"minus one f call). GB/s from the bytes model {res['bytes_model']}; ratio = getfast ÷ torchdeq time "
+             f"(< 1: getfast is faster). torchdeq: {res['torchdeq']}.\n\n"
+             + markdown_table(["solver", "state dtype", "implementation", "ms / iteration", "GB/s (model)", "% of peak",
+                               "vs torchdeq"], lines) + "\n")
     tl = []
     for r in res["to_tolerance"]:
-        cells = [[markdown_safe(r["errors"][w]), "–", "–"] if w in r["errors"] else
-                 [fmt(1e3 * r["wall_s"][w], ".2f") if w in r["wall_s"] else "–", fmt(r["f_calls"].get(w), "d"),
-                  fmt(r["final_max_rel_residual"].get(w), ".2g")] for w in ("ours", "theirs")]
-        tl.append([f"{r['solver']} ({r['backend']})", cells[0][0], cells[1][0], fmt_ratio(r.get("ratio_wall")),
-                   f"{cells[0][1]} / {cells[1][1]}", f"{cells[0][2]} / {cells[1][2]}"])
+        def cells(w, r=r):
+            if w in r["errors"]:
+                return [markdown_safe(r["errors"][w])] + ["–"] * 4
+            return [fmt(1e3 * r["wall_s"][w], ".2f") if w in r["wall_s"] else "–",
+                    fmt(1e3 * r["cpu_1thread_s"][w], ".2f") if w in r.get("cpu_1thread_s", {}) else "–",
+                    fmt(1e3 * r["overhead_per_iter_s"][w], ".3f") if w in r.get("overhead_per_iter_s", {}) else "–",
+                    fmt(r["f_calls"].get(w), "d"), fmt(r["final_max_rel_residual"].get(w), ".2g")]
+        g, t = cells("ours"), cells("theirs")
+        tl.append([f"{r['solver']} ({r['backend']})", f"{g[0]} / {t[0]}", fmt_ratio(r.get("ratio_wall")),
+                   f"{g[1]} / {t[1]}", fmt_ratio(r.get("ratio_cpu_1thread")), f"{g[2]} / {t[2]}", f"{g[3]} / {t[3]}",
+                   f"{g[4]} / {t[4]}"])
     if tl:
-        text += (f"\nTime to tolerance (fp32, relative tol {TOL}, each solver's own stopping rule, getfast's default "
-                 "dispatch; synchronised wall time, median):\n\n" + markdown_table(
-                     ["solver", "getfast ms", "torchdeq ms", "ratio", "f evaluations getfast / torchdeq",
-                      "max rel. residual getfast / torchdeq"], tl) + "\n")
-    return text + not_measured(res["skipped"])
+        text += (f"\n**Time to tolerance** (f(z) = x + a⊙tanh(z), a ∈ [0.5, 0.95], fp32, relative tol {TOL}; each solver "
+                 "stops by its own rule: torchdeq when every sample's current residual < tol, getfast when every sample's "
+                 "best residual < tol, converged samples frozen). Wall: synchronised, median, interleaved; CPU time: the "
+                 "calling thread on one torch thread (contention-robust); solver ms per iteration excluding f from the "
+                 "fastest wall time.\n\n" + markdown_table(
+                     ["solver", "wall ms getfast / torchdeq", "ratio", "CPU ms, 1 thread", "ratio",
+                      "solver ms / iteration excl. f", "f evaluations", "max rel. residual"], tl) + "\n")
+    if res.get("memory"):
+        text += (f"\n**Memory** (Anderson, m={res['m']}, 12 iterations; history analytic, peak of the CPU allocator):\n\n"
+                 + markdown_table(["state dtype", "getfast history", "torchdeq history", "getfast peak", "torchdeq peak"],
+                                  [(r["dtype"], fmt_bytes(r["ours_history_bytes"]),
+                                    fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails",
+                                    fmt_bytes(r["ours_peak_bytes"]), fmt_bytes(r["theirs_peak_bytes"])
+                                    if r["theirs_peak_bytes"] else r.get("theirs_error", "fails")) for r in res["memory"]])
+                 + "\n")
+    return text + (contention_note(res["machine"]) if cpu else "") + not_measured(res["skipped"])

@@ -1,21 +1,15 @@
-"""Per-call host cost of the fused ops against the PyTorch compositions they replace, at sizes so small
-that the host cost is all there is, on the CPU with one thread; each pair timed side by side,
-alternating over rounds:
-
-* ``sim_loss`` fwd+bwd at 2×1×4×4 fp32: ``getfast.ops.sim_loss`` (default path) vs ``sim_loss_reference``
-  (eager ops + autograd), both followed by ``torch.autograd.grad``; target ratio ≤ 0.5;
-* one Anderson step (B=2, D=64, m=6, ring full) and one Broyden step (memory 6): default backend vs the
-  reference step (plain ATen ops);
-* a whole solve with ``tol=None`` (20 iterations of a cheap map, B=2, D=64) per solver, likewise.
+"""Per-call host cost of the fused ops vs the PyTorch compositions they replace, at sizes where the host cost
+is all there is, on the CPU with one thread, alternating over rounds: sim_loss fwd+bwd at 2×1×4×4 (target
+ratio ≤ 0.5), one Anderson and one Broyden step (B=2, D=64, m=6), and 20-iteration solves, each vs the
+reference step.
 """
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
 
-from getfast.bench.common import Budget, machine_info, machine_line, markdown_table, one_thread, median_s
+from getfast.bench.common import Budget, forced_backend, machine_info, machine_line, markdown_table, median_s, one_thread
 from getfast.bench.sim_loss import eager, fused, inputs
 
 TITLES = {"cpu": "overhead — host cost per call of the fused ops vs the compositions they replace (CPU)"}
@@ -59,25 +53,20 @@ def pairs():
 def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None) -> dict:
     from getfast.ops import OPS
 
-    prev_env = os.environ.pop("GETFAST_BACKEND", None)
     rounds, mrt = (2, 0.2) if quick else (5, 0.5)
     rows = []
-    try:
-        with one_thread():  # host cost: one thread, no OpenMP wake-ups
-            for what, base_label, base, fused_label, fn in pairs():
-                base(), fn()  # warm-up: dispatch decided and cached, kernels loaded
-                tb, tf = [], []
-                for _ in range(rounds):  # alternate so both sides share the machine's noise
-                    tb.append(median_s(base, mrt))
-                    tf.append(median_s(fn, mrt))
-                rows.append({"what": what, "baseline": base_label, "fused": fused_label,
-                             "baseline_us": statistics.median_high(tb) * 1e6, "fused_us": statistics.median_high(tf) * 1e6,
-                             "ratio": statistics.median_high([f / b for b, f in zip(tb, tf)]),
-                             "rounds": {"baseline_s": tb, "fused_s": tf}})
-            defaults = {name: op.choose(torch.device("cpu"), torch.float32) for name, op in OPS.items()}
-    finally:
-        if prev_env is not None:
-            os.environ["GETFAST_BACKEND"] = prev_env
+    with forced_backend(None), one_thread():  # the default path; host cost: one thread, no OpenMP wake-ups
+        for what, base_label, base, fused_label, fn in pairs():
+            base(), fn()  # warm-up: dispatch decided and cached, kernels loaded
+            tb, tf = [], []
+            for _ in range(rounds):  # alternate so both sides share the machine's noise
+                tb.append(median_s(base, mrt))
+                tf.append(median_s(fn, mrt))
+            rows.append({"what": what, "baseline": base_label, "fused": fused_label,
+                         "baseline_us": statistics.median_high(tb) * 1e6, "fused_us": statistics.median_high(tf) * 1e6,
+                         "ratio": statistics.median_high([f / b for b, f in zip(tb, tf)]),
+                         "rounds": {"baseline_s": tb, "fused_s": tf}})
+        defaults = {name: op.choose(torch.device("cpu"), torch.float32) for name, op in OPS.items()}
     return {"name": "overhead",
             "what": "host cost per call at tiny sizes: getfast's default path vs the PyTorch composition it replaces",
             "timing": f"torch.utils.benchmark blocked_autorange median, 1 thread; baseline and fused alternate for {rounds} "

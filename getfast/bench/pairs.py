@@ -1,8 +1,6 @@
-"""Noise/image pair generation rate: the teacher's Heun sampler (18 steps, 35 evaluations per pair) at
-batch 64, alone and inside ``make_pairs`` (seeded noise, quantisation, sha256, atomic shard writes),
-and reading pairs back (``PairDataset.batch``, noise regenerated from seeds). Teacher: the committed
-Fashion-MNIST teacher, else a fresh UNet-S at 28×28×1 with 10 classes (the same architecture: the
-rate depends on the architecture, not the weights). Runs on CUDA when present.
+"""Pair generation rate: the teacher's Heun sampler (35 evaluations per pair) at batch 64, alone and inside
+``make_pairs``, and reading pairs back; the committed Fashion-MNIST teacher, else a fresh UNet-S (the rate
+depends on the architecture, not the weights). On CUDA when present.
 """
 from __future__ import annotations
 

@@ -1,25 +1,30 @@
-"""Sampling latency on the GPU: a one-step GET-B/2 student vs the UNet-DDPMpp teacher with EDM's Heun
-sampler (18 steps, 35 evaluations), 32×32×3, batch 1 and 64, random weights exported in getfast's
-checkpoint formats (latency depends on the architecture, not the weights). Every variant goes through
-``getfast.sampling.load`` (the sampler of ``getfast sample``, its checks included): eager fp32, eager
-bf16 autocast, and a CUDA graph of the whole bf16 call (``compile=True``) replayed — an error row if the
-sampler fell back to eager, the replay checked against eager bf16. Synchronised wall time, median.
+"""Sampling latency: a one-step GET student vs an EDM UNet teacher with EDM's Heun sampler (18 steps, 35
+evaluations); GPU: GET-B/2 and UNet-DDPMpp at 32×32×3, batch 1 and 64; CPU: GET-N/4 and UNet-S at 28×28×1.
+Random weights in getfast's checkpoint formats (latency depends on the architecture, not the weights), each
+variant through ``getfast.sampling.load`` (the sampler of ``getfast sample``): eager fp32, eager bf16
+autocast, and a CUDA graph of the whole bf16 call (``compile=True``) replayed — an error row if the sampler
+fell back to eager, the replay checked against eager bf16. Synchronised wall time, median.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
-from getfast.bench.common import Budget, attempt, fmt, fmt_ratio, latency_ms, markdown_safe, markdown_table, not_measured
+from getfast.bench.common import (Budget, attempt, contention_note, fmt, fmt_ratio, machine_info, machine_line, markdown_safe,
+                                  markdown_table, not_measured, wall_ms)
 
-TITLES = {"cuda": "GPU sampling latency — one-step GET-B/2 vs UNet-DDPMpp teacher (Heun, 35 evaluations)"}
+TITLES = {"cpu": "sampling — one-step GET-N/4 vs the UNet-S teacher's Heun sampler (CPU latency)",
+          "cuda": "GPU sampling latency — one-step GET-B/2 vs UNet-DDPMpp teacher (Heun, 35 evaluations)"}
 VARIANTS = ("eager fp32", "eager bf16", "CUDA graph bf16")
 NONDETERMINISTIC = "two eager calls differ (random fixed-point start): replay not compared"
 DEFAULT_PLAN = {"student": "GET-B/2", "teacher": "UNet-DDPMpp", "resolution": 32, "channels": 3, "num_classes": 10,
                 "batches": (1, 64), "heun_steps": 18,
                 "student_iters": None, "teacher_iters": None}  # timed calls per variant (None: by --quick)
+CPU_PLAN = {**DEFAULT_PLAN, "student": "GET-N/4", "teacher": "UNet-S", "resolution": 28, "channels": 1,
+            "batches": (64,), "teacher_iters": 2}  # the Fashion-MNIST models
 
 
 def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
@@ -58,16 +63,16 @@ def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, ste
 
     out, eager = {}, None
     for name, bf16, graph in (("eager fp32", False, False), ("eager bf16", True, False), ("CUDA graph bf16", True, True)):
-        if graph and device.type != "cuda" and graph_backend is None:
-            out[name] = {"error": "needs a CUDA device"}
+        if bf16 and device.type != "cuda" and graph_backend is None:
+            out[name] = {"skipped": "needs a CUDA device" if graph else "CPU: fp32 only"}
             continue
         kw = {} if not graph else {"compile": True} if graph_backend is None else {"graph_backend": graph_backend}
         sampler, err = attempt(lambda: load(str(ckpt), steps=steps, device=device, bf16=bf16, log=lambda _: None, **kw))
         call = lambda: sampler(z, labels)  # noqa: E731
         if graph and err is None:  # the first call captures
             err = attempt(call)[1] or graph_entry(sampler.graphs)
-        lat, err = (None, err) if err else attempt(lambda: latency_ms(call, device, iters, warmup))
-        entry = out[name] = {"error": err} if err else {"ms": lat["median"], "min_ms": lat["min"], "n": lat["n"]}
+        lat, err = (None, err) if err else attempt(lambda: wall_ms(call, device, iters, warmup))
+        entry = out[name] = {"error": err} if err else {"ms": statistics.median(lat), "min_ms": min(lat), "n": len(lat)}
         if err is None and bf16:
             if not graph:  # only a deterministic sampler can be compared call for call
                 first, second = call(), call()
@@ -87,9 +92,12 @@ def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, ste
 
 
 def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, plan: dict | None = None) -> dict:
-    plan = {**DEFAULT_PLAN, **(plan or {})}
+    cpu = device.type == "cpu"
+    plan = {**(CPU_PLAN if cpu else DEFAULT_PLAN), **({"batches": (16,), "teacher_iters": 1} if cpu and quick else {}),
+            **(plan or {})}
     res = {"quick": quick, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.items()},
-           "nfe_teacher": 2 * plan["heun_steps"] - 1, "rows": [], "skipped": []}
+           "nfe_teacher": 2 * plan["heun_steps"] - 1, "rows": [], "on": device.type, "machine": machine_info(),
+           "skipped": ["the bf16 and CUDA-graph rows (CPU: eager fp32 only)"] if cpu else []}
     r, c, K = plan["resolution"], plan["channels"], plan["num_classes"]
     with tempfile.TemporaryDirectory() as td:
         *ckpts, res["params_M"] = export_checkpoints(plan, Path(td))
@@ -122,15 +130,18 @@ def report(res: dict) -> str:
         v = {n: row["variants"].get(n, {}) for n in VARIANTS}
         g, eager = v["CUDA graph bf16"], v["eager bf16"]
         lines.append([names[row["model"]], row["batch"]]
-                     + [markdown_safe(e["error"]) if e.get("error") else fmt(e.get("ms"), ".2f") for e in v.values()]
+                     + [markdown_safe(e.get("error") or e.get("skipped")) if e.get("error") or e.get("skipped")
+                        else fmt(e.get("ms"), ".2f") for e in v.values()]
                      + [fmt_ratio(eager["ms"] / g["ms"]) if (eager.get("ms") and g.get("ms")) else "–",
                         fmt_ratio(g.get("speedup_vs_teacher")) if row["model"] == "student" else "",
                         fmt(g["max_abs_diff_vs_eager_bf16"], ".2g") if "max_abs_diff_vs_eager_bf16" in g
                         else "random start: not compared" if eager.get("nondeterministic") else "–"])
-    return (f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights ({res['params_M']['student']:.1f}M / "
+    return ((f"Machine: {machine_line(res['machine'])}.\n\n" if res.get("on") == "cpu" else "")
+            + f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights ({res['params_M']['student']:.1f}M / "
             f"{res['params_M']['teacher']:.1f}M parameters), sampled through `getfast.sampling.load` (the sampler of "
             "`getfast sample`). Latency: synchronised wall ms per batch, median. Graph = one CUDA-graph capture of the "
             "whole bf16 call, replayed.\n\n"
             + markdown_table(["sampler", "batch", *[f"{v} ms" for v in VARIANTS], "graph speed-up vs eager bf16",
                               "one step vs teacher (graph)", "replay vs eager bf16, max abs diff"], lines) + "\n"
+            + (contention_note(res["machine"], "quote nothing from this run") if res.get("on") == "cpu" else "")
             + not_measured(res["skipped"]))

@@ -1,15 +1,7 @@
 """The fused SIM surrogate (``getfast.ops.sim_loss``) vs the eager composition differentiated by autograd
-(``sim_loss_reference``): one forward and ``torch.autograd.grad`` w.r.t. the three (B, ...) inputs.
-
-CPU (target ≥ 2× faster, less peak memory): the cpp backend at 64×3×32×32 and 64×4×64×64 fp32 with 1 and
-torch's default threads; eager and fused alternate over rounds in one process (speed-up = median of the
-per-round ratios of ``torch.utils.benchmark`` medians); with 1 thread also the calling thread's CPU time
-(contention-robust); the peak of PyTorch's CPU allocator during one fwd+bwd.
-
-GPU: every GPU backend forced (triton, cuda) and the default dispatch, at 256×3×64×64, 7×3×33×31 (launch
-overhead dominates) and 64×3×32×32, fp32 (and bf16 in a full run), each checked against a float64
-reference before timing; effective GB/s from the least bytes a fused fwd+bwd moves (9 tensors,
-:func:`getfast.bench.common.sim_loss_bytes`) and its share of the peak bandwidth, applied to eager too.
+(``sim_loss_reference``): one forward and ``torch.autograd.grad`` w.r.t. the three inputs. CPU: the cpp
+backend, interleaved rounds, single-thread CPU time, peak memory; GPU: each backend forced and the default
+dispatch, checked against float64 first, GB/s and % of peak from the 9-tensor bytes model.
 """
 from __future__ import annotations
 
@@ -20,8 +12,7 @@ import torch
 
 from getfast.bench.common import (Budget, attempt, cpu_peak_bytes, default_backend, dtype_name, fmt, fmt_bytes, fmt_pct,
                                   fmt_ratio, forced_backend, kernel_ms, machine_info, machine_line, markdown_safe,
-                                  markdown_table, not_measured, one_thread, rate, share, sim_loss_bytes, thread_cpu_s,
-                                  median_s)
+                                  markdown_table, not_measured, rate, share, sim_loss_bytes, thread_cpu_s)
 
 TITLES = {"cpu": "sim_loss — fused SIM surrogate vs eager (CPU, fwd+bwd)",
           "cuda": "GPU sim_loss — fused SIM surrogate vs eager autograd (fwd+bwd)"}
@@ -51,128 +42,92 @@ def eager(a, f, x, sigma, w):
     return torch.autograd.grad((sim_loss_reference(a, f, x, sigma, C) * w).sum(), (a, f, x))
 
 
-def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None) -> dict:
-    return run_gpu(device, quick, budget, peak_bw) if device.type == "cuda" else run_cpu(quick)
-
-
-# ---- CPU --------------------------------------------------------------------------------------------
-def run_cpu(quick: bool, threads: tuple[int, ...] | None = None) -> dict:
-    rows, default_threads = [], torch.get_num_threads()
-    try:
-        for nt in threads or tuple(sorted({1, default_threads})):
-            for shape in CPU_SHAPES:
-                torch.set_num_threads(nt)
-                args = inputs(shape)
-                e_fn, f_fn = (lambda: eager(*args)), (lambda: fused(*args, backend="cpp"))
-                for x, y in zip(e_fn(), f_fn()):  # correctness guard before timing
-                    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-                t_e, t_f = [], []
-                for _ in range(1 if quick else 5):  # interleaved rounds share the machine's noise
-                    t_e.append(median_s(e_fn, 0.3 if quick else 1.0))
-                    t_f.append(median_s(f_fn, 0.3 if quick else 1.0))
-                cpu_e = cpu_f = None
-                if nt == 1:  # contention-robust: CPU seconds of the calling thread
-                    with one_thread():
-                        cpu_e, cpu_f = (thread_cpu_s(fn, min_cpu_time=0.5 if quick else 2.0, repeats=5)
-                                        for fn in (e_fn, f_fn))
-                me, mf = cpu_peak_bytes(e_fn), cpu_peak_bytes(f_fn)
-                te, tf = statistics.median_low(t_e), statistics.median_low(t_f)
-                rows.append({"shape": list(shape), "dtype": "float32", "threads": nt, "eager_median_s": te,
-                             "fused_median_s": tf, "speedup": statistics.median_low([e / f for e, f in zip(t_e, t_f)]),
-                             "ratio_of_medians": te / tf, "eager_thread_cpu_s": cpu_e, "fused_thread_cpu_s": cpu_f,
-                             "speedup_thread_cpu": (cpu_e / cpu_f) if cpu_e else None,
-                             "rounds": {"eager_s": t_e, "fused_s": t_f}, "eager_peak_bytes": me, "fused_peak_bytes": mf,
-                             "memory_ratio": me / mf, "input_bytes_each": args[0].numel() * 4})
-    finally:
-        torch.set_num_threads(default_threads)
-    return {"name": "sim_loss",
-            "what": "getfast.ops.sim_loss (cpp backend, fused fwd + bwd) vs sim_loss_reference (eager torch ops + "
-                    "autograd); one forward + torch.autograd.grad w.r.t. d_teacher, d_fake, x_g",
-            "timing": "torch.utils.benchmark blocked_autorange median per round; eager and fused alternate for 5 "
-                      "rounds in one process; speed-up = median over rounds of the per-round ratio of medians; CPU time "
-                      "(1 thread only) = median time.thread_time per call, unaffected by other processes preempting this one",
-            "memory": "peak bytes of PyTorch's CPU allocator during one fwd+bwd, from torch.profiler allocation events "
-                      "(profile_memory=True), above what was live before the call; includes the 3 gradients",
-            "quick": quick, "machine": machine_info(), "results": rows}
-
-
-# ---- GPU --------------------------------------------------------------------------------------------
-def measure(shape, dtype, device, quick: bool, peak_bw: float | None) -> dict:
+def measure(shape, dtype, device, quick: bool, peak_bw: float | None, threads: int | None = None) -> dict:
+    """One row: eager autograd, each fused backend forced (CPU: cpp; CUDA: triton, cuda) and the default dispatch
+    where it is neither, each checked against float64 before timing; on CPU, with ``threads``, also the peak of
+    the allocator and (one thread) the calling thread's CPU time."""
     args = inputs(shape, dtype, device)
     nbytes = sim_loss_bytes(args[0].numel(), args[0].element_size())
-    row = {"shape": list(shape), "dtype": dtype_name(dtype), "model_bytes": nbytes, "impls": {},
+    backends = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+    row = {"shape": list(shape), "dtype": dtype_name(dtype), "threads": threads, "model_bytes": nbytes, "impls": {},
            "default_backend": default_backend("sim_loss", device, dtype)}
-    # correctness guard against float64 (eager in bf16 is itself only bf16-accurate)
     ref = eager(*(t.detach().double().requires_grad_() for t in args[:3]), args[3].double(), args[4].double())
-    impls = {"eager": lambda: eager(*args)}
-    impls.update({b: (lambda b=b: fused(*args, backend=b))
-                  for b in (("triton", "cuda") if device.type == "cuda" else ("cpp",))})
-    impls["default"] = lambda: fused(*args)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2  # relative to the largest gradient entry
+    impls = {"eager": lambda: eager(*args), **{b: (lambda b=b: fused(*args, backend=b)) for b in backends}}
+    if row["default_backend"] not in backends:
+        impls["default"] = lambda: fused(*args)
+    tol, timed = (1e-4 if dtype == torch.float32 else 3e-2), {}  # relative to the largest gradient entry
     for name, fn in impls.items():
-        entry: dict = {}
         got, err = attempt(fn)
+        entry = row["impls"][name] = {"error": err}
         if err is None:
             diff = max(float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(got, ref))
             entry["max_rel_diff_vs_fp64"] = diff
             if name != "eager" and not diff <= tol:  # the reference's own rounding is recorded, not judged
-                err = f"wrong result: max relative difference {diff:.2g} > {tol:g}"
-        if err is None:
-            entry["ms"], err = attempt(lambda fn=fn: kernel_ms(fn, device, quick))
-            entry["gb_s"] = None if entry["ms"] is None else rate(nbytes, entry["ms"]) / 1e9
-            entry["bw_share"] = None if entry["ms"] is None else share(rate(nbytes, entry["ms"]), peak_bw)
-        entry["error"] = err
-        row["impls"][name] = entry
+                entry["error"] = f"wrong result: max relative difference {diff:.2g} > {tol:g}"
+            else:
+                timed[name] = []
+    for _ in range(1 if quick or device.type == "cuda" else 5):  # CPU: interleaved rounds share the machine's noise
+        for name in timed:
+            ms, err = attempt(lambda: kernel_ms(impls[name], device, quick))
+            timed[name].append(ms)
+            row["impls"][name]["error"] = row["impls"][name]["error"] or err
+    for name, ts in timed.items():
+        e = row["impls"][name]
+        e["ms"] = None if None in ts else statistics.median(ts)
+        e["gb_s"] = None if e["ms"] is None else rate(nbytes, e["ms"]) / 1e9
+        e["bw_share"] = None if e["ms"] is None else share(rate(nbytes, e["ms"]), peak_bw)
+        if device.type == "cpu" and threads:
+            e["peak_bytes"] = cpu_peak_bytes(impls[name])
+            if threads == 1:  # contention-robust: CPU time of the calling thread
+                e["cpu_ms"] = 1e3 * thread_cpu_s(impls[name], min_cpu_time=0.5 if quick else 2.0, repeats=5)
     t_e = row["impls"]["eager"].get("ms")
-    for entry in row["impls"].values():
-        entry["speedup_vs_eager"] = (t_e / entry["ms"]) if (t_e and entry.get("ms")) else None
+    for e in row["impls"].values():
+        e["speedup_vs_eager"] = (t_e / e["ms"]) if (t_e and e.get("ms")) else None
     return row
 
 
-def plan(quick: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(s, d) for d in ((torch.float32,) if quick else (torch.float32, torch.bfloat16)) for s in GPU_SHAPES]
+def plan(device: torch.device, quick: bool) -> list[tuple]:
+    """(shape, dtype, torch threads): CPU fp32 with 1 and the default threads; CUDA fp32 (and bf16 in a full run)."""
+    if device.type == "cpu":
+        return [(s, torch.float32, n) for n in sorted({1, torch.get_num_threads()}) for s in CPU_SHAPES]
+    return [(s, d, None) for d in ((torch.float32,) if quick else (torch.float32, torch.bfloat16)) for s in GPU_SHAPES]
 
 
-def run_gpu(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, cases=None) -> dict:
-    """The GPU measurements (on CPU tensors too, with the cpp backend: tests)."""
-    rows, skipped = [], []
-    for shape, dtype in (cases if cases is not None else plan(quick)):
-        if budget.allows(5.0):
+def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, cases=None) -> dict:
+    rows, skipped, default_threads = [], [], torch.get_num_threads()
+    try:
+        for shape, dtype, threads in (cases if cases is not None else plan(device, quick)):
+            if not budget.allows(5.0):
+                skipped.append(f"{'×'.join(map(str, shape))} {dtype_name(dtype)} ({budget.skip_note(5.0)})")
+                continue
+            torch.set_num_threads(threads or default_threads)
             with forced_backend(None):  # `default` is the dispatch with GETFAST_BACKEND unset
-                rows.append(measure(shape, dtype, device, quick, peak_bw))
-        else:
-            skipped.append(f"{'×'.join(map(str, shape))} {dtype_name(dtype)} ({budget.skip_note(5.0)})")
-    return {"quick": quick, "c": C, "rows": rows, "skipped": skipped,
+                rows.append(measure(shape, dtype, device, quick, peak_bw, threads))
+    finally:
+        torch.set_num_threads(default_threads)
+    return {"quick": quick, "c": C, "rows": rows, "skipped": skipped, "machine": machine_info(),
             "bytes_model": "9·numel·itemsize (fwd reads 3 inputs; bwd reads 3, writes 3 gradients)"}
 
 
 def report(res: dict) -> str:
-    if "rows" not in res:
-        return _report_cpu(res)
+    cpu = any(r.get("threads") for r in res["rows"])
     lines = []
     for r in res["rows"]:
         for name, e in r["impls"].items():
             label = {"eager": "eager autograd (reference)",
                      "default": f"getfast default dispatch ({r.get('default_backend', '?')})"}.get(name, f"fused, {name}")
-            lines.append(["×".join(map(str, r["shape"])), r["dtype"], label] + (
-                [markdown_safe(e["error"]), "–", "–", "–"] if e.get("error") else
-                [fmt(e.get("ms"), ".3f"), fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
-                 fmt_ratio(e.get("speedup_vs_eager"))]))
+            cells = ["×".join(map(str, r["shape"])), r["dtype"]] + ([r["threads"]] if cpu else []) + [label]
+            cells += ([markdown_safe(e["error"]), "–", "–", "–"] if e.get("error") else
+                      [fmt(e.get("ms"), ".3f"), fmt(e.get("gb_s"), ".1f"), fmt_pct(e.get("bw_share")),
+                       fmt_ratio(e.get("speedup_vs_eager"))])
+            lines.append(cells + ([fmt(e.get("cpu_ms"), ".2f"), fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else "–"]
+                                  if cpu else []))
+    head = ["B×C×H×W", "dtype"] + (["threads"] if cpu else []) + ["implementation", "ms", "GB/s", "% of peak",
+                                                                 "speed-up vs eager"]
+    head += ["CPU ms, 1 thread", "peak memory (CPU allocator)"] if cpu else []
     return (f"One forward + `torch.autograd.grad` w.r.t. the three inputs, c = {res['c']}; effective GB/s from the bytes "
-            f"model {res['bytes_model']}, applied to every row.\n\n"
-            + markdown_table(["B×C×H×W", "dtype", "implementation", "ms", "GB/s", "% of peak", "speed-up vs eager"], lines)
-            + "\n" + not_measured(res["skipped"]))
-
-
-def _report_cpu(res: dict) -> str:
-    rows = [["×".join(map(str, r["shape"])), r["threads"], f"{r['eager_median_s'] * 1e3:.2f}",
-             f"{r['fused_median_s'] * 1e3:.2f}", f"**{r['speedup']:.1f}×**",
-             f"{r['eager_thread_cpu_s'] * 1e3:.2f} / {r['fused_thread_cpu_s'] * 1e3:.2f}" if r["eager_thread_cpu_s"] else "–",
-             f"**{r['speedup_thread_cpu']:.1f}×**" if r["speedup_thread_cpu"] else "–", fmt_bytes(r["eager_peak_bytes"]),
-             fmt_bytes(r["fused_peak_bytes"]), f"**{r['memory_ratio']:.1f}×**"] for r in res["results"]]
-    table = markdown_table(["B×C×H×W (fp32)", "threads", "eager ms", "fused ms", "speed-up (median)",
-                            "CPU ms eager / fused", "speed-up (CPU time)", "eager peak", "fused peak", "memory saved"], rows)
-    return (f"{res['what']}.\n\nMachine: {machine_line(res['machine'])}.\n\n{table}\n\nTiming: {res['timing']}. Memory: "
-            f"{res['memory']}." + (" (quick run)" if res["quick"] else "") + " On a shared, loaded machine (see the load "
-            "average) wall-clock medians include preemption and, with 2 threads, OpenMP stalls on both sides; the "
-            "CPU-time column is the contention-robust figure.\n")
+            f"model {res['bytes_model']}, applied to every row."
+            + (f" Machine: {machine_line(res['machine'])}. CPU: median of 5 interleaved rounds of "
+               "torch.utils.benchmark medians; CPU ms = the calling thread's CPU time (contention-robust); peak memory "
+               "from torch.profiler's allocation events during one fwd+bwd." if cpu else "") + "\n\n"
+            + markdown_table(head, lines) + "\n" + not_measured(res["skipped"]))

@@ -1,17 +1,8 @@
-"""Training throughput on the GPU through the shared training loop, eager vs ``--compile``.
-
-Steps at batch 128 with bf16 autocast (the loop's default on CUDA), 32×32×3:
-
-* GET-B/2 offline distillation (``getfast.methods.get_distill``: 6 unrolled fixed-point states, every one
-  supervised, AdamW) on random noise/image pairs held in memory;
-* the EDM teacher step of UNet-DDPMpp (``getfast.teacher.TeacherMethod``: 10 classes, label dropout 0.1,
-  Adam) on random images in a temporary ``.npz`` — full runs only: a quick run keeps the first row.
-
-Each runs through ``getfast.train.train`` itself (data order, update, EMA, logging) with
-``LoopConfig(compile=False)`` and then ``compile=True``, so the figures are what ``getfast distill get`` /
-``getfast train-teacher`` do with and without ``--compile``. Throughput: the median of the loop's own
-``img_per_s`` over the logged intervals after the first; the first holds compilation and warm-up,
-reported as its excess over the steady time. Peak memory: ``torch.cuda.max_memory_allocated``.
+"""Training throughput through ``getfast.train.train`` itself (data order, update, EMA, logging),
+``compile=False`` then ``True`` (``--compile``), bf16, batch 128, 32×32×3: GET-B/2 distillation on random
+pairs and (full runs) the UNet-DDPMpp EDM teacher step on random images. img/s: the median of the loop's own
+rate after the first logged interval, which holds compilation (reported as its excess); peak memory. On CPU
+the Fashion-MNIST models (GET-N/4, UNet-S at 28×28×1, fp32).
 """
 from __future__ import annotations
 
@@ -22,11 +13,15 @@ from pathlib import Path
 
 import torch
 
-from getfast.bench.common import Budget, attempt, fmt, fmt_bytes, fmt_ratio, markdown_safe, markdown_table, not_measured
+from getfast.bench.common import (Budget, attempt, fmt, fmt_bytes, fmt_ratio, machine_info, machine_line, markdown_safe,
+                                  markdown_table, not_measured)
 
-TITLES = {"cuda": "GPU training throughput — eager vs --compile (the shared loop, bf16)"}
+TITLES = {"cpu": "train — training throughput of the shared loop, eager vs torch.compile (CPU)",
+          "cuda": "GPU training throughput — eager vs --compile (the shared loop, bf16)"}
 DEFAULT_PLAN = {"student": "GET-B/2", "teacher": "UNet-DDPMpp", "resolution": 32, "channels": 3, "num_classes": 10,
                 "batch": 128, "bf16": True, "compile": True}
+CPU_PLAN = {"student": "GET-N/4", "teacher": "UNet-S", "resolution": 28, "channels": 1, "num_classes": 10, "batch": 64,
+            "bf16": False, "compile": True}  # the Fashion-MNIST models
 
 
 class RandomPairs:
@@ -97,9 +92,12 @@ def throughput(make_method, plan: dict, device: torch.device, compile: bool, log
 
 def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, plan: dict | None = None,
         log_every: int | None = None, intervals: int | None = None) -> dict:
-    plan = {**DEFAULT_PLAN, **(plan or {})}
-    log_every, intervals = log_every or (5 if quick else 10), intervals or (2 if quick else 4)
-    res = {"quick": quick, "plan": plan, "log_every": log_every, "intervals": intervals, "rows": [], "skipped": []}
+    cpu = device.type == "cpu"
+    plan = {**(CPU_PLAN if cpu else DEFAULT_PLAN), **({"batch": 16} if cpu and quick else {}), **(plan or {})}
+    log_every = log_every or ((3 if quick else 5) if cpu else (5 if quick else 10))
+    intervals = intervals or (2 if quick else 4)
+    res = {"quick": quick, "plan": plan, "log_every": log_every, "intervals": intervals, "rows": [], "skipped": [],
+           "on": device.type, "machine": machine_info()}
     jobs = [(f"{plan['student']} distillation", get_method), (f"{plan['teacher']} EDM teacher step", teacher_method)]
     if quick and device.type == "cuda":
         res["skipped"].append(f"{jobs.pop()[0]} (quick run: one row)")
@@ -131,7 +129,8 @@ def report(res: dict) -> str:
               fmt_ratio(r.get("compile_speedup")), cell(r.get("compiled"), "warmup_excess_s", ".0f"), mem(r.get("eager")),
               mem(r.get("compiled"))] for r in res["rows"]]
     p = res["plan"]
-    return (f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: {p['bf16']}; "
+    return ((f"Machine: {machine_line(res['machine'])}.\n\n" if res.get("on") == "cpu" else "")
+            + f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: {p['bf16']}; "
             f"`getfast.train.train` for {1 + res['intervals']} log intervals of {res['log_every']} steps, img/s = median "
             "of the loop's own rate over the intervals after the first.\n\n"
             + markdown_table(["train step", "batch", "eager img/s", "compiled img/s", "compile speed-up",
