@@ -10,7 +10,7 @@ import torch
 
 import getfast.bench as bench
 from getfast.bench import common, runner
-from getfast.bench.common import PAST_GPU_SECTION, Skipped
+from getfast.bench.common import PAST_GPU_SECTION
 
 
 @pytest.fixture
@@ -93,8 +93,6 @@ def _fake(kind):
     mod = types.SimpleNamespace(TITLES={"cpu": f"fake {kind}"})
 
     def run(device, quick, budget, peak_bw=None):
-        if kind == "skip":
-            raise Skipped("optional package absent")
         if kind == "fail":
             raise RuntimeError("boom")
         return {"value": 1.5, "quick": quick} if kind == "ok" else {"value": 2.5, "skipped": ["part B (no time)"]}
@@ -105,19 +103,18 @@ def _fake(kind):
 
 
 def test_cpu_runner_writes_results_and_keeps_going(monkeypatch, bench_out, capsys):
-    kinds = {"deq": "skip", "train": "ok", "pairs": "fail", "sim_loss": "partial"}
+    kinds = {"train": "ok", "pairs": "fail", "sim_loss": "partial"}
     monkeypatch.setattr(runner, "load_module", lambda name: _fake(kinds[name]))
-    rc = bench.run(bench.BenchConfig(only=("deq", "train", "pairs", "sim_loss"), quick=True, out=str(bench_out)))
+    rc = bench.run(bench.BenchConfig(only=("train", "pairs", "sim_loss"), quick=True, out=str(bench_out)))
     assert rc == 1  # pairs failed; the others still ran
     assert json.loads((bench_out / "train.json").read_text())["value"] == 1.5
     summary = json.loads((bench_out / "all.json").read_text())
-    assert summary["deq"] == {"skipped": "optional package absent"} and "boom" in summary["pairs"]["error"]
-    assert summary["status"] == {"deq": "skipped: optional package absent", "train": "ok",
-                                 "pairs": "FAILED: RuntimeError: boom", "sim_loss": "partial (skipped: part B (no time))"}
+    assert summary["sim_loss"]["skipped"] == ["part B (no time)"] and "boom" in summary["pairs"]["error"]
+    assert summary["status"] == {"train": "ok", "pairs": "FAILED: RuntimeError: boom",
+                                 "sim_loss": "partial (skipped: part B (no time))"}  # never "ok" when a part was skipped
     md = (bench_out / "RESULTS.md").read_text()
     assert "<!-- BEGIN train -->\n## fake ok\n\nvalue 1.5\n<!-- END train -->" in md
-    out = capsys.readouterr().out
-    assert "deq: skipped: optional package absent" in out and "sim_loss: partial (skipped: part B" in out
+    assert "sim_loss: partial (skipped: part B" in capsys.readouterr().out
 
 
 def test_cpu_runner_with_only_keeps_the_other_results(monkeypatch, bench_out):

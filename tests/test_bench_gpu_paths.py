@@ -116,6 +116,8 @@ def test_deq_without_torchdeq_still_measures_getfast(monkeypatch):
     tol = gpu_deq.to_tolerance("fixed_point", CPU, 2, 16, repeats=1)
     assert tol["errors"] == {"theirs": "torchdeq not installed (test)"} and tol["f_calls"]["ours"] > 1
     assert set(tol["wall_s"]) == {"ours"} and "ratio_wall" not in tol
+    assert [r["solver"] for r in gpu_deq.op_counts(2, 8)][-2:] == ["getfast fixed_point (cpp), tol=None",
+                                                                  "getfast broyden (cpp), tol=None"]
     assert "not installed (test)" in gpu_deq.report({**gpu_deq.run(CPU, True, common.Budget(None), batch=2, dim=16,
                                                                          dtypes=(), solvers=("fixed_point",))})
 

@@ -3,7 +3,7 @@
 A benchmark is the module ``getfast.bench.<name>``: ``TITLES`` (device type -> section title), ``run(device,
 quick, budget, peak_bw=None) -> dict`` and ``report(result) -> str``. Its status (printed, and kept in
 ``all.json`` / ``gpu_all.json``) is ``ok``, ``partial (skipped: …)`` naming the measurements that did not
-run, ``skipped: …`` or ``FAILED: …``.
+run, or ``FAILED: …``.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def run_config(cfg: BenchConfig) -> int:
     check_device(cfg)
     import torch
 
-    from getfast.bench.common import (Budget, Skipped, attempt, device_info, machine_info, matmul_tflops, merge_json,
+    from getfast.bench.common import (Budget, attempt, device_info, machine_info, matmul_tflops, merge_json,
                                       set_output, update_results_md, write_json)
 
     folder, md = set_output(cfg.out)
@@ -100,8 +100,6 @@ def run_config(cfg: BenchConfig) -> int:
                               title=mod.TITLES[device.type])
             results[name] = res
             statuses[name] = f"partial (skipped: {'; '.join(map(str, res['skipped']))})" if res.get("skipped") else "ok"
-        except Skipped as exc:
-            results[name], statuses[name] = {"skipped": str(exc)}, f"skipped: {exc}"
         except Exception as exc:  # one failing benchmark must not hide the others' numbers
             traceback.print_exc()
             results[name] = {"error": traceback.format_exc(limit=3)}
