@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from getfast.diffusion import ddim, ddim_step, vp_alpha_sigma, vp_denoise
-from getfast.methods import toy
+import toy  # tests/toy.py: the analytic problems with known answers
 from getfast.methods.guided import GuidedConfig, GuidedMethod, make_w_student, pd_target, snr_weight
 from getfast.train import LoopConfig, load_ema, train
 
