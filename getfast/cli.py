@@ -160,7 +160,7 @@ def _prep_train_teacher(ns):
     _check_out(loop.out, "folder")
 
     def job():
-        path = fit(TeacherMethod(tcfg, seed=loop.seed), loop)
+        path = fit(TeacherMethod(tcfg, seed=loop.seed, fused=loop.compile), loop)
         if path is not None:
             print(f"teacher weights: {path}")
     return job, loop
@@ -183,7 +183,7 @@ def _prep_distill(ns):
         if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
             method_cls.run_stages(cfg, loop)
             return
-        path = fit(method_cls(cfg), loop)
+        path = fit(method_cls(cfg, fused=loop.compile), loop)  # --compile: fused Adam too
         if path is not None:
             print(f"student weights: {path}")
     return job, loop

@@ -213,7 +213,7 @@ def _live_runs(cfg: DemoConfig, out: Path, log):
         if hasattr(method_cls, "run_stages"):
             method_cls.run_stages(mcfg, loop, log=log)
         else:
-            fit(method_cls(mcfg), loop)
+            fit(method_cls(mcfg, fused=loop.compile), loop)
         runs.append((name, Path(loop.out), time.time() - t0))
     return runs
 

@@ -5,6 +5,9 @@
 Booleans accept exactly true/false, 1/0, yes/no, on/off (and ``--x`` / ``--no-x``); ``X | None`` takes X or the
 word ``none``; floats must be finite; a field type the parser does not know is a ``TypeError`` when the parser
 is built, so no option reaches a config unparsed.
+
+The checks every config's ``__post_init__`` runs (``check_number``, ``check_choice``, ``check_bool``,
+``check_betas``) live here too: one place words the error, naming the option as the user typed it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import re
 import types
 import typing
 
-__all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float", "BOOL_WORDS"]
+__all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float", "BOOL_WORDS", "flag",
+           "check_number", "check_choice", "check_bool", "check_betas"]
 
 
 # --- parsing values ----------------------------------------------------------------------------------
@@ -168,3 +172,53 @@ def take_config(cls, ns: argparse.Namespace, **fixed):
         if isinstance(v, list):
             values[k] = tuple(v)
     return cls(**values)
+
+
+# --- checks shared by every config -------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    """A config field as error messages name it: ``lr_g (--lr-g)``."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def check_number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                 integer: bool = False):
+    """``value`` if it is a finite number (an int when ``integer``) within the bounds, else ``ValueError``
+    naming the option. Bounds are inclusive unless ``lo_open``/``hi_open``."""
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{flag(name)} must be {kind}, got {value!r}")
+    bounds = []
+    if lo is not None:
+        bounds.append(f"> {lo}" if lo_open else f">= {lo}")
+        if value < lo or (lo_open and value == lo):
+            raise ValueError(f"{flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+    if hi is not None:
+        bounds.append(f"< {hi}" if hi_open else f"<= {hi}")
+        if value > hi or (hi_open and value == hi):
+            raise ValueError(f"{flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices):
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{flag(name)} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value, optional: bool = False):
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    allowed = "true, false or None (automatic)" if optional else "true or false"
+    raise ValueError(f"{flag(name)} must be {allowed}, got {value!r}")
+
+
+def check_betas(name: str, value) -> tuple:
+    """Adam's (β1, β2), each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{flag(name)} must be two numbers (β1 β2), got {value!r}")
+    for b in value:
+        check_number(name, b, lo=0, hi=1, hi_open=True)
+    return tuple(float(b) for b in value)

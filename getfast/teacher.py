@@ -12,7 +12,11 @@ from getfast.diffusion import EDMLoss, EDMPrecond, heun
 from getfast.embedded import ASSETS, EMBEDDED  # noqa: F401  (teacher API)
 from getfast.models import build_denoiser, check_teacher_model, teacher_models  # noqa: F401  (teacher API)
 from getfast.train.checkpoint import list_checkpoints
-from getfast.train.loop import check_bool, check_number, load_ema, sample_generators, save_weights
+from getfast.options import check_bool, check_number
+from getfast.train.checkpoint import load_ema
+from getfast.train.export import save_weights
+from getfast.train.rng import sample_generators
+from getfast.train.step import adam
 
 
 
@@ -48,9 +52,10 @@ class TeacherMethod:
     product = "teacher.safetensors"
     lr_options = {"net": "lr"}
 
-    def __init__(self, cfg: TeacherConfig, seed: int = 0):
+    def __init__(self, cfg: TeacherConfig, seed: int = 0, fused: bool = False):
         """``seed`` draws the initial weights (torch's default seed is random per process, so without it two
-        runs of the same command would start from different weights and exact reproduction would be lost)."""
+        runs of the same command would start from different weights and exact reproduction would be lost);
+        ``fused`` builds Adam with its fused kernel (:func:`getfast.train.step.adam`)."""
         self.cfg = cfg
         ds = load_dataset(cfg.data, resolution=cfg.resolution or None)
         if cfg.cond and not ds.num_classes:
@@ -65,7 +70,7 @@ class TeacherMethod:
             torch.manual_seed(seed)
             net = build_denoiser(cfg.model, ds.resolution, ds.channels, self.meta["num_classes"])
         self.modules = {"net": net}
-        self.optimizers = {"net": torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)}
+        self.optimizers = {"net": adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)}
         self.grad_clip = cfg.grad_clip
         self.loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std)
 

@@ -1,5 +1,6 @@
-"""``LoopConfig.compile``: the whole step of a single-phase method is compiled and Adam/AdamW use their fused kernel,
-with the same training result as eager up to float rounding (on CPU, so it is tested without a GPU); ``tf32``."""
+"""``LoopConfig.compile``: the whole step of a single-phase method is compiled; with Adam built ``fused=True`` (as
+every method does when the CLI gets ``--compile``) the training result is eager's up to float rounding (on CPU, so
+it is tested without a GPU); ``tf32``."""
 import json
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from getfast.train import LoopConfig, train
-from getfast.train.loop import _tf32, use_fused_kernel
+from getfast.train.loop import _tf32
+from getfast.train.step import adam
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -20,11 +22,11 @@ class Regress:
     grad_clip = 1.0
     calls = 0
 
-    def __init__(self):
+    def __init__(self, fused=False):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6))
         self.modules = {"net": self.net}
-        self.optimizers = {"net": torch.optim.Adam(self.net.parameters(), lr=1e-2)}
+        self.optimizers = {"net": adam(self.net.parameters(), lr=1e-2, fused=fused)}
         g = torch.Generator().manual_seed(1)
         x = torch.randn(256, 6, generator=g)
         self.data = _Data(x, x @ torch.randn(6, 6, generator=g))
@@ -55,7 +57,7 @@ class _Data:
 
 
 def _run(tmp_path, compile):
-    m = Regress()
+    m = Regress(fused=compile)
     cfg = LoopConfig(out=str(tmp_path), kimg=0.64, batch=32, warmup_kimg=0, log_every=5, ckpt_every=20, grid_n=0,
                      progress=False, device="cpu", compile=compile)
     train(m, cfg)
@@ -74,9 +76,35 @@ def test_compiled_step_with_fused_adam_matches_eager(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_use_fused_kernel_only_for_adam():
+def test_adam_is_fused_only_when_asked():
     p = [nn.Parameter(torch.randn(4))]
-    assert use_fused_kernel(torch.optim.AdamW(p)) and not use_fused_kernel(torch.optim.SGD(p, lr=0.1))
+    assert adam(p, fused=True).defaults["fused"] is True
+    assert adam(p).defaults["fused"] is None  # torch's own default (foreach on CUDA), not an explicit False
+    w = adam(p, decoupled=True, weight_decay=0.1, fused=True)
+    assert type(w) is torch.optim.AdamW and w.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("command", [["train-teacher"], ["distill", "sim"]])
+def test_cli_compile_builds_fused_optimizers(command, monkeypatch, tmp_path):
+    """``--compile`` reaches the methods' optimizers (the loop no longer switches them itself)."""
+    import getfast.train.loop as loop
+    from getfast import cli
+    seen = []
+    monkeypatch.setattr(loop, "fit", lambda method, cfg: seen.append(method) or None)
+    teacher = _tiny_teacher(tmp_path) if command[0] == "distill" else None
+    extra = ["--teacher", teacher] if teacher else ["--data", "digits", "--model", "UNet-XS", "--resolution", "8"]
+    for flag, want in (("--compile", True), ("--no-compile", None)):
+        assert cli.main(command + extra + [flag, "--device", "cpu", "--out", str(tmp_path / f"run{flag}")]) == 0
+        groups = [g for o in seen[-1].optimizers.values() for g in o.param_groups]
+        assert groups and all(g["fused"] is want for g in groups), (flag, [g["fused"] for g in groups])
+
+
+def _tiny_teacher(tmp_path):
+    from getfast.teacher import build_denoiser, export
+    path = tmp_path / "teacher.safetensors"
+    export(build_denoiser("UNet-XS", 8, 1, 0), {"model": "UNet-XS", "resolution": 8, "channels": 1,
+                                                "num_classes": 0, "label_dropout": 0.0}, path)
+    return str(path)
 
 
 def test_tf32_setting_applies_to_cuda_only_and_is_restored():

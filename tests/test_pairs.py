@@ -224,7 +224,7 @@ def test_pair_dataset_api(reference):
     with pytest.raises(IndexError):
         ds.batch(torch.tensor([60]))
     # Works as the training loop's ``method.data`` and in a DataLoader (workers re-open their maps).
-    from getfast.train.loop import data_indices
+    from getfast.train.rng import data_indices
     idx = data_indices(len(ds), 16, 50, seed=0)
     assert [t.shape[0] for t in ds.batch(idx)] == [16, 16, 16]
     loader = torch.utils.data.DataLoader(ds, batch_size=20, num_workers=0)

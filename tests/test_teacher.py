@@ -19,7 +19,7 @@ from getfast.diffusion import EDMLoss
 from getfast.teacher import TeacherConfig, TeacherMethod, build_denoiser, load
 from getfast.train import load_checkpoint
 from getfast.train.checkpoint import list_checkpoints
-from getfast.train.loop import RunInfo
+from getfast.train.rng import RunInfo
 
 REPO = Path(__file__).resolve().parents[1]
 

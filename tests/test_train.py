@@ -18,7 +18,7 @@ from torch import nn
 from getfast.train import (EMA, CheckpointError, DivergenceError, LoopConfig, export_product, fit, load_checkpoint,
                            save_checkpoint, train)
 from getfast.train.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
-from getfast.train.loop import RunInfo, sample_generators
+from getfast.train.rng import RunInfo, sample_generators
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,8 @@ from getfast.data import load_dataset
 from getfast.methods.students import student_meta
 from getfast.models.onestep import OneStepGenerator
 from getfast.teacher import load as load_teacher
-from getfast.train.loop import check_betas, check_bool, check_number
+from getfast.options import check_betas, check_bool, check_number
+from getfast.train.step import adam
 
 # Relative to the UNet (getfast.models.unet): the blocks' 3×3 convolutions conv0/conv1 and attention output
 # projections proj (the official GDD-I set; qkv stays trainable).
@@ -418,7 +419,8 @@ class GDDMethod:
     lr_options = {"generator": "lr_g", "discriminator": "lr_d"}
 
     def __init__(self, cfg: GDDConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
-                 discriminator: nn.Module | None = None, data=None, shape=None, num_classes=None, log=print):
+                 discriminator: nn.Module | None = None, data=None, shape=None, num_classes=None, log=print,
+                 fused: bool = False):
         self.cfg = cfg
         if teacher is None and (generator is None or discriminator is None):
             teacher = load_teacher(cfg.teacher)
@@ -455,8 +457,9 @@ class GDDMethod:
         disc.train().requires_grad_(True)
         self.modules = {"generator": gen, "discriminator": disc}
         self.optimizers = {
-            "generator": torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g, betas=cfg.betas),
-            "discriminator": torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas),
+            "generator": adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g, betas=cfg.betas,
+                              fused=fused),
+            "discriminator": adam(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, fused=fused),
         }
         self.grad_clip = cfg.grad_clip
 

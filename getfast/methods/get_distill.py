@@ -21,7 +21,8 @@ from getfast.deq import fp_correction_weights, list_solvers
 from getfast.methods.students import GET_ARCH_FIELDS, build_get_student, student_meta
 from getfast.models.get import CONFIGS as GET_MODELS, Z_INITS
 from getfast.models.vit import CONFIGS as VIT_MODELS
-from getfast.train.loop import check_bool, check_choice, check_number
+from getfast.options import check_bool, check_choice, check_number
+from getfast.train.step import adam
 
 LOSSES = ("l1", "pseudo_huber")
 GRADS = ("unrolled", "phantom", "ift")
@@ -104,7 +105,7 @@ class GETDistillMethod:
     product = "student.safetensors"
     lr_options = {"student": "lr"}
 
-    def __init__(self, cfg: GETDistillConfig, data=None):
+    def __init__(self, cfg: GETDistillConfig, data=None, fused: bool = False):
         self.cfg = cfg
         self.data = data if data is not None else PairDataset(cfg.pairs)
         self.shape = tuple(self.data.shape)
@@ -113,7 +114,8 @@ class GETDistillMethod:
             raise ValueError(f"--cond needs pairs with class labels; {cfg.pairs} has none")
         student = build_student(cfg, self.shape[-1], self.shape[0], self.num_classes)
         self.modules = {"student": student}
-        self.optimizers = {"student": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+        self.optimizers = {"student": adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           decoupled=True, fused=fused)}
         self.grad_clip = cfg.grad_clip
 
     def config(self):

@@ -37,7 +37,10 @@ from getfast.io import atomic_write_bytes
 from getfast.methods.students import load_student
 from getfast.models import build_denoiser
 from getfast.teacher import load as load_teacher
-from getfast.train.loop import check_choice, check_number, dist_info, fit
+from getfast.options import check_choice, check_number
+from getfast.train.distributed import dist_info
+from getfast.train.loop import fit
+from getfast.train.step import adam
 
 
 def _b(v: torch.Tensor) -> torch.Tensor:
@@ -133,7 +136,7 @@ class GuidedMethod:
     product = "student.safetensors"
 
     def __init__(self, cfg: GuidedConfig, teacher: nn.Module | None = None, student: nn.Module | None = None,
-                 data=None, shape=None, num_classes=None, base_meta: dict | None = None):
+                 data=None, shape=None, num_classes=None, base_meta: dict | None = None, fused: bool = False):
         self.cfg = cfg
         self.stage = "cfg" if cfg.stage == "all" else cfg.stage
         self.steps = cfg.steps if self.stage == "pd" else cfg.pd_start  # the student's DDIM steps
@@ -172,7 +175,7 @@ class GuidedMethod:
         student.train().requires_grad_(True)
         self.modules = {"student": student}
         lr = cfg.lr if self.stage == "cfg" else cfg.lr_pd
-        self.optimizers = {"student": torch.optim.Adam(student.parameters(), lr=lr, betas=(0.9, 0.999))}
+        self.optimizers = {"student": adam(student.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)}
         self.grad_clip = cfg.grad_clip
         self.lr_options = {"student": "lr" if self.stage == "cfg" else "lr_pd"}
 
@@ -246,7 +249,7 @@ class GuidedMethod:
         if os.environ.get("RANK", "0") != "0":
             log = _quiet
         if cfg.stage != "all":
-            method = cls(cfg, teacher=teacher, student=student, **given)
+            method = cls(cfg, teacher=teacher, student=student, fused=loop.compile, **given)
             return [cls._run_one(method, loop, out, log)[0]]
         plan = [("stage1", {"stage": "cfg"}, loop.kimg)]
         n = cfg.pd_start // 2
@@ -260,12 +263,12 @@ class GuidedMethod:
             stage_cfg = dataclasses.replace(cfg, **changes)
             stage_loop = dataclasses.replace(loop, out=str(out / name), kimg=kimg)
             if prev_method is None:
-                method = cls(stage_cfg, teacher=teacher, student=student, **given)
+                method = cls(stage_cfg, teacher=teacher, student=student, fused=loop.compile, **given)
             else:  # the previous round's EMA student teaches this round, and this round's student starts as it
                 product = prev_method.modules[prev_method.ema_module]
                 method = cls(stage_cfg, teacher=copy.deepcopy(product), student=copy.deepcopy(product),
                              data=prev_method.data, shape=prev_method.shape, num_classes=prev_method.num_classes,
-                             base_meta=prev_method.base_meta)
+                             base_meta=prev_method.base_meta, fused=loop.compile)
             if advanced and _trained_steps(out / name) > 0:
                 # This round's run was distilled from the earlier round that just trained further: continuing
                 # it would silently keep a student of the old teacher.

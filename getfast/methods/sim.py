@@ -36,7 +36,8 @@ from getfast.methods.students import student_meta
 from getfast.models.onestep import OneStepGenerator
 from getfast.ops import sim_loss
 from getfast.teacher import load as load_teacher
-from getfast.train.loop import check_betas, check_choice, check_number
+from getfast.options import check_betas, check_choice, check_number
+from getfast.train.step import adam
 
 __all__ = ["OneStepGenerator", "SIMConfig", "SIMMethod", "sample_sigma_rho", "sid_generator_loss",
            "sim_generator_loss"]
@@ -124,7 +125,7 @@ class SIMMethod:
     lr_options = {"generator": "lr_g", "fake": "lr_fake"}
 
     def __init__(self, cfg: SIMConfig, teacher: nn.Module | None = None, generator: nn.Module | None = None,
-                 fake: nn.Module | None = None, shape=None, num_classes=None):
+                 fake: nn.Module | None = None, shape=None, num_classes=None, fused: bool = False):
         self.cfg = cfg
         self.teacher = (teacher if teacher is not None else load_teacher(cfg.teacher)).eval().requires_grad_(False)
         meta = getattr(self.teacher, "meta", {})
@@ -138,8 +139,8 @@ class SIMMethod:
         fake.train().requires_grad_(True)
         self.modules = {"generator": gen, "fake": fake}
         self.optimizers = {
-            "fake": torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.betas)),
-            "generator": torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas)),
+            "fake": adam(fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.betas), fused=fused),
+            "generator": adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas), fused=fused),
         }
         self.grad_clip = cfg.grad_clip
         n_pix = 1

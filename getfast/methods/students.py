@@ -14,7 +14,7 @@ from torch import nn
 from getfast.importers import build_denoiser_from_meta
 from getfast.models import create
 from getfast.models.onestep import OneStepGenerator
-from getfast.train.loop import save_weights
+from getfast.train.export import save_weights
 
 KEY = "getfast_student"
 

@@ -150,7 +150,7 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
     """
     import torch.distributed as dist
 
-    from getfast.train.loop import dist_info, init_distributed
+    from getfast.train.distributed import dist_info, init_distributed
 
     device = resolve_device(cfg.device)
     out = Path(cfg.out)

@@ -2,18 +2,27 @@
 
 File layout: one header line ``GETFAST-CKPT v1 <sha256>\\n`` followed by a ``torch.save`` payload.
 A torn or edited file fails the checksum and is refused with a message naming it.
+
+The training state in it (:func:`save_state`, :func:`restore_state`): format ``getfast-train-v1``, the
+method's config, the loop position, every module and optimizer, the EMA and each rank's RNG states; a resume
+refuses a checkpoint of another configuration, seed, batch, data or number of processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from getfast.io import atomic_write_bytes  # noqa: F401  (re-exported: the package's one atomic writer)
+from getfast.train.distributed import dist_info, unwrap
+from getfast.train.rng import rng_state, set_rng_state
 
 MAGIC = b"GETFAST-CKPT v1 "
 
@@ -95,3 +104,99 @@ def prune_checkpoints(run_dir, keep: int, current_step: int | None = None) -> No
     for p in Path(run_dir).iterdir():
         if _TMP_RE.fullmatch(p.name) and not p.name.endswith(own):
             p.unlink(missing_ok=True)
+
+
+# --- the training state ------------------------------------------------------------------------------
+
+FORMAT = "getfast-train-v1"
+
+
+def save_state(method, ema, out: Path, step: int, nimg: int, cfg, rank: int) -> None:
+    """Write ``out/ckpt-<step>.pt`` (rank 0, with every rank's RNG state) and prune older checkpoints."""
+    _, world = dist_info()
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        state = {"format": FORMAT, "config": json.loads(json.dumps(method.config(), default=str)),
+                 "loop": {"step": step, "nimg": nimg, "batch": cfg.batch, "seed": cfg.seed, "world": world},
+                 "modules": {k: unwrap(m).state_dict() for k, m in method.modules.items()},
+                 "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
+                 "ema": ema.module.state_dict(), "rng": rngs}
+        if hasattr(method, "data_fingerprint"):
+            state["data"] = method.data_fingerprint()
+        save_checkpoint(out / f"ckpt-{step:09d}.pt", state)
+        prune_checkpoints(out, cfg.keep_ckpts, current_step=step)
+    if world > 1:
+        dist.barrier()
+
+
+def restore_state(method, ema, state: dict, rank: int, cfg, path) -> None:
+    """Load a checkpoint's modules, optimizers, EMA and this rank's RNG state into a run, after checking that
+    it belongs to this run (``CheckpointError`` naming what differs otherwise)."""
+    want = json.loads(json.dumps(method.config(), default=str))
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r} is not {FORMAT}")
+    # An option added to the method after the checkpoint was written is compatible when this run leaves it
+    # at its default (the checkpoint's run behaved as the default does); anything else must match exactly.
+    added = _added_at_default(method, set(want) - set(state["config"]))
+    if state["config"] != {k: v for k, v in want.items() if k not in added}:
+        diff = {k: (state["config"].get(k), want.get(k)) for k in sorted(set(want) | set(state["config"]))
+                if k not in added and state["config"].get(k) != want.get(k)}
+        raise CheckpointError(f"{path} was written by a different configuration, refusing to resume: "
+                              f"{diff} (checkpoint, now)")
+    # The data order and the per-sample noise depend on these: continuing with others is not a resume.
+    loop_diff = {k: (state["loop"].get(k), getattr(cfg, k)) for k in ("seed", "batch")
+                 if state["loop"].get(k) != getattr(cfg, k)}
+    if loop_diff:
+        raise CheckpointError(f"{path} was written with different loop settings, refusing to resume: "
+                              f"{loop_diff} (checkpoint, now)")
+    # Stored training data (GET's pairs) can grow or be regenerated under the same path: a run continued on
+    # other data is not a resume. Checkpoints written before this check carry no fingerprint and are trusted.
+    if state.get("data") is not None and hasattr(method, "data_fingerprint"):
+        now = method.data_fingerprint()
+        if now != state["data"]:
+            raise CheckpointError(f"{path} was trained on different data, refusing to resume: {state['data']} "
+                                  f"(checkpoint) vs {now} (now); train on the original data, or start a new run")
+    rngs = state["rng"]
+    if len(rngs) != dist_info()[1]:
+        raise CheckpointError(f"{path} holds RNG states of {len(rngs)} processes, this run has {dist_info()[1]}")
+    for k, m in method.modules.items():
+        unwrap(m).load_state_dict(state["modules"][k])
+    for k, o in method.optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    ema.module.load_state_dict(state["ema"])
+    set_rng_state(rngs[rank])
+
+
+def _added_at_default(method, missing: set[str]) -> set[str]:
+    """The options in ``missing`` that ``method.cfg`` (a dataclass) holds at their declared defaults."""
+    cfg = getattr(method, "cfg", None)
+    if not missing or cfg is None or not dataclasses.is_dataclass(cfg):
+        return set()
+    out = set()
+    for f in dataclasses.fields(cfg):
+        if f.name not in missing:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if getattr(cfg, f.name) == default:
+            out.add(f.name)
+    return out
+
+
+def load_ema(path, map_location="cpu") -> tuple[dict, dict]:
+    """(EMA state_dict, method config) of a training checkpoint file or the newest good one in a folder."""
+    p = Path(path)
+    if p.is_dir():
+        found, state = latest_good_checkpoint(p)
+        if state is None:
+            raise CheckpointError(f"no readable checkpoint in {p}")
+    else:
+        state = load_checkpoint(p, map_location)
+    return state["ema"], state["config"]

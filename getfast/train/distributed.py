@@ -1,0 +1,59 @@
+"""Processes and devices: the torchrun process group, the device a run uses, rank-0 decisions every rank
+shares, and the module under its DDP / ``torch.compile`` wrappers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def agree(fn, rank: int, world: int):
+    """Run ``fn`` on rank 0 and raise its ``ValueError``/``OSError`` on every rank (so no rank waits forever)."""
+    msg = None
+    if rank == 0:
+        try:
+            fn()
+        except (ValueError, OSError) as e:
+            if world == 1:
+                raise
+            msg = (type(e), str(e))
+    if world > 1:
+        box = [msg]
+        dist.broadcast_object_list(box, src=0)
+        msg = box[0]
+    if msg is not None:
+        raise msg[0](msg[1])
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    """The module inside its DDP and ``torch.compile`` wrappers (what is checkpointed and exported)."""
+    m = getattr(m, "module", m)  # DDP
+    return getattr(m, "_orig_mod", m)  # torch.compile
