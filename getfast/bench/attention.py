@@ -1,15 +1,16 @@
-"""Attention on the GPU: getfast's Triton flash-attention kernel vs ``F.scaled_dot_product_attention`` (and
-which SDPA backend ran), fwd and fwd+bwd, bf16 and fp16, at GET-B/2's shape, N = 1024 and N = 4096 (d = 64,
-128): TFLOP/s and SDPA time / Triton time, after checking the outputs agree. A quick run autotunes 2 tile
-configurations instead of 24 (``GETFAST_QUICK_AUTOTUNE``).
+"""getfast's Triton flash attention vs ``F.scaled_dot_product_attention`` (naming the SDPA backend that ran),
+fwd and fwd+bwd, bf16 and fp16, at GET-B/2's shape, N = 1024 and N = 4096 (d = 64, 128): TFLOP/s and SDPA time /
+Triton time, outputs checked first. A quick run autotunes 2 tile configurations, not 24 (GETFAST_QUICK_AUTOTUNE).
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 from getfast.bench.common import (Budget, OpCounter, attempt, attention_flops, default_backend, dtype_name, fmt, fmt_ratio,
-                                  forced_backend, kernel_ms, markdown_safe, markdown_table, not_measured, rate)
+                                  forced_backend, kernel_ms, markdown_safe, markdown_table, rate, section)
 
 TITLES = {"cuda": "GPU attention — Triton flash attention vs SDPA"}
 SHAPES = ((128, 12, 256, 64), (32, 12, 1024, 64), (4, 16, 4096, 64), (4, 16, 4096, 128))
@@ -46,10 +47,8 @@ def measure(shape, dtype, device, quick: bool) -> dict:
         out, err = attempt(lambda: triton_attention(q, k, v))
         if err is None:
             row["max_abs_diff_vs_sdpa"] = diff = float((out.float() - F.scaled_dot_product_attention(q, k, v).float()).abs().max())
-            if not diff <= WRONG_ABOVE:
-                err = f"wrong result: max abs difference {diff:.2g} from SDPA > {WRONG_ABOVE:g}"
-    if err:
-        row["triton_error"] = err
+            err = None if diff <= WRONG_ABOVE else f"wrong result: max abs difference {diff:.2g} from SDPA > {WRONG_ABOVE:g}"
+    row.update({"triton_error": err} if err else {})
     del out
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     fns = {"fwd": {"triton": lambda: triton_attention(q, k, v), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)},
@@ -57,15 +56,11 @@ def measure(shape, dtype, device, quick: bool) -> dict:
                        "sdpa": lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(do)}}
     for mode in MODES:
         for impl, fn in fns[mode].items():
-            if impl == "triton" and "triton_error" in row:
-                row[f"{mode}_{impl}_ms"] = None
-                continue
+            skip = impl == "triton" and "triton_error" in row  # a failed or wrong Triton result is not timed
             with torch.set_grad_enabled(mode != "fwd"):
-                ms, err = attempt(lambda fn=fn: kernel_ms(fn, device, quick, grad_to_none=[qg, kg, vg]))
-            row[f"{mode}_{impl}_ms"] = ms
+                ms, err = (None, None) if skip else attempt(lambda: kernel_ms(fn, device, quick, grad_to_none=[qg, kg, vg]))
+            row[f"{mode}_{impl}_ms"], row[f"{mode}_{impl}_error"] = ms, err
             row[f"{mode}_{impl}_tflops"] = None if ms is None else rate(attention_flops(*shape, mode), ms) / 1e12
-            if err:
-                row[f"{mode}_{impl}_error"] = err
         t, s = row.get(f"{mode}_triton_ms"), row.get(f"{mode}_sdpa_ms")
         row[f"{mode}_ratio"] = (s / t) if (t and s) else None
     return row
@@ -79,17 +74,12 @@ def plan(quick: bool) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
 def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, cases=None) -> dict:
     rows, skipped = [], []
     for shape, dtype in (cases if cases is not None else plan(quick)):
-        need = 20.0 if quick else 60.0  # autotuning the kernels for a new (N, d, dtype)
-        if budget.allows(need):
-            rows.append(measure(shape, dtype, device, quick))
-        else:
-            skipped.append(f"{'·'.join(map(str, shape))} {dtype_name(dtype)} ({budget.skip_note(need)})")
+        row = budget.measure(20.0 if quick else 60.0, f"{'·'.join(map(str, shape))} {dtype_name(dtype)}", skipped,
+                             lambda: measure(shape, dtype, device, quick))  # the time to autotune a new (N, d, dtype)
+        rows += [row] if row else []
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    tune = None
-    if device.type == "cuda":
-        from getfast.kernels import attention as K
-        tune = len(K._configs())
+    tune = len(importlib.import_module("getfast.kernels.attention")._configs()) if device.type == "cuda" else None
     return {"quick": quick, "rows": rows, "skipped": skipped, "autotune_configs": tune,
             "flops_model": "fwd 4·B·H·N²·d; fwd+bwd 3.5× fwd (FlashAttention-2 convention)"}
 
@@ -107,8 +97,8 @@ def report(res: dict) -> str:
             cells.append(fmt_ratio(r.get(f"{mode}_ratio")))
         lines.append(cells + [fmt(r.get("max_abs_diff_vs_sdpa"), ".2g")])
     tune = f" Tile configurations autotuned: {res['autotune_configs']}." if res.get("autotune_configs") else ""
-    return (f"FLOPs: {res['flops_model']}; Triton/SDPA = SDPA time ÷ Triton time (> 1: the kernel is faster). `default` = "
-            f"the backend `getfast.ops.attention` dispatches to for that input.{tune}\n\n"
-            + markdown_table(["B·H·N·d", "dtype", "SDPA backend", "default", "fwd Triton TFLOP/s", "fwd SDPA TFLOP/s",
-                              "fwd Triton/SDPA", "fwd+bwd Triton TFLOP/s", "fwd+bwd SDPA TFLOP/s", "fwd+bwd Triton/SDPA",
-                              "max abs diff vs SDPA"], lines) + "\n" + not_measured(res["skipped"]))
+    return section(res, f"FLOPs: {res['flops_model']}; Triton/SDPA = SDPA time ÷ Triton time (> 1: the kernel is "
+                   f"faster). `default` = the backend `getfast.ops.attention` dispatches to for that input.{tune}\n\n"
+                   + markdown_table(["B·H·N·d", "dtype", "SDPA backend", "default", "fwd Triton TFLOP/s",
+                                     "fwd SDPA TFLOP/s", "fwd Triton/SDPA", "fwd+bwd Triton TFLOP/s", "fwd+bwd SDPA TFLOP/s",
+                                     "fwd+bwd Triton/SDPA", "max abs diff vs SDPA"], lines), False)

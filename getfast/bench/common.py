@@ -1,10 +1,8 @@
 """What every benchmark shares: output, machine and device, one set of timers for CPU and CUDA, a time
-budget, the work models, formatting. Ratios are measured side by side in one process (docs/CONVENTIONS.md);
-benchmark ``<name>`` writes ``<name>.json`` (``gpu_<name>.json``) and owns the RESULTS.md section between
-``<!-- BEGIN <name> -->`` and ``<!-- END <name> -->`` (``gpu-<name>``), replaced on every run. Timing
-(DESIGN.md, "Performance method"): kernels by ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark``
-on CPU; latency as wall time between synchronisations; the contention-robust CPU figure as the calling
-thread's CPU time on one torch thread. The timers run on CPU tensors too (tests); never GPU figures then.
+budget, the work models, formatting. Benchmark ``<name>`` writes ``<name>.json`` (``gpu_<name>.json``) and
+replaces its RESULTS.md section ``<name>`` (``gpu-<name>``). Timing (DESIGN.md, "Performance method"):
+``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU, latency as synchronised wall time, the
+contention-robust CPU figure as the calling thread's CPU time on one torch thread.
 """
 from __future__ import annotations
 
@@ -48,9 +46,8 @@ _output: dict[str, Path] = {}
 
 
 def set_output(out: str | os.PathLike | None) -> tuple[Path, Path]:
-    """``(results folder, RESULTS.md)``: ``out/`` (a new ``out/RESULTS.md`` starts as a copy of the
-    checkout's, so GPU sections land next to the CPU ones); else the checkout's ``benchmarks/results`` and
-    ``benchmarks/RESULTS.md``; else ``./getfast-bench/``."""
+    """``(results folder, RESULTS.md)``: ``out/`` (a new ``out/RESULTS.md`` seeded from the checkout's), else
+    the checkout's ``benchmarks/results`` and ``benchmarks/RESULTS.md``, else ``./getfast-bench/``."""
     root = source_checkout()
     folder = Path(out) if out else root / "benchmarks" / "results" if root else Path.cwd() / "getfast-bench"
     md = root / "benchmarks" / "RESULTS.md" if root and not out else folder / "RESULTS.md"
@@ -72,12 +69,8 @@ def write_json(name: str, payload: dict) -> Path:
 def merge_json(name: str, payload: dict) -> Path:
     """Update ``<name>.json`` with ``payload``'s keys (and its ``status`` entries): an ``--only`` run keeps the
     others' results."""
-    try:
-        old = json.loads((_out("dir") / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        old = None
-    if not isinstance(old, dict):
-        return write_json(name, payload)
+    old = attempt(lambda: json.loads((_out("dir") / f"{name}.json").read_text()))[0]
+    old = old if isinstance(old, dict) else {}
     return write_json(name, {**old, **payload, "status": {**old.get("status", {}), **payload.get("status", {})}})
 
 
@@ -105,17 +98,11 @@ def machine_info() -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "cuda_available": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        from getfast.ops._framework import build_info
-        info["getfast_build"] = build_info()
-    except Exception as exc:  # benchmarks of pure-Python parts still run
-        info["getfast_build"] = {"error": str(exc)}
+    build, err = attempt(lambda: importlib.import_module("getfast.ops._framework").build_info())
+    info["getfast_build"] = {"error": err} if err else build  # benchmarks of pure-Python parts still run
     root = source_checkout()
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None if root else None
-    except Exception:
-        info["git_commit"] = None
+    info["git_commit"] = attempt(lambda: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                                        capture_output=True, timeout=10).stdout.strip() or None)[0] if root else None
     return info
 
 
@@ -162,8 +149,7 @@ def device_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "triton": triton.__version__ if triton else None}
     if device.type != "cuda":
-        info.update(name=f"{device.type} (not a GPU)", peak_bandwidth={"bytes_per_s": None, "source": "not a GPU"})
-        return info
+        return {**info, "name": f"{device.type} (not a GPU)", "peak_bandwidth": {"bytes_per_s": None, "source": "not a GPU"}}
     p = torch.cuda.get_device_properties(device)
     clock, bus = getattr(p, "memory_clock_rate", None), getattr(p, "memory_bus_width", None)
     info.update(name=p.name, capability=f"{p.major}.{p.minor}", total_memory_gib=round(p.total_memory / 2**30, 1),
@@ -233,9 +219,8 @@ def one_thread():
 
 
 def thread_cpu_s(fn: Callable[[], object], *, min_cpu_time: float = 0.0, repeats: int = 3) -> float:
-    """Median CPU seconds per call of ``fn`` spent by the calling thread (``time.thread_time``; each of
-    ``repeats`` rounds calls it until ``min_cpu_time / repeats`` has passed, at least once). Under
-    :func:`one_thread` it is the code's own cost, unaffected by other processes preempting it."""
+    """Median CPU seconds per call of ``fn`` spent by the calling thread over ``repeats`` rounds of at least
+    ``min_cpu_time / repeats`` each; under :func:`one_thread`, unaffected by other processes preempting it."""
     fn()  # warm-up
     per_call = []
     for _ in range(repeats):
@@ -281,9 +266,8 @@ class OpCounter(TorchDispatchMode):
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of PyTorch's CPU allocator during one call of ``fn`` above what was live before: the
-    allocations and frees torch.profiler records (``profile_memory=True``), replayed in time order. Every
-    tensor torch allocates counts; getfast's csrc kernels allocate nothing of their own."""
+    """Peak bytes of PyTorch's CPU allocator during one call of ``fn`` above what was live before, from the
+    allocations and frees torch.profiler records, in time order (getfast's csrc kernels allocate nothing)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -299,8 +283,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
 
 class Budget:
-    """Wall-clock budget of a run: a benchmark asks :meth:`allows` before an expensive measurement and
-    records it as skipped (:meth:`skip_note`) when the budget would be exceeded."""
+    """Wall-clock budget of a run: :meth:`measure` runs a measurement only when it fits, else records it as
+    skipped."""
 
     def __init__(self, seconds: float | None = None):
         self.t0, self.seconds = time.monotonic(), (seconds if seconds and seconds > 0 else None)
@@ -313,6 +297,12 @@ class Budget:
 
     def skip_note(self, need_s: float) -> str:
         return f"skipped: time budget ({max(self.left(), 0):.0f} s left, needs ~{need_s:.0f} s)"
+
+    def measure(self, need_s: float, what: str, skipped: list, fn: Callable[[], object]):
+        """``fn()`` when ``need_s`` seconds are left, else ``None`` and ``"<what> (skipped: …)"`` in ``skipped``."""
+        if self.allows(need_s):
+            return fn()
+        skipped.append(f"{what} ({self.skip_note(need_s)})")
 
 
 def attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
@@ -331,14 +321,12 @@ def forced_backend(name: str | None):
     """Run getfast ops with ``GETFAST_BACKEND=<name>`` (``None``: the default dispatch), then restore it
     (the op layer reads the variable on every call)."""
     prev = os.environ.pop("GETFAST_BACKEND", None)
-    if name is not None:
-        os.environ["GETFAST_BACKEND"] = name
+    os.environ.update({} if name is None else {"GETFAST_BACKEND": name})
     try:
         yield
     finally:
         os.environ.pop("GETFAST_BACKEND", None)
-        if prev is not None:
-            os.environ["GETFAST_BACKEND"] = prev
+        os.environ.update({} if prev is None else {"GETFAST_BACKEND": prev})
 
 
 def default_backend(op_name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -381,11 +369,11 @@ def share(value: float | None, peak: float | None) -> float | None:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    def cell(v):
+    def text(v):
         return (f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}") if isinstance(v, float) else str(v)
 
     return "\n".join(["| " + " | ".join(row) + " |" for row in
-                      [list(headers), ["---"] * len(headers), *[[cell(v) for v in r] for r in rows]]])
+                      [list(headers), ["---"] * len(headers), *[[text(v) for v in r] for r in rows]]])
 
 
 def fmt(v, spec: str = ".3g", none: str = "–") -> str:
@@ -411,12 +399,20 @@ def fmt_ratio(r: float | None) -> str:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+    k = next((i for i in (3, 2, 1) if abs(n) >= 1024**i), 0)
+    return f"{int(n)} B" if k == 0 else f"{n / 1024**k:.1f} {('KiB', 'MiB', 'GiB')[k - 1]}"
 
 
-def not_measured(skipped: list) -> str:
-    """The ``Not measured: …`` line of a report (empty when nothing was skipped)."""
-    return "\nNot measured: " + "; ".join(map(str, skipped)) + "\n" if skipped else ""
+def cell(e: dict | None, key: str, spec: str = ".3g") -> str:
+    """A result entry's table cell: its ``error`` (or ``skipped``) as text, else its ``key`` formatted."""
+    why = e and (e.get("error") or e.get("skipped"))
+    return markdown_safe(why) if why else fmt((e or {}).get(key), spec)
+
+
+def section(res: dict, body: str, cpu: bool, robust: str | None = None) -> str:
+    """A report around ``body``: on CPU the machine first and, given ``robust`` (which figures to quote), a note
+    when it was oversubscribed; then the measurements that did not run."""
+    machine, skipped = (res.get("machine") or machine_info()) if cpu else None, res.get("skipped")
+    return ((f"Machine: {machine_line(machine)}.\n\n" if cpu else "") + body.rstrip() + "\n"
+            + (contention_note(machine, robust) if cpu and robust else "")
+            + ("\nNot measured: " + "; ".join(map(str, skipped)) + "\n" if skipped else ""))

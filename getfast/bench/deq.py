@@ -1,21 +1,18 @@
-"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0 on the contraction
-``f(z) = x + a ⊙ tanh(z)`` (cheap, so the solvers' own cost shows), m = 6, λ = 1e-4, relative tol 1e-4 (a
-much tighter tol puts ‖g‖² below λ and turns both Anderson implementations into averaging). CPU: op and
-sync counts, time to tolerance, the fused step, memory; GPU: ms per iteration per backend with the bytes
-model, time to tolerance. torchdeq is optional: without it its columns are listed as skipped. The report
-states each method.
+"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0 (optional: without it its
+columns are listed as skipped) on the cheap contraction ``f(z) = x + a ⊙ tanh(z)``, m = 6, λ = 1e-4, relative
+tol 1e-4 (a much tighter tol puts ‖g‖² below λ: both Andersons turn into averaging). Per iteration per backend
+with the bytes model, and time to tolerance; on CPU also op and sync counts, CPU time and memory.
 """
 from __future__ import annotations
 
-import collections
 import statistics
 
 import torch
 
-from getfast.bench.common import (SYNC_OPS, Budget, OpCounter, anderson_bytes, attempt, contention_note,
-                                  cpu_peak_bytes, default_backend, dtype_name, fmt, fmt_bytes, fmt_pct, fmt_ratio,
-                                  kernel_ms, machine_info, machine_line, markdown_safe, markdown_table,
-                                  not_measured, one_thread, rate, share, thread_cpu_s, wall_ms)
+from getfast.bench.common import (SYNC_OPS, Budget, OpCounter, anderson_bytes, attempt, cell, cpu_peak_bytes,
+                                  default_backend, dtype_name, fmt, fmt_bytes, fmt_pct, fmt_ratio, kernel_ms,
+                                  machine_info, markdown_safe, markdown_table, one_thread, rate, section, share,
+                                  thread_cpu_s, wall_ms)
 
 TITLES = {"cpu": "deq — DEQ solvers vs torchdeq (CPU)", "cuda": "GPU deq — fixed-point solvers vs torchdeq"}
 M, LAM, TOL, STOP = 6, 1e-4, 1e-4, "rel"
@@ -71,8 +68,6 @@ def theirs(solver: str, f, z0, n: int, tol=_NEVER):
 def op_counts(B: int = 4, D: int = 1000) -> list[dict]:
     """ATen ops and host syncs per iteration outside f (see the module docstring)."""
     import getfast.deq as deq
-    from getfast.deq import solvers as S
-    from getfast.ops import anderson as A
 
     x, z0 = torch.randn(B, D), torch.zeros(B, D)
     f = lambda z: torch.tanh(0.5 * z + x)  # noqa: E731
@@ -80,17 +75,8 @@ def op_counts(B: int = 4, D: int = 1000) -> list[dict]:
     def mine(name, backend, tol=None, check_every=1):
         return lambda g, n: deq.solve(g, z0, solver=name, max_iter=n, tol=tol, check_every=check_every, backend=backend)
 
-    def unfolded(g, n):  # the reference step as plain ATen ops, not through the custom op
-        real = S.anderson_step
-        S.anderson_step = lambda state, fx, k, *, tau, lam, tol, stop_mode, **_: A.anderson_step_reference(
-            *state, fx, k, tau, lam, -1.0 if tol is None else tol, stop_mode == "rel")
-        try:
-            return deq.anderson(g, z0, max_iter=n, tol=None)
-        finally:
-            S.anderson_step = real
-
-    cases = [("getfast anderson (cpp), tol=None", mine("anderson", "cpp")),
-             ("getfast anderson (reference step unfolded), tol=None", unfolded),
+    cases = [("getfast anderson (cpp), tol=None", mine("anderson", "cpp")),  # eager: the reference step's own ATen ops
+             ("getfast anderson (reference step unfolded), tol=None", mine("anderson", "reference")),
              ("getfast anderson (cpp), tol, check_every=1", mine("anderson", "cpp", _NEVER)),
              ("getfast anderson (cpp), tol, check_every=5", mine("anderson", "cpp", _NEVER, 5))]
     for name in ("anderson", "fixed_point", "broyden"):
@@ -104,13 +90,10 @@ def op_counts(B: int = 4, D: int = 1000) -> list[dict]:
     for label, call in cases:
         counts = []
         for n in (10, 20):
-            c = OpCounter()
-            with c:
+            with OpCounter() as c:
                 call(c.excluding(f), n)
             counts.append(c.counts)
-        diff = collections.Counter(counts[1])
-        diff.subtract(counts[0])
-        per = {k: v / 10 for k, v in diff.items() if v}
+        per = {k: (counts[1][k] - counts[0][k]) / 10 for k in {*counts[0], *counts[1]} if counts[1][k] != counts[0][k]}
         rows.append({"solver": label, "ops_per_iter": sum(per.values()),
                      "syncs_per_iter": sum(v for k, v in per.items() if any(s in k for s in SYNC_OPS)),
                      "top_ops": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])})
@@ -122,14 +105,14 @@ def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None
     """f evaluations, residual at exit and wall time to ``TOL`` (fp32), getfast vs torchdeq when installed;
     interleaved and synchronised; ``cpu_repeats``: also single-thread CPU time and the cost per iteration."""
     f, z0 = problem(B, D, device=device)
-    fc = Counted(f)
+    fc, missing = Counted(f), torchdeq_missing()
     runs = {"ours": lambda: ours(solver, fc, z0, _MAX_ITER[solver], backend, tol=TOL)}
-    if torchdeq_missing() is None:
+    if missing is None:
         runs["theirs"] = lambda: theirs(solver, fc, z0, _MAX_ITER[solver], tol=TOL)
     step = "broyden_step" if solver == "broyden" else "anderson_step"
     out = {"solver": solver, "B": B, "D": D, "m": M, "lam": LAM, "tol": TOL, "stop_mode": STOP,
            "backend": backend or default_backend(step, device, torch.float32), "f_calls": {}, "final_max_residual": {},
-           "final_max_rel_residual": {}, "errors": {"theirs": torchdeq_missing()} if torchdeq_missing() else {}}
+           "final_max_rel_residual": {}, "errors": {"theirs": missing} if missing else {}}
     for who, fn in list(runs.items()):
         fc.n = 0
         res, err = attempt(fn)  # also the warm-up: the first custom-op call imports torch._dynamo
@@ -137,9 +120,9 @@ def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None
             out["errors"][who] = err
             del runs[who]
             continue
-        out["f_calls"][who], r = fc.n, (f(res[0]) - res[0]).norm(dim=1)
-        out["final_max_residual"][who] = float(r.max())
-        out["final_max_rel_residual"][who] = float((r / f(res[0]).norm(dim=1).clamp_min(1e-30)).max())
+        fz, r = f(res[0]), (f(res[0]) - res[0]).norm(dim=1)
+        out["f_calls"][who], out["final_max_residual"][who] = fc.n, float(r.max())
+        out["final_max_rel_residual"][who] = float((r / fz.norm(dim=1).clamp_min(1e-30)).max())
         if who == "ours":
             out["converged"] = bool(res[1]["converged"].all())
     wall = {who: [] for who in runs}
@@ -153,16 +136,13 @@ def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None
         with one_thread():
             out["cpu_1thread_s"] = {who: thread_cpu_s(fn, repeats=cpu_repeats) for who, fn in runs.items()}
             out["cpu_1thread_f_call_s"] = thread_cpu_s(lambda: f(z0), min_cpu_time=0.05)
+    for key, f_s, name in (("wall_min_s", "f_call_s", "overhead_per_iter_s"),
+                           ("cpu_1thread_s", "cpu_1thread_f_call_s", "overhead_per_iter_cpu_1thread_s")):
+        if key in out:  # the solver's own time per iteration: f's time subtracted
+            out[name] = {k: (out[key][k] - n * out[f_s]) / n for k, n in out["f_calls"].items()}
     if len(runs) == 2:
-        for key, ratio in (("wall_s", "ratio_wall"), ("wall_min_s", "ratio_wall_min"), ("cpu_1thread_s", "ratio_cpu_1thread")):
-            if out.get(key):
-                out[ratio] = out[key]["ours"] / out[key]["theirs"]
-        n, t_f = out["f_calls"], out["f_call_s"]
-        if out["wall_min_s"]:
-            out["overhead_per_iter_s"] = {k: (out["wall_min_s"][k] - n[k] * t_f) / n[k] for k in n}
-        if cpu_repeats:
-            out["overhead_per_iter_cpu_1thread_s"] = {
-                k: (out["cpu_1thread_s"][k] - n[k] * out["cpu_1thread_f_call_s"]) / n[k] for k in n}
+        out.update({ratio: out[key]["ours"] / out[key]["theirs"] for key, ratio in (
+            ("wall_s", "ratio_wall"), ("wall_min_s", "ratio_wall_min"), ("cpu_1thread_s", "ratio_cpu_1thread")) if out.get(key)})
     return out
 
 
@@ -174,18 +154,15 @@ def memory(B: int, D: int) -> list[dict]:
         row = {"dtype": dtype_name(dtype), "state_bytes": B * D * item,
                "ours_history_bytes": 2 * M * B * D * item + B * M * M * 4,  # X, G in the state dtype + fp32 Gram
                "ours_peak_bytes": cpu_peak_bytes(lambda: ours("anderson", f, z0, 12, "cpp"))}
-        try:
-            row.update(theirs_peak_bytes=cpu_peak_bytes(lambda: theirs("anderson", f, z0, 12)),
-                       theirs_history_bytes=2 * M * B * D * item + B * (M + 1) ** 2 * item)  # X, F + bordered H
-        except Exception as exc:  # torchdeq's Anderson does not run on bf16 states
-            row.update(theirs_history_bytes=None, theirs_peak_bytes=None,
-                       theirs_error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        peak, err = attempt(lambda: cpu_peak_bytes(lambda: theirs("anderson", f, z0, 12)))  # fails on bf16 states
+        row.update(theirs_peak_bytes=peak, theirs_error=err,
+                   theirs_history_bytes=None if err else 2 * M * B * D * item + B * (M + 1) ** 2 * item)  # X, F, bordered H
         rows.append(row)
     return rows
 
 
 # ---- GPU --------------------------------------------------------------------------------------------
-def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int, backends) -> dict:
+def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int, backends, peak_bw=None) -> dict:
     """ms per iteration outside f for every getfast backend and torchdeq (see the module docstring)."""
     f, z0 = problem(batch, dim, dtype, device)
     t_f = kernel_ms(lambda: f(z0), device, quick)
@@ -208,7 +185,7 @@ def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int,
         if e["ms_per_iter"] <= 0:  # the solver's own cost is below the timing noise of f's
             e["note"] = "below timing noise"
         elif model is not None:
-            e["gb_s"] = rate(model, e["ms_per_iter"]) / 1e9
+            e["gb_s"], e["bw_share"] = rate(model, e["ms_per_iter"]) / 1e9, share(rate(model, e["ms_per_iter"]), peak_bw)
     ref = out["impls"].get("torchdeq", {}).get("ms_per_iter")
     for e in out["impls"].values():
         if ref and ref > 0 and e.get("ms_per_iter", 0) > 0:
@@ -218,80 +195,63 @@ def per_iteration(solver: str, dtype, device, quick: bool, batch: int, dim: int,
 
 def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None = None, batch: int | None = None,
         dim: int | None = None, dtypes=None, solvers=SOLVERS) -> dict:
-    """Every solver per iteration (each backend, the default dispatch, torchdeq) and to tolerance; on CPU also the
-    op and sync counts, single-thread CPU time and memory. ``batch``/``dim`` (tests):
-    a small problem, without the CPU-only extras."""
+    """Every solver per iteration (each backend, the default dispatch, torchdeq) and to tolerance; on CPU also op and
+    sync counts, single-thread CPU time and memory. ``batch``/``dim`` (tests): a small problem, no CPU extras."""
     cpu = device.type == "cpu"
     size = (8, 8192) if quick else (32, 65536) if cpu else (128, 256 * 768)  # GPU: GET-B/2's state, 256 tokens × 768
     B, D = batch or size[0], dim or size[1]
     backends = ("cpp", "reference", None) if cpu else ("triton", "cuda", "reference", None)
-    res = {"quick": quick, "machine": machine_info(), "m": M, "lam": LAM, "n1": N1, "n2": N2, "per_iteration": [],
-           "to_tolerance": [], "skipped": [], "torchdeq": torchdeq_missing() or "present",
+    res = {"quick": quick, "on": device.type, "machine": machine_info(), "m": M, "lam": LAM, "n1": N1, "n2": N2,
+           "per_iteration": [], "to_tolerance": [], "skipped": [], "torchdeq": torchdeq_missing() or "present",
            "bytes_model": "(3m+4)·B·D·itemsize per Anderson step; m = 1 for fixed point"}
     if cpu and batch is None:
         res["op_counts"], res["memory"] = op_counts(), memory(*((8, 8192) if quick else (B, D)))
     for solver in solvers:
         for dtype in dtypes or ((torch.float32,) if cpu else (torch.float32, torch.bfloat16)):
-            if not budget.allows(15.0):
-                res["skipped"].append(f"{solver} {dtype_name(dtype)} per iteration ({budget.skip_note(15.0)})")
-                continue
-            row = per_iteration(solver, dtype, device, quick, B, D, backends)
-            for e in row["impls"].values():
-                if e.get("gb_s") is not None:
-                    e["bw_share"] = share(e["gb_s"] * 1e9, peak_bw)
-            res["per_iteration"].append(row)
-    for solver in solvers:
-        if budget.allows(10.0):  # on CPU the fused C++ step, as the default dispatch picks it
-            res["to_tolerance"].append(to_tolerance(solver, device, B, D, "cpp" if cpu else None, 3 if quick else 7,
-                                                    cpu_repeats=3 if cpu else 0))
-        else:
-            res["skipped"].append(f"{solver} to tolerance ({budget.skip_note(10.0)})")
+            row = budget.measure(15.0, f"{solver} {dtype_name(dtype)} per iteration", res["skipped"],
+                                 lambda: per_iteration(solver, dtype, device, quick, B, D, backends, peak_bw))
+            res["per_iteration"] += [row] if row else []
+    for solver in solvers:  # on CPU the fused C++ step, as the default dispatch picks it
+        row = budget.measure(10.0, f"{solver} to tolerance", res["skipped"], lambda: to_tolerance(
+            solver, device, B, D, "cpp" if cpu else None, 3 if quick else 7, cpu_repeats=3 if cpu else 0))
+        res["to_tolerance"] += [row] if row else []
     if torchdeq_missing():
         res["skipped"].append(f"the torchdeq columns ({torchdeq_missing()}; pip install torchdeq==0.1.0)")
     return res
 
 
 def report(res: dict) -> str:
-    lines, cpu = [], "cpu_1thread_f_call_s" in (res["to_tolerance"] or [{}])[0]
+    lines, cpu = [], res.get("on") == "cpu"
     for r in res["per_iteration"]:
         for label, e in r["impls"].items():
-            lines.append([r["solver"], r["dtype"], label] + (
-                [markdown_safe(e["error"]), "–", "–", "–"] if e.get("error") else
-                [e.get("note") or fmt(e.get("ms_per_iter"), ".3f"), fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
-                 fmt_ratio(e.get("ratio_vs_torchdeq"))]))
+            lines.append([r["solver"], r["dtype"], label, e.get("note") or cell(e, "ms_per_iter", ".3f")] + (
+                ["–"] * 3 if e.get("error") else [fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
+                                                   fmt_ratio(e.get("ratio_vs_torchdeq"))]))
     p = res["per_iteration"][0] if res["per_iteration"] else None
-    text = f"Machine: {machine_line(res['machine'])}.\n\n" if cpu else ""
-    if res.get("op_counts"):
-        text += ("**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op counts as "
-                 "one op; 20 minus 10 iterations):\n\n" + markdown_table(
-                     ["solver", "ATen ops / iteration (excl. f)", "host syncs / iteration"],
-                     [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]]) + "\n\n")
     shape = f"B={p['B']}, D={p['D']}, " if p else ""
+    text = "" if not res.get("op_counts") else (
+        "**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op counts as one op; "
+        "20 minus 10 iterations):\n\n" + markdown_table(["solver", "ATen ops / iteration (excl. f)", "host syncs / "
+        "iteration"], [(r["solver"], r["ops_per_iter"], r["syncs_per_iter"]) for r in res["op_counts"]]) + "\n\n")
     text += (f"**Per iteration outside f** ({shape}m={res['m']}, "
              f"λ={res['lam']}; whole solves of {res['n1']} and {res['n2']} iterations, the difference per iteration "
              f"minus one f call). GB/s from the bytes model {res['bytes_model']}; ratio = getfast ÷ torchdeq time "
              f"(< 1: getfast is faster). torchdeq: {res['torchdeq']}.\n\n"
              + markdown_table(["solver", "state dtype", "implementation", "ms / iteration", "GB/s (model)", "% of peak",
                                "vs torchdeq"], lines) + "\n")
-    tl = []
-    for r in res["to_tolerance"]:
-        def cells(w, r=r):
-            if w in r["errors"]:
-                return [markdown_safe(r["errors"][w])] + ["–"] * 4
-            return [fmt(1e3 * r["wall_s"][w], ".2f") if w in r["wall_s"] else "–",
-                    fmt(1e3 * r["cpu_1thread_s"][w], ".2f") if w in r.get("cpu_1thread_s", {}) else "–",
-                    fmt(1e3 * r["overhead_per_iter_s"][w], ".3f") if w in r.get("overhead_per_iter_s", {}) else "–",
-                    fmt(r["f_calls"].get(w), "d"), fmt(r["final_max_rel_residual"].get(w), ".2g")]
-        g, t = cells("ours"), cells("theirs")
-        tl.append([f"{r['solver']} ({r['backend']})", f"{g[0]} / {t[0]}", fmt_ratio(r.get("ratio_wall")),
-                   f"{g[1]} / {t[1]}", fmt_ratio(r.get("ratio_cpu_1thread")), f"{g[2]} / {t[2]}", f"{g[3]} / {t[3]}",
-                   f"{g[4]} / {t[4]}"])
+
+    def both(r, key, spec, scale=1):  # "getfast / torchdeq"; an error in place of its wall time
+        return " / ".join(markdown_safe(r["errors"][w]) if key == "wall_s" and w in r["errors"] else
+                          fmt(r[key][w] * scale if w in r.get(key, {}) else None, spec) for w in ("ours", "theirs"))
+    tl = [[f"{r['solver']} ({r['backend']})", both(r, "wall_s", ".2f", 1e3), fmt_ratio(r.get("ratio_wall")),
+           both(r, "cpu_1thread_s", ".2f", 1e3), fmt_ratio(r.get("ratio_cpu_1thread")),
+           both(r, "overhead_per_iter_s", ".3f", 1e3), both(r, "f_calls", "d"), both(r, "final_max_rel_residual", ".2g")]
+          for r in res["to_tolerance"]]
     if tl:
-        text += (f"\n**Time to tolerance** (f(z) = x + a⊙tanh(z), a ∈ [0.5, 0.95], fp32, relative tol {TOL}; each solver "
-                 "stops by its own rule: torchdeq when every sample's current residual < tol, getfast when every sample's "
-                 "best residual < tol, converged samples frozen). Wall: synchronised, median, interleaved; CPU time: the "
-                 "calling thread on one torch thread (contention-robust); solver ms per iteration excluding f from the "
-                 "fastest wall time.\n\n" + markdown_table(
+        text += (f"\n**Time to tolerance** (fp32, relative tol {TOL}; torchdeq stops when every sample's current residual "
+                 "< tol, getfast when every sample's best one is, converged samples frozen). Wall: synchronised, median, "
+                 "interleaved; CPU time: the calling thread on one torch thread; solver ms per iteration excluding f from "
+                 "the fastest wall time.\n\n" + markdown_table(
                      ["solver", "wall ms getfast / torchdeq", "ratio", "CPU ms, 1 thread", "ratio",
                       "solver ms / iteration excl. f", "f evaluations", "max rel. residual"], tl) + "\n")
     if res.get("memory"):
@@ -300,6 +260,5 @@ def report(res: dict) -> str:
                                   [(r["dtype"], fmt_bytes(r["ours_history_bytes"]),
                                     fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails",
                                     fmt_bytes(r["ours_peak_bytes"]), fmt_bytes(r["theirs_peak_bytes"])
-                                    if r["theirs_peak_bytes"] else r.get("theirs_error", "fails")) for r in res["memory"]])
-                 + "\n")
-    return text + (contention_note(res["machine"]) if cpu else "") + not_measured(res["skipped"])
+                                    if r["theirs_peak_bytes"] else r.get("theirs_error", "fails")) for r in res["memory"]]))
+    return section(res, text, cpu, "the single-thread CPU-time figures are the contention-robust ones")

@@ -1,7 +1,6 @@
-"""Per-call host cost of the fused ops vs the PyTorch compositions they replace, at sizes where the host cost
-is all there is, on the CPU with one thread, alternating over rounds: sim_loss fwd+bwd at 2×1×4×4 (target
-ratio ≤ 0.5), one Anderson and one Broyden step (B=2, D=64, m=6), and 20-iteration solves, each vs the
-reference step.
+"""Per-call host cost of the fused ops vs the PyTorch compositions they replace, at sizes where the host cost is
+all there is (CPU, one thread, alternating rounds): sim_loss fwd+bwd at 2×1×4×4 (target ratio ≤ 0.5), one
+Anderson and one Broyden step (B=2, D=64, m=6) and 20-iteration solves, each vs the reference step.
 """
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import statistics
 
 import torch
 
-from getfast.bench.common import Budget, forced_backend, machine_info, machine_line, markdown_table, median_s, one_thread
+from getfast.bench.common import Budget, forced_backend, machine_info, markdown_table, median_s, one_thread, section
 from getfast.bench.sim_loss import eager, fused, inputs
 
 TITLES = {"cpu": "overhead — host cost per call of the fused ops vs the compositions they replace (CPU)"}
@@ -77,6 +76,5 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
 def report(res: dict) -> str:
     rows = [[r["what"], r["baseline"], f"{r['baseline_us']:.1f}", f"{r['fused_us']:.1f}", f"**{r['ratio']:.2f}**"]
             for r in res["results"]]
-    return (f"{res['what']}.\n\nMachine: {machine_line(res['machine'])}.\n\n"
-            + markdown_table(["call", "baseline", "baseline µs", "fused µs", "fused / baseline"], rows)
-            + f"\n\nTiming: {res['timing']}." + (" (quick run)" if res["quick"] else "") + "\n")
+    return section(res, f"{res['what']}.\n\n" + markdown_table(["call", "baseline", "baseline µs", "fused µs",
+                   "fused / baseline"], rows) + f"\n\nTiming: {res['timing']}." + (" (quick run)" if res["quick"] else ""), True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.bench.common import Budget, machine_info, machine_line, markdown_table, wall_ms
+from getfast.bench.common import Budget, machine_info, markdown_table, section, wall_ms
 
 TITLES = {"cpu": "pairs — teacher pair generation rate (make-pairs)"}
 BATCH, STEPS = 64, 18
@@ -83,9 +83,10 @@ def report(res: dict) -> str:
               f"lower bounds, the ratios are the figures to quote." if res["load_avg_1m"] > cores else
               f" At {B / te:.1f} pairs/s, 20k pairs take {20000 / (B / te) / 3600:.1f} h on this machine (split across "
               f"ranks with torchrun).")
-    return (f"Teacher: {res['teacher']}; {res['model']}, {res['params'] / 1e6:.2f}M parameters, {shape[1]}×{shape[2]}×"
-            f"{shape[0]}, {'class-conditional' if res['cond'] else 'unconditional'}. Heun {res['steps']} steps = {nfe} "
-            f"network evaluations per pair, batch {B}, on {res['device']}.\n\nMachine: {machine_line(res['machine'])}.\n\n"
-            + markdown_table(["path", "pairs/s", "network evaluations/s (per image)", "time vs sampler"], rows)
-            + f"\n\nMedian of {reps} interleaved repetition(s) in one process. Noise regeneration from per-sample seeds: "
-            f"{res['noise_regen_us_per_sample']:.0f} µs per sample." + caveat + (" (quick run)" if res["quick"] else ""))
+    return section(res, f"Teacher: {res['teacher']}; {res['model']}, {res['params'] / 1e6:.2f}M parameters, {shape[1]}×"
+                   f"{shape[2]}×{shape[0]}, {'class-conditional' if res['cond'] else 'unconditional'}. Heun {res['steps']} "
+                   f"steps = {nfe} network evaluations per pair, batch {B}, on {res['device']}.\n\n"
+                   + markdown_table(["path", "pairs/s", "network evaluations/s (per image)", "time vs sampler"], rows)
+                   + f"\n\nMedian of {reps} interleaved repetition(s) in one process. Noise regeneration from per-sample "
+                   f"seeds: {res['noise_regen_us_per_sample']:.0f} µs per sample." + caveat
+                   + (" (quick run)" if res["quick"] else ""), True)

@@ -1,9 +1,7 @@
 """Run the benchmarks a :class:`~getfast.bench.BenchConfig` selects; the ``python -m benchmarks`` command line.
-
 A benchmark is the module ``getfast.bench.<name>``: ``TITLES`` (device type -> section title), ``run(device,
-quick, budget, peak_bw=None) -> dict`` and ``report(result) -> str``. Its status (printed, and kept in
-``all.json`` / ``gpu_all.json``) is ``ok``, ``partial (skipped: …)`` naming the measurements that did not
-run, or ``FAILED: …``.
+quick, budget, peak_bw=None) -> dict`` and ``report(result) -> str``; its status in ``[gpu_]all.json`` is ``ok``,
+``partial (skipped: …)`` or ``FAILED: …``.
 """
 from __future__ import annotations
 
@@ -14,8 +12,8 @@ import sys
 import time
 import traceback
 
-import getfast.bench.config
-from getfast.bench.config import QUICK_GPU_BUDGET_S, BenchConfig
+import getfast.bench
+from getfast.bench import QUICK_GPU_BUDGET_S, BenchConfig
 from getfast.options import add_config, take_config
 
 QUICK_AUTOTUNE_ENV = "GETFAST_QUICK_AUTOTUNE"  # read by kernels/attention.py when it is imported
@@ -50,11 +48,9 @@ def gpu_header(info: dict, quick: bool, budget_s: float | None) -> str:
     m, d = info["machine"], info["device"]
     return (f"Last GPU run: {device_line(d)}; Python {m['python']}; getfast commit {m.get('git_commit') or 'unknown'}, "
             f"`_C` build {m.get('getfast_build', {})}; {m['timestamp_utc']}; {'quick run' if quick else 'full run'}"
-            f"{f'; time budget {budget_s:.0f} s' if budget_s else ''}. TF32 for float32 matmuls: "
-            f"{d.get('tf32_matmul')}.\n\nRegenerate with `python -m benchmarks --device cuda [--quick]` (or "
-            "`benchmarks/gpu_check.sh` on a bare GPU machine). Each `gpu-*` section below was written by that run, "
-            "side by side in one process; a measurement that did not fit the time budget or failed says so in its "
-            "section.\n")
+            f"{f'; time budget {budget_s:.0f} s' if budget_s else ''}. TF32 for float32 matmuls: {d.get('tf32_matmul')}."
+            "\n\nRegenerate with `python -m benchmarks --device cuda [--quick]` (`benchmarks/gpu_check.sh` on a bare "
+            "GPU machine); the `gpu-*` sections below come from that run and name what it did not measure.\n")
 
 
 def run_config(cfg: BenchConfig) -> int:
@@ -70,18 +66,15 @@ def run_config(cfg: BenchConfig) -> int:
     cuda = device.type == "cuda"
     budget_s = cfg.budget_s or (QUICK_GPU_BUDGET_S if cfg.quick and cuda else None)
     budget = Budget(budget_s)
-    info, peak_bw, prefix = {"machine": machine_info()}, None, ""
+    info, peak_bw, prefix = {"machine": machine_info()}, None, "gpu_" if cuda else ""
     if cuda:
-        prefix = "gpu_"
         if device.index is not None:
             torch.cuda.set_device(device)
         if cfg.quick:
             os.environ.setdefault(QUICK_AUTOTUNE_ENV, "1")
-        info["device"] = device_info(device)
-        info["device"]["matmul_bf16_tflops"], err = attempt(lambda: matmul_tflops(device, cfg.quick))
-        if err:
-            info["device"]["matmul_error"] = err
-        peak_bw = info["device"]["peak_bandwidth"].get("bytes_per_s")
+        d = info["device"] = device_info(device)
+        d["matmul_bf16_tflops"], d["matmul_error"] = attempt(lambda: matmul_tflops(device, cfg.quick))
+        peak_bw = d["peak_bandwidth"].get("bytes_per_s")
         update_results_md("gpu", gpu_header(info, cfg.quick, budget_s), title=f"GPU — {info['device']['name']}")
         print(f"device: {info['device']['name']}; budget: {budget_s or 'none'} s", flush=True)
     results, statuses = {"info": info} if cuda else {"machine": info["machine"]}, {}
@@ -91,9 +84,7 @@ def run_config(cfg: BenchConfig) -> int:
         try:
             mod = load_module(name)
             res = mod.run(device, cfg.quick, budget, peak_bw=peak_bw)
-            res["seconds"] = time.time() - t0
-            if cuda:
-                res["device"] = info["device"]
+            res.update(seconds=time.time() - t0, **({"device": info["device"]} if cuda else {}))
             write_json(prefix + name, res)
             update_results_md(f"gpu-{name}" if cuda else name,
                               mod.report(res) + ("\n(quick run)\n" if cfg.quick and cuda else ""),
@@ -108,8 +99,7 @@ def run_config(cfg: BenchConfig) -> int:
             if cuda:
                 torch.cuda.empty_cache()
         print(f"   {prefix}{name}: {statuses[name]} ({time.time() - t0:.0f} s)", flush=True)
-    results["status"] = statuses
-    merge_json(f"{prefix}all", results)
+    merge_json(f"{prefix}all", {**results, "status": statuses})
     failed = [n for n, s in statuses.items() if s.startswith("FAILED")]
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
@@ -122,7 +112,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
     """Command line: parse, validate (one-line error and exit status 2 on bad options or no GPU), run."""
-    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.config.__doc__, formatter_class=_HelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.__doc__, formatter_class=_HelpFormatter)
     add_config(ap, BenchConfig)
     ns = ap.parse_args(argv)
     try:

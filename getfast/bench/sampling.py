@@ -1,9 +1,7 @@
-"""Sampling latency: a one-step GET student vs an EDM UNet teacher with EDM's Heun sampler (18 steps, 35
-evaluations); GPU: GET-B/2 and UNet-DDPMpp at 32×32×3, batch 1 and 64; CPU: GET-N/4 and UNet-S at 28×28×1.
-Random weights in getfast's checkpoint formats (latency depends on the architecture, not the weights), each
-variant through ``getfast.sampling.load`` (the sampler of ``getfast sample``): eager fp32, eager bf16
-autocast, and a CUDA graph of the whole bf16 call (``compile=True``) replayed — an error row if the sampler
-fell back to eager, the replay checked against eager bf16. Synchronised wall time, median.
+"""Sampling latency, one-step GET student vs EDM UNet teacher with Heun (18 steps, 35 evaluations): GPU GET-B/2
+and UNet-DDPMpp at 32×32×3, batch 1 and 64; CPU GET-N/4 and UNet-S at 28×28×1. Random weights (latency depends
+on the architecture), each through ``getfast.sampling.load``: eager fp32, eager bf16 autocast, and the whole bf16
+call replayed from a CUDA graph (``compile=True``; an error if it ran eagerly; checked against eager bf16).
 """
 from __future__ import annotations
 
@@ -13,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.bench.common import (Budget, attempt, contention_note, fmt, fmt_ratio, machine_info, machine_line, markdown_safe,
-                                  markdown_table, not_measured, wall_ms)
+from getfast.bench.common import Budget, attempt, cell, fmt, fmt_ratio, machine_info, markdown_table, section, wall_ms
 
 TITLES = {"cpu": "sampling — one-step GET-N/4 vs the UNet-S teacher's Heun sampler (CPU latency)",
           "cuda": "GPU sampling latency — one-step GET-B/2 vs UNet-DDPMpp teacher (Heun, 35 evaluations)"}
@@ -30,14 +27,12 @@ CPU_PLAN = {**DEFAULT_PLAN, "student": "GET-N/4", "teacher": "UNet-S", "resoluti
 def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
     """Random-weight student and teacher checkpoints as ``getfast distill get`` and ``getfast train-teacher``
     write them, and their parameter counts (millions)."""
-    from getfast.bench.train import RandomPairs
+    from getfast.bench.train import get_method
     from getfast.methods import save_student, student_meta
-    from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod
     from getfast.teacher import build_denoiser, export
 
     r, c, K = plan["resolution"], plan["channels"], plan["num_classes"]
-    torch.manual_seed(0)
-    method = GETDistillMethod(GETDistillConfig(model=plan["student"]), data=RandomPairs(1, (c, r, r)))
+    method = get_method({**plan, "batch": 1})
     student, teacher = method.modules["student"], build_denoiser(plan["teacher"], r, c, K)
     save_student(student, student_meta(method), folder / "student.safetensors")
     export(teacher, {"model": plan["teacher"], "resolution": r, "channels": c, "num_classes": K, "label_dropout": 0.0,
@@ -49,10 +44,10 @@ def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
 def graph_entry(graphs) -> str | None:
     """Why a call that should have replayed a CUDA graph ran eagerly, else None: a graph row never times the
     eager path under the graph's name."""
-    if graphs is not None and graphs.captures >= 1 and not graphs.reasons:
+    reasons = "; ".join(graphs.reasons.values()) if graphs is not None else ""
+    if graphs is not None and graphs.captures >= 1 and not reasons:
         return None
-    why = "; ".join(graphs.reasons.values()) if graphs is not None and graphs.reasons else "no graph captured"
-    return f"replayed eagerly, not from a CUDA graph: {why}"
+    return f"replayed eagerly, not from a CUDA graph: {reasons or 'no graph captured'}"
 
 
 def sampler_variants(ckpt: Path, z, labels, device, iters: int, warmup: int, steps: int | None = None,
@@ -104,14 +99,13 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
         for batch in plan["batches"]:
             z = torch.randn(batch, c, r, r, generator=torch.Generator(device=device).manual_seed(batch), device=device)
             labels = torch.arange(batch, device=device) % K
-            for who, need, iters, warmup in (("student", 20.0, plan["student_iters"] or (20 if quick else 100), 3),
-                                             ("teacher", 40.0, plan["teacher_iters"] or (3 if quick else 10), 1)):
-                if budget.allows(need):
-                    t = who == "teacher"
-                    res["rows"].append({"model": who, "batch": batch, "variants": sampler_variants(
+            for t, need, iters, warmup in ((0, 20.0, plan["student_iters"] or (20 if quick else 100), 3),
+                                           (1, 40.0, plan["teacher_iters"] or (3 if quick else 10), 1)):
+                who = ("student", "teacher")[t]
+                row = budget.measure(need, f"{who} batch {batch}", res["skipped"], lambda: {
+                    "model": who, "batch": batch, "variants": sampler_variants(
                         ckpts[t], z, labels if t else None, device, iters, warmup, plan["heun_steps"] if t else None)})
-                else:
-                    res["skipped"].append(f"{who} batch {batch} ({budget.skip_note(need)})")
+                res["rows"] += [row] if row else []
     teacher = {r["batch"]: r["variants"] for r in res["rows"] if r["model"] == "teacher"}
     for row in res["rows"]:  # one step vs the teacher, same batch and variant
         for name, e in row["variants"].items() if row["model"] == "student" else ():
@@ -129,19 +123,15 @@ def report(res: dict) -> str:
     for row in res["rows"]:
         v = {n: row["variants"].get(n, {}) for n in VARIANTS}
         g, eager = v["CUDA graph bf16"], v["eager bf16"]
-        lines.append([names[row["model"]], row["batch"]]
-                     + [markdown_safe(e.get("error") or e.get("skipped")) if e.get("error") or e.get("skipped")
-                        else fmt(e.get("ms"), ".2f") for e in v.values()]
-                     + [fmt_ratio(eager["ms"] / g["ms"]) if (eager.get("ms") and g.get("ms")) else "–",
-                        fmt_ratio(g.get("speedup_vs_teacher")) if row["model"] == "student" else "",
-                        fmt(g["max_abs_diff_vs_eager_bf16"], ".2g") if "max_abs_diff_vs_eager_bf16" in g
-                        else "random start: not compared" if eager.get("nondeterministic") else "–"])
-    return ((f"Machine: {machine_line(res['machine'])}.\n\n" if res.get("on") == "cpu" else "")
-            + f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights ({res['params_M']['student']:.1f}M / "
-            f"{res['params_M']['teacher']:.1f}M parameters), sampled through `getfast.sampling.load` (the sampler of "
-            "`getfast sample`). Latency: synchronised wall ms per batch, median. Graph = one CUDA-graph capture of the "
-            "whole bf16 call, replayed.\n\n"
-            + markdown_table(["sampler", "batch", *[f"{v} ms" for v in VARIANTS], "graph speed-up vs eager bf16",
-                              "one step vs teacher (graph)", "replay vs eager bf16, max abs diff"], lines) + "\n"
-            + (contention_note(res["machine"], "quote nothing from this run") if res.get("on") == "cpu" else "")
-            + not_measured(res["skipped"]))
+        lines.append([names[row["model"]], row["batch"], *[cell(e, "ms", ".2f") for e in v.values()],
+                      fmt_ratio(eager["ms"] / g["ms"]) if (eager.get("ms") and g.get("ms")) else "–",
+                      fmt_ratio(g.get("speedup_vs_teacher")) if row["model"] == "student" else "",
+                      fmt(g["max_abs_diff_vs_eager_bf16"], ".2g") if "max_abs_diff_vs_eager_bf16" in g
+                      else "random start: not compared" if eager.get("nondeterministic") else "–"])
+    return section(res, f"{p['resolution']}×{p['resolution']}×{p['channels']}, random weights "
+                   f"({res['params_M']['student']:.1f}M / {res['params_M']['teacher']:.1f}M parameters), sampled through "
+                   "`getfast.sampling.load` (the sampler of `getfast sample`). Latency: synchronised wall ms per batch, "
+                   "median. Graph = one CUDA-graph capture of the whole bf16 call, replayed.\n\n"
+                   + markdown_table(["sampler", "batch", *[f"{v} ms" for v in VARIANTS], "graph speed-up vs eager bf16",
+                                     "one step vs teacher (graph)", "replay vs eager bf16, max abs diff"], lines),
+                   res.get("on") == "cpu", "quote nothing from this run")

@@ -1,7 +1,6 @@
-"""The fused SIM surrogate (``getfast.ops.sim_loss``) vs the eager composition differentiated by autograd
-(``sim_loss_reference``): one forward and ``torch.autograd.grad`` w.r.t. the three inputs. CPU: the cpp
-backend, interleaved rounds, single-thread CPU time, peak memory; GPU: each backend forced and the default
-dispatch, checked against float64 first, GB/s and % of peak from the 9-tensor bytes model.
+"""The fused SIM surrogate (``getfast.ops.sim_loss``) vs the eager composition under autograd: one forward and
+``torch.autograd.grad`` w.r.t. the three inputs, each fused backend forced and the default dispatch, checked
+against float64 first; GB/s and % of peak from the 9-tensor bytes model; on CPU also CPU time and memory.
 """
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ import statistics
 
 import torch
 
-from getfast.bench.common import (Budget, attempt, cpu_peak_bytes, default_backend, dtype_name, fmt, fmt_bytes, fmt_pct,
-                                  fmt_ratio, forced_backend, kernel_ms, machine_info, machine_line, markdown_safe,
-                                  markdown_table, not_measured, rate, share, sim_loss_bytes, thread_cpu_s)
+from getfast.bench.common import (Budget, attempt, cell, cpu_peak_bytes, default_backend, dtype_name, fmt, fmt_bytes,
+                                  fmt_pct, fmt_ratio, forced_backend, kernel_ms, machine_info, markdown_table, rate,
+                                  section, share, sim_loss_bytes, thread_cpu_s)
 
 TITLES = {"cpu": "sim_loss — fused SIM surrogate vs eager (CPU, fwd+bwd)",
           "cuda": "GPU sim_loss — fused SIM surrogate vs eager autograd (fwd+bwd)"}
@@ -43,9 +42,8 @@ def eager(a, f, x, sigma, w):
 
 
 def measure(shape, dtype, device, quick: bool, peak_bw: float | None, threads: int | None = None) -> dict:
-    """One row: eager autograd, each fused backend forced (CPU: cpp; CUDA: triton, cuda) and the default dispatch
-    where it is neither, each checked against float64 before timing; on CPU, with ``threads``, also the peak of
-    the allocator and (one thread) the calling thread's CPU time."""
+    """One row: eager autograd, each fused backend and the default dispatch where it is neither, checked against
+    float64 before timing; on CPU with ``threads`` also the allocator's peak and (one thread) CPU time."""
     args = inputs(shape, dtype, device)
     nbytes = sim_loss_bytes(args[0].numel(), args[0].element_size())
     backends = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
@@ -74,8 +72,8 @@ def measure(shape, dtype, device, quick: bool, peak_bw: float | None, threads: i
     for name, ts in timed.items():
         e = row["impls"][name]
         e["ms"] = None if None in ts else statistics.median(ts)
-        e["gb_s"] = None if e["ms"] is None else rate(nbytes, e["ms"]) / 1e9
-        e["bw_share"] = None if e["ms"] is None else share(rate(nbytes, e["ms"]), peak_bw)
+        e["gb_s"], e["bw_share"] = (None, None) if e["ms"] is None else (rate(nbytes, e["ms"]) / 1e9,
+                                                                          share(rate(nbytes, e["ms"]), peak_bw))
         if device.type == "cpu" and threads:
             e["peak_bytes"] = cpu_peak_bytes(impls[name])
             if threads == 1:  # contention-robust: CPU time of the calling thread
@@ -97,12 +95,11 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
     rows, skipped, default_threads = [], [], torch.get_num_threads()
     try:
         for shape, dtype, threads in (cases if cases is not None else plan(device, quick)):
-            if not budget.allows(5.0):
-                skipped.append(f"{'×'.join(map(str, shape))} {dtype_name(dtype)} ({budget.skip_note(5.0)})")
-                continue
             torch.set_num_threads(threads or default_threads)
             with forced_backend(None):  # `default` is the dispatch with GETFAST_BACKEND unset
-                rows.append(measure(shape, dtype, device, quick, peak_bw, threads))
+                row = budget.measure(5.0, f"{'×'.join(map(str, shape))} {dtype_name(dtype)}", skipped,
+                                     lambda: measure(shape, dtype, device, quick, peak_bw, threads))
+            rows += [row] if row else []
     finally:
         torch.set_num_threads(default_threads)
     return {"quick": quick, "c": C, "rows": rows, "skipped": skipped, "machine": machine_info(),
@@ -110,24 +107,21 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
 
 
 def report(res: dict) -> str:
-    cpu = any(r.get("threads") for r in res["rows"])
-    lines = []
+    cpu, lines = any(r.get("threads") for r in res["rows"]), []
     for r in res["rows"]:
         for name, e in r["impls"].items():
             label = {"eager": "eager autograd (reference)",
                      "default": f"getfast default dispatch ({r.get('default_backend', '?')})"}.get(name, f"fused, {name}")
-            cells = ["×".join(map(str, r["shape"])), r["dtype"]] + ([r["threads"]] if cpu else []) + [label]
-            cells += ([markdown_safe(e["error"]), "–", "–", "–"] if e.get("error") else
-                      [fmt(e.get("ms"), ".3f"), fmt(e.get("gb_s"), ".1f"), fmt_pct(e.get("bw_share")),
-                       fmt_ratio(e.get("speedup_vs_eager"))])
-            lines.append(cells + ([fmt(e.get("cpu_ms"), ".2f"), fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else "–"]
-                                  if cpu else []))
+            lines.append(["×".join(map(str, r["shape"])), r["dtype"]] + ([r["threads"]] if cpu else []) + [label]
+                         + [cell(e, "ms", ".3f")] + (["–"] * 3 if e.get("error") else [
+                             fmt(e.get("gb_s"), ".1f"), fmt_pct(e.get("bw_share")), fmt_ratio(e.get("speedup_vs_eager"))])
+                         + ([fmt(e.get("cpu_ms"), ".2f"), fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else "–"]
+                            if cpu else []))
     head = ["B×C×H×W", "dtype"] + (["threads"] if cpu else []) + ["implementation", "ms", "GB/s", "% of peak",
                                                                  "speed-up vs eager"]
     head += ["CPU ms, 1 thread", "peak memory (CPU allocator)"] if cpu else []
-    return (f"One forward + `torch.autograd.grad` w.r.t. the three inputs, c = {res['c']}; effective GB/s from the bytes "
-            f"model {res['bytes_model']}, applied to every row."
-            + (f" Machine: {machine_line(res['machine'])}. CPU: median of 5 interleaved rounds of "
-               "torch.utils.benchmark medians; CPU ms = the calling thread's CPU time (contention-robust); peak memory "
-               "from torch.profiler's allocation events during one fwd+bwd." if cpu else "") + "\n\n"
-            + markdown_table(head, lines) + "\n" + not_measured(res["skipped"]))
+    return section(res, f"One forward + `torch.autograd.grad` w.r.t. the three inputs, c = {res['c']}; effective GB/s "
+                   f"from the bytes model {res['bytes_model']}, applied to every row." + (
+                       " CPU: median of 5 interleaved rounds of torch.utils.benchmark medians; CPU ms = the calling "
+                       "thread's CPU time (contention-robust); peak memory from torch.profiler's allocation events "
+                       "during one fwd+bwd." if cpu else "") + "\n\n" + markdown_table(head, lines), cpu)

@@ -1,8 +1,7 @@
-"""Training throughput through ``getfast.train.train`` itself (data order, update, EMA, logging),
-``compile=False`` then ``True`` (``--compile``), bf16, batch 128, 32×32×3: GET-B/2 distillation on random
-pairs and (full runs) the UNet-DDPMpp EDM teacher step on random images. img/s: the median of the loop's own
-rate after the first logged interval, which holds compilation (reported as its excess); peak memory. On CPU
-the Fashion-MNIST models (GET-N/4, UNet-S at 28×28×1, fp32).
+"""Training throughput of ``getfast.train.train`` itself, ``compile=False`` then ``True`` (``--compile``): GPU
+bf16, batch 128, 32×32×3, GET-B/2 distillation on random pairs and (full runs) the UNet-DDPMpp EDM teacher step;
+CPU the Fashion-MNIST models (GET-N/4, UNet-S, 28×28×1, fp32). img/s: the median of the loop's own rate after
+the first logged interval, which holds compilation (reported as its excess); peak memory.
 """
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.bench.common import (Budget, attempt, fmt, fmt_bytes, fmt_ratio, machine_info, machine_line, markdown_safe,
-                                  markdown_table, not_measured)
+from getfast.bench.common import Budget, attempt, cell, fmt_bytes, fmt_ratio, machine_info, markdown_table, section
 
 TITLES = {"cpu": "train — training throughput of the shared loop, eager vs torch.compile (CPU)",
           "cuda": "GPU training throughput — eager vs --compile (the shared loop, bf16)"}
@@ -106,11 +104,10 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
     for compiled in (False, True) if plan["compile"] else (False,):  # eager first: a tight budget keeps those
         for label, make in jobs:
             key = "compiled" if compiled else "eager"
-            if budget.allows(cost[compiled]):
-                out, err = attempt(lambda: throughput(make, plan, device, compiled, log_every, intervals))
-                rows[label][key] = out if out is not None else {"error": err}
-            else:
-                res["skipped"].append(f"{label} {key} ({budget.skip_note(cost[compiled])})")
+            out = budget.measure(cost[compiled], f"{label} {key}", res["skipped"],
+                                 lambda: attempt(lambda: throughput(make, plan, device, compiled, log_every, intervals)))
+            if out:
+                rows[label][key] = out[0] if out[1] is None else {"error": out[1]}
     for row in rows.values():
         e, c = row.get("eager", {}).get("img_s"), row.get("compiled", {}).get("img_s")
         row["compile_speedup"] = (c / e) if (e and c) else None
@@ -119,9 +116,6 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
 
 
 def report(res: dict) -> str:
-    def cell(e, key, spec):
-        return "–" if not e else markdown_safe(e["error"]) if e.get("error") else fmt(e.get(key), spec)
-
     def mem(e):
         return fmt_bytes(e["peak_bytes"]) if e and e.get("peak_bytes") else "–"
 
@@ -129,10 +123,9 @@ def report(res: dict) -> str:
               fmt_ratio(r.get("compile_speedup")), cell(r.get("compiled"), "warmup_excess_s", ".0f"), mem(r.get("eager")),
               mem(r.get("compiled"))] for r in res["rows"]]
     p = res["plan"]
-    return ((f"Machine: {machine_line(res['machine'])}.\n\n" if res.get("on") == "cpu" else "")
-            + f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: {p['bf16']}; "
-            f"`getfast.train.train` for {1 + res['intervals']} log intervals of {res['log_every']} steps, img/s = median "
-            "of the loop's own rate over the intervals after the first.\n\n"
-            + markdown_table(["train step", "batch", "eager img/s", "compiled img/s", "compile speed-up",
-                              "compile + warm-up s", "eager peak memory", "compiled peak memory"], lines) + "\n"
-            + not_measured(res["skipped"]))
+    return section(res, f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: "
+                   f"{p['bf16']}; `getfast.train.train` for {1 + res['intervals']} log intervals of {res['log_every']} "
+                   "steps, img/s = median of the loop's own rate over the intervals after the first.\n\n"
+                   + markdown_table(["train step", "batch", "eager img/s", "compiled img/s", "compile speed-up",
+                                     "compile + warm-up s", "eager peak memory", "compiled peak memory"], lines),
+                   res.get("on") == "cpu")
