@@ -22,12 +22,10 @@ STUDENTS = ROOT / "getfast" / "assets" / "students"
 
 
 def adopt(run: Path, name: str, title: str, command: str, pipeline=()) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     from getfast.cards import pipeline_summary, write_card
     from getfast.cli import main as cli
     from getfast.sampling import load
+    from getfast.weights import read_weights, weights_bytes
 
     src = run / "student.safetensors"
     stages = [Path(p) for p in pipeline]
@@ -38,10 +36,9 @@ def adopt(run: Path, name: str, title: str, command: str, pipeline=()) -> Path:
         raise FileNotFoundError(f"{src} does not exist: the run has not exported a student yet")
     dst = STUDENTS / f"{name}.safetensors"
     tmp = dst.with_suffix(".safetensors.tmp")
-    with safe_open(str(src), "pt") as f:
-        meta = f.metadata()
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(tmp),
-              metadata=meta)
+    state, meta = read_weights(src)  # the run's export, its checksum verified
+    # stored in half precision: the file gets the checksum of what it holds (weights_bytes recomputes it)
+    tmp.write_bytes(weights_bytes({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, meta))
     tmp.chmod(0o644)  # like a copied file: readable by everyone who can read the repository
     tmp.replace(dst)  # atomic: a reader never sees half a file
     s = load(str(dst))

@@ -45,10 +45,13 @@ class DemoConfig:
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b <= 100:
             raise ValueError(f"budget (--budget) must be a number in (0, 100], got {b!r}")
+        from getfast.limits import MAX_SEED
         for name, lo in (("fid_n", 0), ("fid_ref_n", 2), ("latency_batch", 1), ("seed", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed (--seed) must be an integer <= {MAX_SEED}, got {self.seed}")
         if self.fid_n == 1:
             raise ValueError("fid_n (--fid-n) must be 0 (automatic) or >= 2 (a covariance needs two samples)")
         w = self.guided_w

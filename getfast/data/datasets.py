@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from getfast.limits import MAX_CLASSES, MAX_RESOLUTION, check_fits
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
@@ -155,26 +157,53 @@ def load_digits() -> ImageDataset:
                         num_classes=10, name="digits")
 
 
+def open_npz(path, expected: str = "an .npz archive"):
+    """``np.load`` of an ``.npz`` archive (pickles refused) whose failures name the file and say what it is:
+    a file that is not a zip archive is not handed to numpy, whose fallback would try to unpickle it and answer
+    with advice to pass ``allow_pickle``."""
+    path = Path(path)
+    with open(path, "rb") as f:  # a missing or unreadable file is the OSError naming it
+        head = f.read(6)
+    if not head.startswith(b"PK"):  # every zip archive (an .npz is one) starts with its "PK" signature
+        if head.startswith(b"\x93NUMPY"):
+            raise DatasetError(f"{path}: a single .npy array, not an .npz archive; expected {expected}")
+        raise DatasetError(f"{path}: not an .npz archive (it is no zip archive); expected {expected}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: not a readable .npz archive ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def npz_array(z, key: str, path) -> np.ndarray:
+    """Array ``key`` of an open ``.npz``; an array of Python objects is refused by name (loading it would
+    unpickle, which can run code), a damaged member names the file."""
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise DatasetError(f"{path}: array {key!r} holds Python objects (dtype=object), which getfast does not "
+                               f"load (unpickling can run code); store it as numbers") from None
+        raise DatasetError(f"{path}: array {key!r} is unreadable ({_first_line(e)})") from None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: array {key!r} is unreadable ({type(e).__name__}: {_first_line(e)}); "
+                           f"the file may be truncated") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def load_npz(path) -> ImageDataset:
     """An ``.npz`` with ``x`` uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, and optional integer ``y`` (N,)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"missing file {path}: expected an .npz with 'x' (N,H,W[,C]) uint8 and optional 'y'")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: not a readable .npz ({e})") from e
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{path}: a single .npy array, expected an .npz archive with 'x' (and optional 'y')")
-    try:
-        with z:
-            if "x" not in z.files:
-                raise DatasetError(f"{path}: no array 'x' (found {sorted(z.files)}); expected 'x' (N,H,W[,C]) uint8")
-            x, y = z["x"], (z["y"] if "y" in z.files else None)
-    except DatasetError:
-        raise
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: not a readable .npz ({e})") from e
+    expected = "an .npz with 'x' (N,H,W[,C]) uint8 and optional 'y'"
+    with open_npz(path, expected) as z:
+        if "x" not in z.files:
+            raise DatasetError(f"{path}: no array 'x' (found {sorted(z.files)}); expected 'x' (N,H,W[,C]) uint8")
+        x, y = npz_array(z, "x", path), (npz_array(z, "y", path) if "y" in z.files else None)
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise DatasetError(f"{path}: 'x' must be uint8 (N,H,W) or (N,H,W,C), got {x.dtype} {x.shape}")
     if x.ndim == 3:
@@ -195,6 +224,9 @@ def load_npz(path) -> ImageDataset:
             raise DatasetError(f"{path}: {len(y)} labels in 'y' for {len(x)} images in 'x'")
         if y.min() < 0:
             raise DatasetError(f"{path}: 'y' holds negative label {int(y.min())}, expected classes 0..K-1")
+        if y.max() >= MAX_CLASSES:  # the class count sizes the networks' label embeddings
+            raise DatasetError(f"{path}: 'y' holds label {int(y.max())}; class labels must be 0..K-1 with "
+                               f"K <= {MAX_CLASSES}")
         labels = torch.from_numpy(y)
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels,
                         num_classes=int(labels.max()) + 1 if labels is not None else 0, name=path.stem)
@@ -248,6 +280,13 @@ def resize(ds: ImageDataset, resolution: int, mode: str = "pad") -> ImageDataset
     h, w = ds.images.shape[-2:]
     if h == w == resolution:
         return ds
+    if resolution > MAX_RESOLUTION:
+        raise ValueError(f"resolution (--resolution) must be <= {MAX_RESOLUTION}, got {resolution}")
+    n, c = ds.images.shape[:2]
+    # the uint8 result, plus the float copy interpolation makes of the images
+    need = n * c * resolution * resolution * (1 if mode == "pad" and resolution >= max(h, w) else 5)
+    check_fits(need, f"resolution (--resolution) {resolution}: {n} images of {ds.name or 'the data'} at "
+                     f"{resolution}x{resolution}", hint="lower --resolution")
     if mode == "pad" and resolution >= h and resolution >= w:
         ph, pw = resolution - h, resolution - w
         imgs = F.pad(ds.images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +58,8 @@ def save_teacher(net: nn.Module, meta: dict, path, dtype: str = "float32") -> Pa
     """Write ``net``'s weights as safetensors with ``getfast`` metadata (atomically). With a half ``dtype``
     the floating-point *parameters* are stored in half; buffers (e.g. Fourier frequencies, whose rounding
     would shift phases) stay float32. ``getfast.teacher.load`` upcasts on load."""
-    from safetensors.torch import save_file
+    from getfast.io import atomic_write_bytes
+    from getfast.weights import weights_bytes
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(path)
@@ -70,16 +70,8 @@ def save_teacher(net: nn.Module, meta: dict, path, dtype: str = "float32") -> Pa
         if k in params and v.is_floating_point():
             v = v.to(DTYPES[dtype])
         state[k] = v.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={"getfast": json.dumps(meta)})
-        os.chmod(tmp, 0o644)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # atomically, mode 0644, with the sha256 of its weights that every loader checks (getfast.weights)
+    return atomic_write_bytes(path, weights_bytes(state, {"getfast": json.dumps(meta)}), mode=0o644)
 
 
 def _card(net: nn.Module, meta: dict, cfg: ConvertConfig, out: Path) -> None:
@@ -133,10 +125,11 @@ def is_foreign_teacher(path) -> bool:
 
 def load_converted(path, state: dict, meta: dict, device="cpu") -> nn.Module:
     """A teacher written by ``convert``: rebuild from ``meta``, load ``state`` (half weights are upcast)."""
-    net = build_denoiser_from_meta(meta)
+    from getfast.weights import load_state
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model its metadata describes ({e})") from e
+        net = build_denoiser_from_meta(meta)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its metadata describes no network getfast can build ({e})") from None
+    load_state(net, state, path)
     net.meta = meta
     return net.eval().requires_grad_(False).to(device)

@@ -277,12 +277,13 @@ class FIDStats:
 
     @classmethod
     def load(cls, path) -> "FIDStats":
-        with np.load(path, allow_pickle=False) as z:
+        from getfast.data.datasets import npz_array, open_npz
+        with open_npz(path, "FID statistics ('mu', 'sigma')") as z:
             if "mu" not in z or "sigma" not in z:
                 raise ValueError(f"{path}: not FID statistics (needs arrays 'mu' and 'sigma', has {sorted(z.files)})")
-            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-            n = int(z["n"]) if "n" in z else 0
-            ext = str(z["extractor"]) if "extractor" in z else ""
+            mu, sigma = (np.asarray(npz_array(z, k, path), np.float64) for k in ("mu", "sigma"))
+            n = int(npz_array(z, "n", path)) if "n" in z else 0
+            ext = str(npz_array(z, "extractor", path)) if "extractor" in z else ""
         if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
             raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         return cls(mu, sigma, n, ext)
@@ -424,11 +425,12 @@ def load_named_dataset(name: str, split: str, n: int | None) -> np.ndarray:
 
 
 def _npz_images(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as z:
+    from getfast.data.datasets import npz_array, open_npz
+    with open_npz(path, "an .npz of images ('x', 'images' or 'arr_0') or FID statistics ('mu', 'sigma')") as z:
         for key in ("x", "images", "arr_0"):
             if key in z:
-                return z[key]
-        raise ValueError(f"ref {path}: no image array 'x', 'images' or 'arr_0' (has {sorted(z.files)})")
+                return npz_array(z, key, path)
+        raise ValueError(f"{path}: no image array 'x', 'images' or 'arr_0' (has {sorted(z.files)})")
 
 
 def reference_stats(ref, split: str = "train", n: int | None = 10000, cache_dir=None, *,
@@ -465,7 +467,8 @@ def reference_stats(ref, split: str = "train", n: int | None = 10000, cache_dir=
                 fp.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
             dataset, folder = f"folder:{p.resolve()}:{fp.hexdigest()[:16]}", p
         elif p.suffix == ".npz" and p.is_file():
-            with np.load(p, allow_pickle=False) as z:
+            from getfast.data.datasets import open_npz
+            with open_npz(p, "an .npz of images ('x', 'images' or 'arr_0') or FID statistics ('mu', 'sigma')") as z:
                 if "mu" in z and "sigma" in z:
                     return FIDStats.load(p)
             dataset = f"npz:{p.name}:{_hash_file(p)}"
@@ -577,20 +580,34 @@ def fid_from_folders(dir1, dir2, batch_size: int = 50, *, extractor=None, online
                                       device=dev, verbose=progress))
 
 
-def _gen_source(gen, n: int):
+def _check_count(have: int, n: int, what: str, allow_fewer: bool) -> None:
+    """Refuse an FID over fewer generated images than asked for: FID is biased upward at small n (Chong &
+    Forsyth 2020), so a number from fewer images is not the number asked for."""
+    if have < n and not allow_fewer:
+        raise ValueError(f"gen (--gen) {what} holds {have} images, fewer than n (--n) = {n}: an FID over fewer "
+                         f"images is biased upward and not comparable; lower --n, or pass --allow-fewer "
+                         f"(allow_fewer=True) to use all {have}")
+
+
+def _gen_source(gen, n: int, allow_fewer: bool = False):
     """What ``gen`` is, checked before any statistic is computed: ("fn" | "folder" | "npz" | "array", value)."""
     if callable(gen) and not isinstance(gen, (str, os.PathLike)):
         return "fn", gen
     if torch.is_tensor(gen) or isinstance(gen, np.ndarray):
         if gen.ndim not in (3, 4) or len(gen) < 2:
             raise ValueError(f"gen must hold at least 2 images (N, ...), got shape {tuple(gen.shape)}")
+        _check_count(len(gen), n, f"array{tuple(gen.shape)}", allow_fewer)
         return "array", gen
     if isinstance(gen, (str, os.PathLike)):
         p = Path(gen).expanduser()
         if p.is_dir():
-            return "folder", (p, _readable_images(p, n))
+            files = _readable_images(p, n)
+            _check_count(len(files), n, str(p), allow_fewer)
+            return "folder", (p, files)
         if p.suffix == ".npz" and p.is_file():
-            return "npz", p
+            images = _npz_images(p)
+            _check_count(len(images), n, str(p), allow_fewer)
+            return "npz", images
         if not p.exists():
             raise ValueError(f"gen {str(gen)!r}: no such file or folder")
     raise ValueError(f"gen must be an image folder, an .npz, an image array or a sampling function; "
@@ -600,11 +617,11 @@ def _gen_source(gen, n: int):
 def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", batch_size: int = 50, *,
              ref_n: int | None = None, cache_dir=None, loader: Callable | None = None, extractor=None,
              online: bool = False, device=None, progress: bool = True, method: str = "sqrtm",
-             out_json=None) -> dict:
+             out_json=None, allow_fewer: bool = False) -> dict:
     """FID of ``gen`` against ``ref`` as a JSON-ready record (the body of ``getfast fid``).
 
     ``gen``: an image folder, an ``.npz`` of uint8 images, an image array, or ``sample_fn(b)`` returning b
-    images in [-1, 1]; its first ``n`` images are used. ``ref``: as in :func:`reference_stats`, over
+    images in [-1, 1]; its first ``n`` images are used (fewer is an error unless ``allow_fewer``). ``ref``: as in :func:`reference_stats`, over
     ``ref_n`` images (``None``: ``n``; ``0``: all of them), cached. ``out_json``: also write the record there
     (atomically). ``gen`` is checked before the reference statistics are computed or loaded.
     """
@@ -615,7 +632,7 @@ def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", bat
         raise ValueError(f"ref_n must be None, 0 (all) or a positive integer, got {ref_n!r}")
     if method not in ("sqrtm", "eigh"):
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
-    kind, source = _gen_source(gen, n)
+    kind, source = _gen_source(gen, n, allow_fewer)
     t0 = time.time()
     ext = _resolve_extractor(extractor, online, device)
     ref_count = n if ref_n is None else (ref_n or None)
@@ -632,7 +649,7 @@ def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", bat
                                     progress=progress)
             gen_desc = str(gen)
         elif kind == "npz":
-            feats = features_from_images(_npz_images(source)[:n], batch_size, extractor=ext, progress=progress)
+            feats = features_from_images(source[:n], batch_size, extractor=ext, progress=progress)
             gen_desc = str(gen)
         else:
             feats = features_from_images(source[:n], batch_size, extractor=ext, progress=progress)

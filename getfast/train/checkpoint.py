@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -55,8 +56,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is corrupt: sha256 of its payload does not match its header")
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: the one thing not to do here
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: its payload holds Python objects{what} that are not tensors or plain "
+                              f"data, which getfast never unpickles (that could run code); getfast writes no such "
+                              f"checkpoint, so this file was made or altered by something else") from None
     except Exception as e:  # checksum fine but the payload is not a loadable state (written by something else)
-        raise CheckpointError(f"{path}: payload cannot be loaded ({type(e).__name__}: {e})") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: payload cannot be loaded ({type(e).__name__}: "
+                              f"{lines[0] if lines else ''})") from None
 
 
 _CKPT_RE = re.compile(r"ckpt-(\d+)\.pt")

@@ -15,11 +15,11 @@ from getfast.train.run_dir import run_lock
 
 def save_weights(module_or_state, path, metadata: dict[str, str]) -> Path:
     """Write a module's weights (or a state dict) as safetensors with ``metadata``, atomically, mode 0644:
-    exported weights are meant to be shared, like any other file the user makes."""
-    from safetensors.torch import save
+    exported weights are meant to be shared, like any other file the user makes. The file carries a sha256 of
+    its weights that every loader checks (:mod:`getfast.weights`)."""
+    from getfast.weights import weights_bytes
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return atomic_write_bytes(path, save(state, metadata=metadata), mode=0o644)
+    return atomic_write_bytes(path, weights_bytes(state, metadata), mode=0o644)
 
 
 def export_product(method, cfg) -> Path | None:
