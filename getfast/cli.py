@@ -156,11 +156,12 @@ def _prep_train_teacher(ns):
     from getfast.train.loop import fit
     tcfg = take_config(TeacherConfig, ns)
     loop = take_config(LoopConfig, ns)
+    evaluator = _evaluator(ns)
     _check_devices([loop])
     _check_out(loop.out, "folder")
 
     def job():
-        path = fit(TeacherMethod(tcfg, seed=loop.seed, fused=loop.compile), loop)
+        path = fit(TeacherMethod(tcfg, seed=loop.seed, fused=loop.compile), loop, evaluator=evaluator)
         if path is not None:
             print(f"teacher weights: {path}")
     return job, loop
@@ -173,20 +174,38 @@ def _prep_distill(ns):
     from getfast.train import LoopConfig
     from getfast.train.loop import fit
     cfg_cls, method_cls = METHODS[ns.method]
+    preset = _preset_of(ns)
     cfg = take_config(cfg_cls, ns)
     loop = take_config(LoopConfig, ns)
+    evaluator = _evaluator(ns)
+    if evaluator is not None and hasattr(method_cls, "run_stages"):
+        raise UsageError(f"--fid-every/--tensorboard: not available for the multi-stage {ns.method} method "
+                         f"(measure each stage's student with getfast fid)")
     _check_devices([loop])
     _check_out(loop.out, "folder")
+
 
     def job():
         torch.manual_seed(loop.seed)  # students' initial weights (fresh networks, heads) follow --seed
         if hasattr(method_cls, "run_stages"):  # multi-stage methods (guided) train and export each stage themselves
             method_cls.run_stages(cfg, loop)
             return
-        path = fit(method_cls(cfg, fused=loop.compile), loop)  # --compile: fused Adam too
+        method = method_cls(cfg, fused=loop.compile)  # --compile: fused Adam too
+        if preset is not None and tuple(method.shape[-2:]) != (preset.resolution,) * 2:
+            raise ValueError(f"--preset {preset.name} is the recipe for {preset.resolution}×{preset.resolution} images "
+                             f"({preset.teacher}); this run's images are {method.shape[-2]}×{method.shape[-1]}")
+        path = fit(method, loop, evaluator=evaluator)
         if path is not None:
             print(f"student weights: {path}")
     return job, loop
+
+
+def _evaluator(ns):
+    """The evaluation during training that ``--fid-every``/``--tensorboard`` ask for (None: none)."""
+    from getfast.metrics.train_eval import EvalConfig, Evaluator
+    cfg = take_config(EvalConfig, ns)
+    return Evaluator(cfg, device=getattr(ns, "device", None) if getattr(ns, "device", "auto") != "auto" else None) \
+        if cfg.active else None
 
 
 def _prep_sample(ns):
@@ -273,6 +292,51 @@ def fid_command(cfg: FIDConfig, log=print) -> dict:
     return rec
 
 
+# --- presets: the official runs' recipes (getfast.presets) -------------------------------------------
+
+def _add_preset_option(p, method: str) -> None:
+    from getfast.presets import presets_for
+    known = presets_for(method)
+    if not known:
+        return
+    runs = "; ".join(f"{x.name}: {x.summary} ({x.source})" for x in known)
+    p.add_argument("--preset", default="", metavar="NAME",
+                   help=f"an official run's recipe (getfast presets prints each one's values); options given on the "
+                        f"command line override it. {runs}")
+    p.set_defaults(_subparser=p)
+
+
+def _apply_preset(parser, ns, argv):
+    """Parse ``argv`` again with the preset's values as the subcommand's defaults, so explicit options win; the
+    files a preset cannot know (teacher, data, pairs) must then be given."""
+    name = getattr(ns, "preset", "")
+    if not name:
+        return ns
+    from getfast.presets import get_preset
+    preset = get_preset(name, ns.method)
+    ns._subparser.set_defaults(**preset.values(), **{k: "" for k in preset.needs})
+    ns = parser.parse_args(argv)
+    what = {"teacher": f"the teacher, {preset.teacher} (an NVlabs/edm pickle or its getfast conversion)",
+            "data": f"the real {preset.summary.split(', ', 1)[1]} images at {preset.resolution}×{preset.resolution}",
+            "pairs": f"the pairs folder made by getfast make-pairs from {preset.teacher}"}
+    for k in preset.needs:
+        if getattr(ns, k) == "":
+            raise UsageError(f"--preset {name} needs --{k}: {what[k]}")
+    return ns
+
+
+def _preset_of(ns):
+    from getfast.presets import get_preset
+    return get_preset(ns.preset, ns.method) if getattr(ns, "preset", "") else None
+
+
+def _prep_presets(ns):
+    from getfast.presets import PRESETS, PresetsConfig, describe
+    cfg = take_config(PresetsConfig, ns)
+    text = "\n".join(describe(p) for p in PRESETS.values() if not cfg.for_method or p.method == cfg.for_method)
+    return (lambda: print(text)), cfg
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 
 def _add(sub, name, prep, configs, help, **defaults):
@@ -294,15 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     from getfast.sampling import PairsConfig, SampleConfig
     from getfast.teacher import TeacherConfig
     from getfast.train import LoopConfig
+    from getfast.presets import PresetsConfig
+    from getfast.metrics.train_eval import EvalConfig
     p = _Parser(prog="getfast", description=__doc__, formatter_class=_fmt())
     sub = p.add_subparsers(dest="command", required=True)
-    _add(sub, "train-teacher", _prep_train_teacher, [TeacherConfig, LoopConfig], "train an EDM teacher denoiser",
-         out="runs/teacher")
+    _add(sub, "train-teacher", _prep_train_teacher, [TeacherConfig, LoopConfig, EvalConfig],
+         "train an EDM teacher denoiser", out="runs/teacher")
     d = sub.add_parser("distill", help="distil a one-step student (get | sim | gdd | guided)", formatter_class=_fmt())
     dsub = d.add_subparsers(dest="method", required=True)
     for name, (cfg_cls, _) in METHODS.items():
-        _add(dsub, name, _prep_distill, [cfg_cls, LoopConfig], (cfg_cls.__doc__ or name).strip().splitlines()[0],
-             out=f"runs/{name}")
+        mp_ = _add(dsub, name, _prep_distill, [cfg_cls, LoopConfig, EvalConfig],
+                   (cfg_cls.__doc__ or name).strip().splitlines()[0], out=f"runs/{name}")
+        _add_preset_option(mp_, name)
+    _add(sub, "presets", _prep_presets, [PresetsConfig], "list the official runs' recipes that distill --preset "
+         "NAME applies, with their sources (official file:lines) and deviations")
     _add(sub, "fid", _prep_fid, [FIDConfig],
          "FID of a teacher/student checkpoint or an image folder (clean-fid, offline Inception)")
     _add(sub, "bench", _prep_bench, [BenchConfig], "run the benchmarks and regenerate their RESULTS.md sections")
@@ -372,6 +441,7 @@ def main(argv=None) -> int:
     cfg = None
     try:
         try:
+            ns = _apply_preset(parser, ns, argv)
             job, cfg = ns.prepare(ns)
         except TypeError as e:  # a config refused an option's type
             raise UsageError(str(e)) from None

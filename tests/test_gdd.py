@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from getfast.methods import toy
+import toy  # tests/toy.py: the analytic problems with known answers
 from getfast.methods.gdd import (DISCRIMINATORS, INNATE_REGEX, FeatureDiscriminator, FeatureNetwork, GDDConfig,
                                  GDDMethod, augment, d_loss, freeze_innate, g_loss, innate_parameters, r1_penalty)
 from getfast.train import LoopConfig, load_ema, train
@@ -112,11 +112,23 @@ def test_generator_steps_before_the_discriminator(one_thread):
     t = _tiny_teacher()
     m = GDDMethod(GDDConfig(), teacher=t, log=None)
     m.setup(lambda mod: mod)
-    phases = m.losses(m.data.batch(torch.arange(4)), 0)
-    first = next(phases)
+    phases = list(m.losses(m.data.batch(torch.arange(4)), 0))
+    assert len(phases) == 2  # no R1 at the first step (official: batch_idx != 0)
+    first, second = phases
     assert "generator" in first and "discriminator" not in first
-    second = next(phases)
-    assert "discriminator" in second and "generator" not in second and "r1" in second
+    assert "discriminator" in second and "generator" not in second and "r1" not in second
+    # Lazy R1 is a discriminator step of its own every r1_interval steps (official stage DO_DR1).
+    phases = list(m.losses(m.data.batch(torch.arange(4)), 16))
+    assert len(phases) == 3 and set(phases[2]) == {"discriminator", "r1"}
+
+
+def test_discriminator_adam_is_the_official_lazy_r1_setting():
+    """Zyriix/GDD training_loop.py: D Adam lr = dlr·16/17, betas (0, 0.99^(16/17)), eps 1e-8; G Adam (0, 0.99)."""
+    m = GDDMethod(GDDConfig(lr_d=1e-4), teacher=_tiny_teacher(), log=None)
+    d, g = m.optimizers["discriminator"].defaults, m.optimizers["generator"].defaults
+    assert d["lr"] == pytest.approx(1e-4 * 16 / 17) and d["eps"] == 1e-8
+    assert d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
+    assert g["lr"] == 1e-4 and tuple(g["betas"]) == (0.0, 0.99) and g["eps"] == 1e-8
 
 
 def test_generator_copy_is_deterministic(one_thread):
@@ -190,7 +202,7 @@ def test_config_validation():
     with pytest.raises(TypeError):
         GDDConfig(bogus=1)
     cfg = GDDConfig()  # the official recipe's defaults
-    assert (cfg.lr_g, cfg.lr_d, cfg.aug_p, cfg.r1_gamma, cfg.r1_interval) == (1e-4, 1e-4, 0.12, 1e-4, 16)
+    assert (cfg.lr_g, cfg.lr_d, cfg.aug_p, cfg.r1_gamma, cfg.r1_interval) == (1e-4, 1e-4, 0.0, 1e-4, 16)
 
 
 # --- Augmentation ----------------------------------------------------------------------------------------
@@ -298,7 +310,7 @@ def test_cli_gdd_and_gdd_i_smoke(teacher_file, tmp_path, one_thread, capsys):
         student = load_student(out)
         assert student.meta["method"] == "gdd" and student.meta["config"]["freeze_innate"] == bool(extra)
         lines = (out / "log.jsonl").read_text().splitlines()
-        assert len(lines) == 3 and "loss_generator" in lines[-1] and "r1" in lines[0]
+        assert len(lines) == 3 and "loss_generator" in lines[-1] and "r1" in lines[2]  # R1 at step 2 (interval 2)
         if extra:
             assert "frozen_frac" in lines[-1]
             assert "GDD-I: froze" in capsys.readouterr().out

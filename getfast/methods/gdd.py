@@ -5,12 +5,15 @@ The generator G starts as a copy of the teacher and is evaluated once at a fixed
 x = D(σ_init·z; σ_init) (σ_init = 80). It is trained with the non-saturating GAN loss against real
 images only — no instance-level (pairwise) loss to the teacher's outputs:
     L_G = E softplus(−D(A(G(z))))
-    L_D = E softplus(−D(A(x_real))) + E softplus(D(A(G(z))))  +  lazy R1: (γ/2)·k·E‖∇_x D(A(x_real))‖² every k steps
+    L_D = E softplus(−D(A(x_real))) + E softplus(D(A(G(z))))
+    lazy R1: a separate discriminator step (γ/2)·k·E‖∇_x D(x_real)‖² every k steps after the first
 (Goodfellow et al. 2014; R1: Mescheder et al. 2018, Eq. 9; lazy regularisation: Karras et al. 2020, Sec. 3.1),
-where A is ADA-style differentiable augmentation at a fixed probability p = 0.12 (Karras et al. 2020, "Training
-Generative Adversarial Networks with Limited Data", Sec. 2-3) on real and fake images alike. As in the official
-training, the generator steps before the discriminator, and both use Adam with equal learning rates (CIFAR-10:
-1e-4; the paper doubles the discriminator's at 64×64).
+where A is optional ADA-style differentiable augmentation at a fixed probability ``aug_p`` (Karras et al. 2020,
+"Training Generative Adversarial Networks with Limited Data", Sec. 2-3) on real and fake images alike; it is off by
+default, as in every official run (Zyriix/GDD train.sh: ``--augment=0`` for GDD, ``--augment-p`` left at 0 for
+GDD-I). As in the official training, the generator steps before the discriminator; Adam betas (0, 0.99), and the
+discriminator's Adam carries the lazy-R1 correction (:func:`discriminator_adam`). Learning rates: CIFAR-10 1e-4
+for both; 64×64 runs use a larger discriminator rate (``getfast presets``).
 
 The discriminator is where getfast deviates from the paper, which uses frozen ImageNet networks (VGG16-BN +
 EfficientNet-lite0, DeiT at 64×64) that cannot be downloaded at run time here. The default
@@ -41,6 +44,7 @@ from torch import nn
 
 from getfast.data import load_dataset
 from getfast.methods.students import student_meta
+from getfast.models.dropout import set_dropout
 from getfast.models.onestep import OneStepGenerator
 from getfast.teacher import load as load_teacher
 from getfast.options import check_betas, check_bool, check_number
@@ -348,6 +352,15 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
     return grad.float().square().flatten(1).sum(1).mean()
 
 
+def discriminator_adam(cfg) -> dict:
+    """The discriminator's Adam settings of the official code (Zyriix/GDD, training/training_loop.py, "Setup
+    optimizer"): with lazy R1 every k steps, lr·k/(k+1) and betas β^(k/(k+1)), eps 1e-8 — StyleGAN2's correction
+    for the extra regularisation steps (Karras et al. 2020b, Sec. 3.1 and its ``mb_ratio``). The official code
+    applies it whether or not R1 is on."""
+    ratio = cfg.r1_interval / (cfg.r1_interval + 1)
+    return {"lr": cfg.lr_d * ratio, "betas": tuple(b ** ratio for b in cfg.betas), "eps": 1e-8}
+
+
 # --- The method --------------------------------------------------------------------------------------
 
 @dataclass
@@ -360,7 +373,7 @@ class GDDConfig:
     cond: bool = True                  # class-conditional G and D when the teacher has classes
     freeze_innate: bool = False        # GDD-I: freeze the parameters matched by --freeze-regex
     freeze_regex: str = INNATE_REGEX   # names (relative to the UNet) that --freeze-innate freezes (official: conv0, conv1, proj)
-    aug_p: float = 0.12                # probability of each ADA-style augmentation on real and fake images (official: 0.12)
+    aug_p: float = 0.0                 # probability of each ADA-style augmentation on real and fake images (0: off, as every official run: train.sh --augment=0, or --augment-p 0 for GDD-I)
     disc: str = "teacher-encoder"      # discriminator: teacher-encoder (frozen teacher UNet encoder; the paper uses ImageNet networks) | torchscript
     disc_network: str = ""             # --disc torchscript: a TorchScript feature network file (frozen; ImageNet-normalised input)
     disc_input: int = 224              # --disc torchscript: the network's input size (0: the data's own)
@@ -369,7 +382,7 @@ class GDDConfig:
     disc_levels: tuple = ()            # --disc teacher-encoder: encoder resolutions that get a head (empty: all)
     lr_g: float = 1e-4                 # generator Adam learning rate (official CIFAR-10: 1e-4)
     lr_d: float = 1e-4                 # discriminator Adam learning rate (official: equal at 32×32, 2× at 64×64)
-    betas: tuple = (0.0, 0.99)         # Adam betas for both networks
+    betas: tuple = (0.0, 0.99)         # Adam betas (the discriminator's get the lazy-R1 correction, see discriminator_adam)
     r1_gamma: float = 1e-4             # R1 weight γ on real data (0: off)
     r1_interval: int = 16              # lazy R1: every this many steps, scaled by it
     grad_clip: float = 0.0             # max gradient norm for both networks (0: off)
@@ -441,8 +454,13 @@ class GDDMethod:
             if num_classes and not getattr(data, "num_classes", 0):
                 num_classes = 0  # unlabelled data: an unconditional GAN (the generator gets "no class")
         self.num_classes = num_classes
-        # A deterministic function of (noise, label): the teacher copy carries no label dropout.
-        gen = generator if generator is not None else OneStepGenerator(copy.deepcopy(self.teacher), cfg.sigma_init)
+        # A deterministic function of (noise, label): the teacher copy carries no label dropout, and no dropout:
+        # every official run builds the generator with --dropout=0 (Zyriix/GDD, train.sh), while an imported EDM
+        # teacher keeps its training dropout (0.13 on CIFAR-10).
+        if generator is None:
+            generator = OneStepGenerator(copy.deepcopy(self.teacher), cfg.sigma_init)
+            set_dropout(generator, 0.0)
+        gen = generator
         gen.train().requires_grad_(True)
         self.frozen_fraction = 0.0
         if cfg.freeze_innate:
@@ -459,7 +477,7 @@ class GDDMethod:
         self.optimizers = {
             "generator": adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g, betas=cfg.betas,
                               fused=fused),
-            "discriminator": adam(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, fused=fused),
+            "discriminator": adam(disc.parameters(), fused=fused, **discriminator_adam(cfg)),
         }
         self.grad_clip = cfg.grad_clip
 
@@ -488,22 +506,26 @@ class GDDMethod:
         if self.cfg.freeze_innate:
             out["frozen_frac"] = torch.tensor(self.frozen_fraction)
         yield out
-        # Discriminator: real vs detached fakes in one forward (one DDP pass), lazy R1 on the real half.
+        # Discriminator: real vs detached fakes in one forward (one DDP pass).
         with torch.no_grad():
             x_fake = self.G(torch.randn(n, *self.shape, device=dev), labels)
-        do_r1 = self.cfg.r1_gamma > 0 and step % self.cfg.r1_interval == 0
-        x_r = x_real.detach().float().requires_grad_(do_r1)
         both_labels = None if labels is None else torch.cat([labels, labels])
-        logits = self.D(augment(torch.cat([x_r, x_fake.detach().float()]), p), both_labels)
+        logits = self.D(augment(torch.cat([x_real.detach().float(), x_fake.detach().float()]), p), both_labels)
         l_real, l_fake = logits[:n], logits[n:]
-        loss_d = d_loss(l_real, l_fake)
-        out = {"d_real": l_real.detach().float().mean(), "d_fake": l_fake.detach().float().mean()}
-        if do_r1:
-            r1 = r1_penalty(l_real, x_r)
-            loss_d = loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_interval * r1
-            out["r1"] = r1.detach()
-        out["discriminator"] = loss_d
-        yield out
+        yield {"discriminator": d_loss(l_real, l_fake), "d_real": l_real.detach().float().mean(),
+               "d_fake": l_fake.detach().float().mean()}
+        # Lazy R1 (Karras et al. 2020b, Sec. 3.1) as the official loop does it (Zyriix/GDD,
+        # training/training_loop.py, stage DO_DR1; training/loss.py): a discriminator step of its own every
+        # r1_interval steps after the first, on the real images without augmentation, weighted by the interval.
+        # (The logged loss_discriminator averages these steps with the main ones.)
+        if self.cfg.r1_gamma > 0 and step > 0 and step % self.cfg.r1_interval == 0:
+            x_r = x_real.detach().float().requires_grad_(True)
+            logits_r = self.D(x_r, labels)
+            r1 = r1_penalty(logits_r, x_r)
+            # + 0·logits: every parameter (a head's output bias has no R1 gradient) joins the backward, which
+            # DDP's reducer expects (StyleGAN2-ADA's loss does the same).
+            loss = 0.5 * self.cfg.r1_gamma * self.cfg.r1_interval * r1 + 0 * logits_r.float().mean()
+            yield {"discriminator": loss, "r1": r1.detach()}
 
     def sample_grid(self, ema, n):
         device = next(ema.parameters()).device

@@ -33,6 +33,7 @@ from torch import nn
 
 from getfast.diffusion import EDMLoss
 from getfast.methods.students import student_meta
+from getfast.models.dropout import eval_mode
 from getfast.models.onestep import OneStepGenerator
 from getfast.ops import sim_loss
 from getfast.teacher import load as load_teacher
@@ -94,7 +95,8 @@ class SIMConfig:
     alpha: float = 1.0               # sid: SiD's α (1: SIM with the squared distance; SiD's code defaults to 1.2)
     lr_g: float = 2e-5               # generator Adam learning rate
     lr_fake: float = 2e-5            # fake-score Adam learning rate
-    betas: tuple = (0.0, 0.999)      # Adam betas for both (SiD uses β1 = 0)
+    betas: tuple = (0.0, 0.999)      # Adam betas of the fake score, and of the generator unless --betas-g (SiD uses β1 = 0)
+    betas_g: tuple[float, ...] = ()  # the generator's Adam betas (empty: --betas; SiD's --g_beta1 0.9 on FFHQ)
     fake_steps: int = 1              # fake-score DSM steps per generator step
     t_max: float = 0.8               # generator-step σ from EDM's ρ-schedule, u ∈ [1 − t_max, 1]
     weighting: str = "sigma2"        # sim: generator loss weight, sigma2 | none
@@ -110,6 +112,7 @@ class SIMConfig:
         check_number("lr_g", self.lr_g, lo=0, lo_open=True)
         check_number("lr_fake", self.lr_fake, lo=0, lo_open=True)
         self.betas = check_betas("betas", self.betas)
+        self.betas_g = check_betas("betas_g", self.betas_g) if self.betas_g else ()
         check_number("fake_steps", self.fake_steps, lo=1, integer=True)
         check_number("t_max", self.t_max, lo=0, hi=1, lo_open=True)
         check_choice("weighting", self.weighting, ("sigma2", "none"))
@@ -140,7 +143,7 @@ class SIMMethod:
         self.modules = {"generator": gen, "fake": fake}
         self.optimizers = {
             "fake": adam(fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.betas), fused=fused),
-            "generator": adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas), fused=fused),
+            "generator": adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g or cfg.betas), fused=fused),
         }
         self.grad_clip = cfg.grad_clip
         n_pix = 1
@@ -166,21 +169,26 @@ class SIMMethod:
         """``batch`` is the local batch size (data-free). Yields the fake-score losses, then the generator's."""
         device = next(self.modules["generator"].parameters()).device
         n = batch
+        # Each network runs in train mode (its dropout on) only in its own update, as SiD's loop does
+        # (mingyuanzhou/SiD, training/sid_training_loop.py: G_ddp.eval() while it makes the fake-score step's
+        # samples, fake_score_ddp.eval() inside the generator loss): an imported teacher's dropout (EDM: 0.13)
+        # must not turn the generator's samples or the fake score's side of y into noise.
         # (a) fake score: denoising score matching (Karras et al. 2022, Eq. 2) on detached generator samples.
         for _ in range(self.cfg.fake_steps):
             z, labels = torch.randn(n, *self.shape, device=device), self._labels(n, device)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.modules["generator"]):
                 x_g = self.G(z, labels)
             yield {"fake": self.dsm(self.fake, x_g.float(), labels).mean()}
         # (b) generator: the updated fake score, called unwrapped (only the generator's parameters are updated).
         z, labels = torch.randn(n, *self.shape, device=device), self._labels(n, device)
         x_g = self.G(z, labels)
         sigma = sample_sigma_rho(n, device, t_max=self.cfg.t_max)
-        if self.cfg.loss == "sim":
-            loss = sim_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, self.c, labels,
-                                      self.cfg.weighting)
-        else:
-            loss = sid_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, labels, self.cfg.alpha)
+        with eval_mode(self.modules["fake"]):
+            if self.cfg.loss == "sim":
+                loss = sim_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, self.c, labels,
+                                          self.cfg.weighting)
+            else:
+                loss = sid_generator_loss(self.teacher, self.modules["fake"], x_g, sigma, labels, self.cfg.alpha)
         yield {"generator": loss.mean()}
 
     def sample_grid(self, ema, n):

@@ -135,8 +135,9 @@ def check_method(method) -> None:
                          f"{sorted(method.modules)}")
 
 
-def train(method, cfg: LoopConfig) -> dict:
+def train(method, cfg: LoopConfig, evaluator=None) -> dict:
     """Run ``method`` for ``cfg.kimg`` thousand samples in the run folder ``cfg.out``; returns the last log record.
+    ``evaluator``: a :class:`getfast.metrics.train_eval.Evaluator` (FID every N kimg, TensorBoard), or None.
 
     Refuses to start a fresh run in a folder that holds an earlier one (``cfg.resume`` continues it,
     ``cfg.overwrite`` deletes it) and while another run holds the folder's lock.
@@ -154,7 +155,7 @@ def train(method, cfg: LoopConfig) -> dict:
             prepare_out(out, getattr(method, "product", None), resume=cfg.resume, overwrite=cfg.overwrite)
         agree(prepare, rank, world)
         with _tf32(device, cfg.tf32):
-            return _train(method, cfg, device, rank, world, out)
+            return _train(method, cfg, device, rank, world, out, evaluator)
 
 
 @contextlib.contextmanager
@@ -172,7 +173,7 @@ def _tf32(device: torch.device, on: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) -> dict:
+def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, evaluator=None) -> dict:
     local_batch = cfg.batch // world
     seed_everything(cfg.seed + rank)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
@@ -206,6 +207,8 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
     updater = Updater(method, device)
     total_steps = cfg.total_steps()
     logger = JsonlLog(out / "log.jsonl", rank == 0, resume_step=step if cfg.resume else None)
+    if evaluator is not None:
+        evaluator.start(out, rank)
     if rank == 0:
         atomic_write_bytes(out / "config.json", json.dumps({"loop": asdict(cfg), "method": method.config()},
                                                            indent=2, default=str).encode())
@@ -249,12 +252,16 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
                 record = {"step": step, "kimg": nimg / 1000, "time": now - t_start,
                           "img_per_s": (nimg - last_nimg) / max(now - last_t, 1e-9), **means}
                 logger.write(record)
+                if evaluator is not None:
+                    evaluator.log(record)
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "time")},
                                     refresh=False)
                 last_t, last_nimg = now, nimg
             if bar is not None:
                 bar.update(1)
+            if evaluator is not None:  # before the checkpoint: a resume from it never loses a measurement
+                evaluator.after_step(method, ema.module, step, nimg - cfg.batch, nimg, step == total_steps, logger)
             if step % cfg.ckpt_every == 0 or step == total_steps:
                 updater.check()
                 save_state(method, ema, out, step, nimg, cfg, rank)
@@ -265,6 +272,8 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path) ->
         if bar is not None:
             bar.close()
         logger.close()
+        if evaluator is not None:
+            evaluator.close()
     return record
 
 
@@ -279,12 +288,12 @@ def _grid(method, ema, path, n):
         torch.set_rng_state(rng)
 
 
-def fit(method, cfg: LoopConfig) -> Path | None:
+def fit(method, cfg: LoopConfig, evaluator=None) -> Path | None:
     """:func:`train` then :func:`export_product`, holding the run folder's lock throughout, so no other run can
     start in ``cfg.out`` between the last checkpoint and the export. Returns the exported file (rank 0)."""
     init_distributed(resolve_device(cfg.device).type)
     rank, world = dist_info()
     with contextlib.ExitStack() as held:
         agree(lambda: held.enter_context(run_lock(Path(cfg.out))), rank, world)
-        train(method, cfg)
+        train(method, cfg, evaluator)
         return export_product(method, cfg)
