@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import math
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from getfast.options import add_config, take_config
+from getfast.options import add_config, check_bool, check_choice, check_number, check_text, take_config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -88,13 +87,12 @@ class FIDConfig:
                              f"and no such file or folder")
         if self.ref.lower() in _NAMED_DATASETS and self.split not in ("train", "test"):
             raise ValueError(f"split (--split) must be train or test, got {self.split!r}")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler (--sampler) must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps (--steps) must be an integer >= 1, got {self.steps!r}")
-        if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float))
-                                           or not math.isfinite(self.cfg_scale)):
-            raise ValueError(f"cfg_scale (--cfg-scale) must be a finite number, got {self.cfg_scale!r}")
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, SAMPLERS)
+        if self.steps is not None:
+            check_number("steps", self.steps, lo=1, integer=True)
+        if self.cfg_scale is not None:
+            check_number("cfg_scale", self.cfg_scale)
         if self.out and Path(self.out).suffix.lower() != ".json":
             raise ValueError(f"out (--out) must be a .json file, got {self.out!r}")
         if self.gen_kind() == "images":

@@ -19,8 +19,10 @@ import re
 import types
 import typing
 
+import numpy as np
+
 __all__ = ["add_config", "take_config", "parse_bool", "parse_int", "parse_float", "BOOL_WORDS", "flag",
-           "check_number", "check_choice", "check_bool", "check_betas"]
+           "check_number", "check_choice", "check_bool", "check_betas", "check_text", "check_device"]
 
 
 # --- parsing values ----------------------------------------------------------------------------------
@@ -182,22 +184,39 @@ def flag(name: str) -> str:
 
 
 def check_number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
-                 integer: bool = False):
+                 integer: bool = False, option: bool = True):
     """``value`` if it is a finite number (an int when ``integer``) within the bounds, else ``ValueError``
-    naming the option. Bounds are inclusive unless ``lo_open``/``hi_open``."""
+    naming the option (``option=False``: a function argument, named as is). Bounds are inclusive unless
+    ``lo_open``/``hi_open``."""
+    label = flag(name) if option else name
     kind = "an integer" if integer else "a finite number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.integer, np.floating))
     if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{flag(name)} must be {kind}, got {value!r}")
+        raise ValueError(f"{label} must be {kind}, got {value!r}")
     bounds = []
     if lo is not None:
         bounds.append(f"> {lo}" if lo_open else f">= {lo}")
         if value < lo or (lo_open and value == lo):
-            raise ValueError(f"{flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+            raise ValueError(f"{label} must be {kind} {' and '.join(bounds)}, got {value!r}")
     if hi is not None:
         bounds.append(f"< {hi}" if hi_open else f"<= {hi}")
         if value > hi or (hi_open and value == hi):
-            raise ValueError(f"{flag(name)} must be {kind} {' and '.join(bounds)}, got {value!r}")
+            raise ValueError(f"{label} must be {kind} {' and '.join(bounds)}, got {value!r}")
+    return value
+
+
+def check_text(name: str, value, what: str, *, empty: bool = False) -> str:
+    """``value`` if it is a string (non-empty unless ``empty``), else ``ValueError``: "<option> must be <what>"."""
+    if not isinstance(value, str) or (not value and not empty):
+        raise ValueError(f"{flag(name)} must be {what}, got {value!r}")
+    return value
+
+
+def check_device(name: str, value) -> str:
+    """``value`` if it is spelled auto | cpu | cuda | cuda:N (whether it exists here is decided where it is used)."""
+    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda")
+                                          or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ValueError(f"{flag(name)} must be auto, cpu, cuda or cuda:N, got {value!r}")
     return value
 
 

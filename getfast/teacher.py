@@ -12,7 +12,7 @@ from getfast.diffusion import EDMLoss, EDMPrecond, heun
 from getfast.embedded import ASSETS, EMBEDDED  # noqa: F401  (teacher API)
 from getfast.models import build_denoiser, check_teacher_model, teacher_models  # noqa: F401  (teacher API)
 from getfast.train.checkpoint import list_checkpoints
-from getfast.options import check_bool, check_number
+from getfast.options import check_bool, check_number, check_text
 from getfast.train.checkpoint import load_ema
 from getfast.train.export import save_weights
 from getfast.train.rng import sample_generators
@@ -33,8 +33,7 @@ class TeacherConfig:
     P_std: float = 1.2            # (EDM: 1.2; must be > 0)
 
     def __post_init__(self):
-        if not isinstance(self.data, str) or not self.data:
-            raise ValueError(f"data (--data) must name a dataset, got {self.data!r}")
+        check_text("data", self.data, "a dataset name or path")
         check_teacher_model(self.model)
         check_number("resolution", self.resolution, lo=0, integer=True)
         check_bool("cond", self.cond)

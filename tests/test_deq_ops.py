@@ -158,11 +158,11 @@ def test_anderson_step_validation():
         A.anderson_step(bufs, fx[:, :4], 0)
     with pytest.raises(ValueError, match="^fx must be contiguous"):
         A.anderson_step(bufs, torch.randn(5, 2, dtype=DT).t(), 0)
-    with pytest.raises(ValueError, match="^k must be an int in"):
+    with pytest.raises(ValueError, match=r"^k must be an integer >= 0 and < 4, got 4"):
         A.anderson_step(bufs, fx, 4)
     with pytest.raises(ValueError, match="^status must have dtype torch.int32"):
         A.anderson_step(bufs._replace(status=bufs.status.long()), fx, 0)
-    with pytest.raises(ValueError, match="^tau must be > 0"):
+    with pytest.raises(ValueError, match="^tau must be a finite number > 0"):
         A.anderson_step(bufs, fx, 0, tau=0.0)
     with pytest.raises(ValueError, match="^X must be float32"):  # also straight through torch.ops
         torch.ops.getfast.anderson_step(bufs.X.to(torch.int32), *bufs[1:], fx, 0, 1.0, 0.0, -1.0, False, "cpp")

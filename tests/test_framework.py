@@ -69,8 +69,8 @@ def test_validation_messages_name_the_argument():
         ((torch.zeros(0, 3), torch.ones(0), torch.zeros(3, 0, dtype=torch.int32), 1.0), r"^x must not be empty"),
         ((x, w.to("meta"), idx, 1.0), r"^w is on meta but x is on cpu"),
         (([0.0], w, idx, 1.0), r"^x must be a torch.Tensor, got list"),
-        ((x, w, idx, 0.0), r"^eps must be > 0"),
-        ((x, w, idx, torch.tensor(1.0)), r"^eps must be a finite real number"),
+        ((x, w, idx, 0.0), r"^eps must be a finite number > 0"),
+        ((x, w, idx, torch.tensor(1.0)), r"^eps must be a finite number, got tensor"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):

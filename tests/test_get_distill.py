@@ -3,14 +3,15 @@ test_known_answer.py)."""
 import pytest
 import torch
 
-from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod, pair_loss, supervised_loss
+from getfast.deq import fp_correction
+from getfast.methods.get_distill import GETDistillConfig, GETDistillMethod, pair_loss
 
 
-def test_supervised_loss_weights_states():
+def test_fixed_point_loss_weights_states():
     target = torch.zeros(2, 1, 4, 4)
     states = [torch.full_like(target, 1.0), torch.full_like(target, 2.0)]
     # weights γ^(n-1-k) = [0.8, 1], summed as official GET (torchdeq's fp_correction): 0.8·1 + 1·2
-    torch.testing.assert_close(supervised_loss(states, target, gamma=0.8), torch.full((2,), 2.8))
+    torch.testing.assert_close(fp_correction(pair_loss, states, target, gamma=0.8), torch.full((2,), 2.8))
     assert torch.allclose(pair_loss(states[0], target, "pseudo_huber", c=0.0), torch.ones(2))
     with pytest.raises(ValueError, match="loss"):
         pair_loss(states[0], target, "l3")

@@ -90,7 +90,7 @@ def test_cli_compile_builds_fused_optimizers(command, monkeypatch, tmp_path):
     import getfast.train.loop as loop
     from getfast import cli
     seen = []
-    monkeypatch.setattr(loop, "fit", lambda method, cfg: seen.append(method) or None)
+    monkeypatch.setattr(loop, "fit", lambda method, cfg, **_: seen.append(method) or None)
     teacher = _tiny_teacher(tmp_path) if command[0] == "distill" else None
     extra = ["--teacher", teacher] if teacher else ["--data", "digits", "--model", "UNet-XS", "--resolution", "8"]
     for flag, want in (("--compile", True), ("--no-compile", None)):

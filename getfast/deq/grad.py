@@ -24,6 +24,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from getfast.ops import acc_dtype
+from getfast.options import check_number
+
 from .solvers import get_solver
 
 __all__ = ["phantom_grad", "unrolled", "ift", "fp_correction", "fp_correction_weights", "jacobian_reg"]
@@ -55,10 +58,8 @@ def phantom_grad(
         raise ValueError(f"f must be callable, got {type(f).__name__}")
     if not isinstance(z, torch.Tensor):
         raise ValueError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+    check_number("k", k, lo=1, integer=True, option=False)
+    check_number("tau", tau, lo=0, lo_open=True, hi=1, option=False)
     if supervise == "all":
         keep = set(range(1, k + 1))
     elif supervise == "last":
@@ -68,8 +69,7 @@ def phantom_grad(
     else:
         keep = set()
         for i in supervise:
-            if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= k:
-                raise ValueError(f"supervise indices must be ints in [1, {k}], got {i!r}")
+            check_number("supervise index", i, lo=1, hi=k, integer=True, option=False)
             keep.add(i)
         if not keep:
             raise ValueError("supervise must select at least one step")
@@ -174,10 +174,8 @@ def _check_options(solver: Callable, options: dict) -> None:
 # --------------------------------------------------------------------------------------
 def fp_correction_weights(n: int, gamma: float = 0.8) -> list[float]:
     """``[γ^(n−1−k) for k in 0..n−1]``: the last state has weight 1."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-        raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+    check_number("n", n, lo=1, integer=True, option=False)
+    check_number("gamma", gamma, lo=0, lo_open=True, option=False)
     return [float(gamma) ** (n - 1 - k) for k in range(n)]
 
 
@@ -223,8 +221,7 @@ def jacobian_reg(
         raise ValueError("fz and z must be tensors")
     if fz.shape != z.shape:
         raise ValueError(f"fz must have the shape of z {tuple(z.shape)}, got {tuple(fz.shape)}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+    check_number("n_samples", n_samples, lo=1, integer=True, option=False)
     if not z.requires_grad:
         raise ValueError("z must require grad (compute fz = f(z) with z.requires_grad_())")
     total = None
@@ -232,6 +229,6 @@ def jacobian_reg(
         # drawn in float32 then cast (so a seeded run reproduces torchdeq's jac_reg noise)
         eps = torch.randn(fz.shape, dtype=torch.float32, device=fz.device, generator=generator).to(fz.dtype)
         (vjp,) = torch.autograd.grad(fz, z, eps, retain_graph=True, create_graph=create_graph)
-        term = vjp.to(torch.float64 if vjp.dtype == torch.float64 else torch.float32).square().sum()
+        term = vjp.to(acc_dtype(vjp.dtype)).square().sum()
         total = term if total is None else total + term
     return total / (n_samples * z.numel())

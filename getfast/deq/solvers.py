@@ -45,12 +45,12 @@ system falls back to a plain step for that sample instead of raising for the who
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from getfast.ops import BACKENDS
+from getfast.options import check_number
 from getfast.ops.anderson import MAX_M, AndersonState, anderson_step
 from getfast.ops.broyden import BroydenState, broyden_step
 
@@ -73,9 +73,7 @@ _TRACE0 = 32  # trace columns allocated up front; doubled on demand up to max_it
 # validation helpers (all before any work; ValueError names the option)
 # --------------------------------------------------------------------------------------
 def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
+    return check_number(name, v, lo=lo, integer=True, option=False)
 
 
 def _check_common(f, z0, max_iter, tol, stop_mode, check_every, backend) -> None:
@@ -90,8 +88,7 @@ def _check_common(f, z0, max_iter, tol, stop_mode, check_every, backend) -> None
     _check_int("max_iter", max_iter, 1)
     _check_int("check_every", check_every, 1)
     if tol is not None:
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0) or math.isinf(tol):
-            raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
+        check_number("tol", tol, lo=0, option=False)
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
     if backend is not None and backend not in BACKENDS:
@@ -99,13 +96,7 @@ def _check_common(f, z0, max_iter, tol, stop_mode, check_every, backend) -> None
 
 
 def _check_float(name: str, v, *, positive=False, nonnegative=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if positive and not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v!r}")
-    if nonnegative and not v >= 0:
-        raise ValueError(f"{name} must be >= 0, got {v!r}")
-    return float(v)
+    return float(check_number(name, v, lo=0 if positive or nonnegative else None, lo_open=positive, option=False))
 
 
 def _start(z0: Tensor) -> Tensor:

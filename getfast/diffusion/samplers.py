@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from getfast.options import check_number
+
 
 def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, device=None):
     """Time steps of EDM Eq. 5, with a final 0 appended: σ_0 = σ_max > ... > σ_{N-1} = σ_min, σ_N = 0."""
@@ -24,8 +26,7 @@ def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rh
 
 def _sigma_list(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
     """:func:`edm_sigmas` as host floats (the values of the CPU float64 schedule)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_number("steps", steps, lo=1, integer=True, option=False)
     return edm_sigmas(steps, sigma_min, sigma_max, rho).tolist()
 
 
@@ -104,8 +105,7 @@ def ddim(D, z, steps: int, class_labels=None, cfg_scale=None, **kw):
     A discrete-time teacher that defines ``scheduler_ddim`` (a diffusers UNet2DModel,
     :class:`getfast.importers.hf_diffusers.DiffusersDenoiser`) is stepped on its own scheduler's timesteps instead,
     as its pipeline does, so that ``--sampler ddim`` reproduces the pipeline's images."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_number("steps", steps, lo=1, integer=True, option=False)
     native = getattr(D, "scheduler_ddim", None)
     if native is not None:
         if kw:

@@ -47,7 +47,7 @@ from getfast.methods.students import student_meta
 from getfast.models.dropout import set_dropout
 from getfast.models.onestep import OneStepGenerator
 from getfast.teacher import load as load_teacher
-from getfast.options import check_betas, check_bool, check_number
+from getfast.options import check_betas, check_bool, check_number, check_text
 from getfast.train.step import adam
 
 # Relative to the UNet (getfast.models.unet): the blocks' 3×3 convolutions conv0/conv1 and attention output
@@ -389,10 +389,8 @@ class GDDConfig:
     init_seed: int = 0                 # seed of the discriminator heads' random initialisation
 
     def __post_init__(self):
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
-        if not isinstance(self.data, str):
-            raise ValueError(f"data (--data) must be a dataset name or path, got {self.data!r}")
+        check_text("teacher", self.teacher, "a teacher (file, folder or import)")
+        check_text("data", self.data, "a dataset name or path", empty=True)
         check_number("sigma_init", self.sigma_init, lo=0, lo_open=True)
         check_bool("cond", self.cond)
         check_bool("freeze_innate", self.freeze_innate)

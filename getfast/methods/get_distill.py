@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from getfast.data import PairDataset
-from getfast.deq import fp_correction_weights, list_solvers
+from getfast.deq import fp_correction, list_solvers
 from getfast.methods.students import GET_ARCH_FIELDS, build_get_student, student_meta
 from getfast.models.get import CONFIGS as GET_MODELS, Z_INITS
 from getfast.models.vit import CONFIGS as VIT_MODELS
-from getfast.options import check_bool, check_choice, check_number
+from getfast.options import check_bool, check_choice, check_number, check_text
 from getfast.train.step import adam
 
 LOSSES = ("l1", "pseudo_huber")
@@ -35,14 +35,6 @@ def pair_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1", c: flo
     if kind == "l1":
         return diff.abs().mean(1)
     return (diff.pow(2).mean(1) + c * c).sqrt() - c
-
-
-def supervised_loss(states, target, kind="l1", gamma=0.8, c=0.03) -> torch.Tensor:
-    """Σ_k γ^(n−1−k)·loss(state_k, x) per sample (Bai et al. 2022, Eq. 9; unnormalised, as official GET)."""
-    if torch.is_tensor(states):
-        states = [states]
-    w = fp_correction_weights(len(states), gamma)
-    return sum(wk * pair_loss(s, target, kind, c) for wk, s in zip(w, states))
 
 
 @dataclass
@@ -67,8 +59,7 @@ class GETDistillConfig:
     z_init: str = ""              # GET: fixed-point start, noise | zeros | input ("" keeps GET's default: noise)
 
     def __post_init__(self):
-        if not isinstance(self.pairs, str) or not self.pairs:
-            raise ValueError(f"pairs (--pairs) must name a pair folder, got {self.pairs!r}")
+        check_text("pairs", self.pairs, "a folder of pairs (getfast make-pairs)")
         check_choice("model", self.model, [*GET_MODELS, *VIT_MODELS])
         check_bool("cond", self.cond)
         check_choice("loss", self.loss, LOSSES)
@@ -135,7 +126,10 @@ class GETDistillMethod:
     def losses(self, batch, step):
         noise, image, labels = batch
         states = self.student(noise, labels if self.num_classes else None)
-        loss = supervised_loss(states, image, self.cfg.loss, self.cfg.gamma, self.cfg.huber_c).mean()
+        # Σ_k γ^(n−1−k)·loss(state_k, x) per sample (Bai et al. 2022, Eq. 9; unnormalised, as official GET);
+        # a ViT's single output is the one state.
+        seq = [states] if torch.is_tensor(states) else states
+        loss = fp_correction(pair_loss, seq, image, self.cfg.loss, self.cfg.huber_c, gamma=self.cfg.gamma).mean()
         final = states[-1] if isinstance(states, (list, tuple)) else states
         return {"student": loss, "l1_last": (final.detach() - image).abs().mean()}
 

@@ -37,7 +37,7 @@ from getfast.io import atomic_write_bytes
 from getfast.methods.students import load_student
 from getfast.models import build_denoiser
 from getfast.teacher import load as load_teacher
-from getfast.options import check_choice, check_number
+from getfast.options import check_choice, check_number, check_text
 from getfast.train.distributed import dist_info
 from getfast.train.loop import fit
 from getfast.train.step import adam
@@ -89,8 +89,7 @@ class GuidedConfig:
     grad_clip: float = 1.0           # max gradient norm (0: off)
 
     def __post_init__(self):
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
+        check_text("teacher", self.teacher, "a teacher (file, folder or import)")
         check_choice("stage", self.stage, ("all", "cfg", "pd"))
         check_number("w_min", self.w_min)
         check_number("w_max", self.w_max)

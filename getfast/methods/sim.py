@@ -37,7 +37,7 @@ from getfast.models.dropout import eval_mode
 from getfast.models.onestep import OneStepGenerator
 from getfast.ops import sim_loss
 from getfast.teacher import load as load_teacher
-from getfast.options import check_betas, check_choice, check_number
+from getfast.options import check_betas, check_choice, check_number, check_text
 from getfast.train.step import adam
 
 __all__ = ["OneStepGenerator", "SIMConfig", "SIMMethod", "sample_sigma_rho", "sid_generator_loss",
@@ -103,8 +103,7 @@ class SIMConfig:
     grad_clip: float = 1.0           # max gradient norm for both networks (0: off)
 
     def __post_init__(self):
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise ValueError(f"teacher (--teacher) must name a teacher, got {self.teacher!r}")
+        check_text("teacher", self.teacher, "a teacher (file, folder or import)")
         check_number("sigma_init", self.sigma_init, lo=0, lo_open=True)
         check_choice("loss", self.loss, ("sim", "sid"))
         check_number("c", self.c, lo=0)

@@ -7,9 +7,9 @@ and the public function), all defined through :func:`~getfast.ops._framework.def
 default backend per device and why.
 """
 from . import anderson, broyden
-from ._framework import BACKENDS, DEFAULTS, OPS, build_info, describe, load_C
+from ._framework import BACKENDS, DEFAULTS, OPS, acc_dtype, build_info, describe, load_C
 from .flash_attention import attention
 from .sim import sim_loss, sim_loss_reference
 
-__all__ = ["BACKENDS", "DEFAULTS", "OPS", "anderson", "attention", "broyden", "build_info", "describe", "load_C",
-           "sim_loss", "sim_loss_reference"]
+__all__ = ["BACKENDS", "DEFAULTS", "OPS", "acc_dtype", "anderson", "attention", "broyden", "build_info", "describe",
+           "load_C", "sim_loss", "sim_loss_reference"]

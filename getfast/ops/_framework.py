@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import math
 import os
 import sys
 import warnings
 from typing import Callable
 
 import torch
+
+from getfast.options import check_number
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 ENV_BACKEND = "GETFAST_BACKEND"
@@ -465,11 +466,7 @@ def define_op(spec: OpSpec) -> Op:
 # --------------------------------------------------------------------------------------
 def check_real(name: str, v, *, positive: bool = False, nonnegative: bool = False) -> float:
     """A finite real Python number (never a tensor: reading one would sync the device)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite real number, got {v!r}")
-    if (positive and not v > 0) or (nonnegative and not v >= 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
-    return float(v)
+    return float(check_number(name, v, lo=0 if positive or nonnegative else None, lo_open=positive, option=False))
 
 
 def describe(print_it: bool = True) -> str:

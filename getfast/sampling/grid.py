@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from getfast.io import check_writable, save_grid
-from getfast.sampling.sampler import SAMPLERS, _opt, check_device_name, load
+from getfast.options import check_choice, check_device, check_number, flag
+from getfast.sampling.sampler import SAMPLERS, load
 
 __all__ = ["SampleConfig", "sample_grid"]
 
@@ -31,20 +32,16 @@ class SampleConfig:
     out: str = "samples.png"         # PNG file to write
 
     def __post_init__(self):
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"{_opt('sampler')} must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, SAMPLERS)
         for name, lo in (("steps", 1), ("n", 1), ("nrow", 0), ("label", 0), ("seed", 0)):
-            v = getattr(self, name)
-            if v is None and name in ("steps", "label"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{_opt(name)} must be an integer >= {lo}, got {v!r}")
-        if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float))
-                                           or not math.isfinite(self.cfg_scale)):
-            raise ValueError(f"{_opt('cfg_scale')} must be a finite number, got {self.cfg_scale!r}")
-        check_device_name(self.device)
+            if getattr(self, name) is not None or name not in ("steps", "label"):
+                check_number(name, getattr(self, name), lo=lo, integer=True)
+        if self.cfg_scale is not None:
+            check_number("cfg_scale", self.cfg_scale)
+        check_device("device", self.device)
         if not isinstance(self.out, str) or Path(self.out).suffix.lower() != ".png":
-            raise ValueError(f"{_opt('out')} must be a .png file, got {self.out!r}")
+            raise ValueError(f"{flag('out')} must be a .png file, got {self.out!r}")
 
 
 def sample_grid(cfg: SampleConfig, log=print) -> Path:
@@ -55,9 +52,9 @@ def sample_grid(cfg: SampleConfig, log=print) -> Path:
     labels = None
     if cfg.label is not None:
         if not s.num_classes:
-            raise ValueError(f"{_opt('label')} = {cfg.label} does not apply to {cfg.ckpt}: it is unconditional")
+            raise ValueError(f"{flag('label')} = {cfg.label} does not apply to {cfg.ckpt}: it is unconditional")
         if cfg.label >= s.num_classes:
-            raise ValueError(f"{_opt('label')} must be in [0, {s.num_classes}) for {cfg.ckpt}, got {cfg.label}")
+            raise ValueError(f"{flag('label')} must be in [0, {s.num_classes}) for {cfg.ckpt}, got {cfg.label}")
     torch.manual_seed(cfg.seed)
     z = torch.randn(cfg.n, *s.shape, device=s.device)
     if s.num_classes:

@@ -21,7 +21,8 @@ from getfast.data.pairs import (FORMAT, IMAGE_DTYPES, LABEL_SCHEMES, MANIFEST, S
                                 _array_files, _json_bytes, _npy_bytes, check_shard, noise_batch, quantize,
                                 sample_label, sample_seed, sha256_file, shard_name)
 from getfast.io import atomic_write_bytes
-from getfast.sampling.sampler import NonFiniteError, Sampler, _opt, check_device_name, load, resolve_device
+from getfast.options import check_choice, check_device, check_number, check_text, flag
+from getfast.sampling.sampler import NonFiniteError, Sampler, load, resolve_device
 
 __all__ = ["PairsConfig", "make_pairs"]
 
@@ -47,33 +48,25 @@ class PairsConfig:
 
     def __post_init__(self):
         for name in ("n", "shard_size", "batch", "steps", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{_opt(name)} must be an integer, got {v!r}")
+            check_number(name, getattr(self, name), integer=True)
         if self.n <= 0:
-            raise ValueError(f"{_opt('n')} must be a positive number of pairs, got {self.n}")
+            raise ValueError(f"{flag('n')} must be a positive number of pairs, got {self.n}")
         if self.n >= SEED_STRIDE:
-            raise ValueError(f"{_opt('n')} must be below 2**32, got {self.n}")
+            raise ValueError(f"{flag('n')} must be below 2**32, got {self.n}")
         if not 0 <= self.seed < 2**31:
-            raise ValueError(f"{_opt('seed')} must be in [0, 2**31), got {self.seed}")
+            raise ValueError(f"{flag('seed')} must be in [0, 2**31), got {self.seed}")
         for name in ("shard_size", "batch", "steps"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{_opt(name)} must be positive, got {getattr(self, name)}")
-        if self.image_dtype not in IMAGE_DTYPES:
-            raise ValueError(f"{_opt('image_dtype')} must be one of {IMAGE_DTYPES}, got {self.image_dtype!r}")
-        if self.labels not in LABEL_SCHEMES:
-            raise ValueError(f"{_opt('labels')} must be one of {LABEL_SCHEMES}, got {self.labels!r}")
+                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        check_choice("image_dtype", self.image_dtype, IMAGE_DTYPES)
+        check_choice("labels", self.labels, LABEL_SCHEMES)
         if self.cfg_scale is not None:
-            if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
-                    or not math.isfinite(self.cfg_scale):
-                raise ValueError(f"{_opt('cfg_scale')} must be a finite number, got {self.cfg_scale!r}")
+            check_number("cfg_scale", self.cfg_scale)
             if not self.cond:
-                raise ValueError(f"{_opt('cfg_scale')} (classifier-free guidance) needs --cond")
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise ValueError(f"{_opt('teacher')} must name a teacher, got {self.teacher!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"{_opt('out')} must be a folder path, got {self.out!r}")
-        check_device_name(self.device)
+                raise ValueError(f"{flag('cfg_scale')} (classifier-free guidance) needs --cond")
+        check_text("teacher", self.teacher, "a teacher (file, folder or import)")
+        check_text("out", self.out, "a folder path")
+        check_device("device", self.device)
 
 
 def _teacher_identity(name_or_path: str, net) -> dict:

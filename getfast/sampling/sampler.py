@@ -30,9 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from getfast.options import check_choice, check_number, flag
 from getfast.sampling.graphs import GraphCache
 
-__all__ = ["Sampler", "NonFiniteError", "load", "resolve_device", "check_device_name", "SAMPLERS",
+__all__ = ["Sampler", "NonFiniteError", "load", "resolve_device", "SAMPLERS",
            "TEACHER_DEFAULT_STEPS"]
 
 SAMPLERS = ("heun", "euler", "ddim")
@@ -43,14 +44,6 @@ class NonFiniteError(ValueError):
     """Sampling produced NaN or infinite values."""
 
 
-def check_device_name(device) -> str:
-    """``device`` if it is spelled auto | cpu | cuda | cuda:N (whether it exists here is :func:`resolve_device`'s)."""
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
-                                           or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return device
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a device that exists here (ValueError naming it otherwise)."""
     name = str(device)
@@ -59,16 +52,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             # The callers' valid choices differ (sampling takes auto, the benchmarks do not): name none.
-            raise ValueError(f"{_opt('device')} {name!r}: no CUDA device is visible on this machine "
+            raise ValueError(f"{flag('device')} {name!r}: no CUDA device is visible on this machine "
                              f"(torch.cuda.is_available() is False)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{_opt('device')} {name!r}: this machine has {torch.cuda.device_count()} "
+            raise ValueError(f"{flag('device')} {name!r}: this machine has {torch.cuda.device_count()} "
                              f"CUDA device(s)")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -199,23 +192,17 @@ def _run_folder_method(p: Path) -> str | None:
 
 
 def _check_options(sampler, steps, cfg_scale):
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"{_opt('sampler')} must be one of {', '.join(SAMPLERS)} (or None: the model's own), "
-                         f"got {sampler!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"{_opt('steps')} must be an integer >= 1 (or None: the model's own), got {steps!r}")
+    """None for each is the model's own; otherwise a known sampler, a step count >= 1, a finite scale."""
+    if sampler is not None:
+        check_choice("sampler", sampler, SAMPLERS)
+    if steps is not None:
+        check_number("steps", steps, lo=1, integer=True)
     if cfg_scale is not None:
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-            raise ValueError(f"{_opt('cfg_scale')} must be a finite number (or None), got {cfg_scale!r}")
-
-
-def _opt(name: str) -> str:
-    """An option's name as the library and the command line spell it: ``steps (--steps)``."""
-    return f"{name} (--{name.replace('_', '-')})"
+        check_number("cfg_scale", cfg_scale)
 
 
 def _not_for(what: str, value, source: str, kind: str) -> ValueError:
-    return ValueError(f"{_opt(what)} = {value!r} does not apply to {source}: it is {kind}")
+    return ValueError(f"{flag(what)} = {value!r} does not apply to {source}: it is {kind}")
 
 
 def load(ckpt: str = "fashion-mnist", *, sampler: str | None = None, steps: int | None = None,
@@ -280,7 +267,7 @@ def load(ckpt: str = "fashion-mnist", *, sampler: str | None = None, steps: int 
         w = float(cfg_scale or 0.0)
         lo, hi = meta.get("w_range", [-math.inf, math.inf])
         if not lo <= w <= hi:
-            raise ValueError(f"{_opt('cfg_scale')} = {w:g} is outside the guidance range [{lo:g}, {hi:g}] that "
+            raise ValueError(f"{flag('cfg_scale')} = {w:g} is outside the guidance range [{lo:g}, {hi:g}] that "
                              f"{source} was trained on")
         from getfast.diffusion import ddim
 

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from getfast.io import atomic_write_bytes, save_grid
-from getfast.options import check_bool, check_number, flag
+from getfast.options import check_bool, check_device, check_number, flag
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
 from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, unwrap
 from getfast.train.export import export_product
@@ -98,9 +98,7 @@ class LoopConfig:
         check_bool("bf16", self.bf16, optional=True)
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
-                                                    or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device("device", self.device)
 
     def total_steps(self) -> int:
         """Optimiser steps for ``kimg`` thousand samples (rounded so 0.57 kimg is 570 samples, not 570.0000001)."""

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from getfast.options import check_number
+
 from .._framework import DTYPE_CODES, OpSpec, acc_dtype, check_real, chunking, define_op, load_C, stream_ptr
 from . import naive
 from .naive import REL_EPS, pivot_rtol
@@ -81,8 +83,7 @@ def _check(dims, *args):
     k, tau, lam, tol = args[8:12]
     if dims["m"] > MAX_M:
         raise ValueError(f"X: history size m={dims['m']} exceeds the supported maximum {MAX_M}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < dims["T"]:
-        raise ValueError(f"k must be an int in [0, {dims['T']}), got {k!r}")
+    check_number("k", k, lo=0, hi=dims["T"], hi_open=True, integer=True, option=False)
     check_real("tau", tau, positive=True), check_real("lam", lam, nonnegative=True), check_real("tol", tol)
 
 

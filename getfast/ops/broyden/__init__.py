@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from getfast.options import check_number
+
 from .._framework import DTYPE_CODES, OpSpec, check_real, chunking, define_op, load_C, stream_ptr
 from ..anderson import new_record
 from ..anderson.naive import REL_EPS
@@ -68,8 +70,7 @@ def _triton(*args) -> None:
 
 def _check(dims, *args):
     k, tol = args[10:12]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < dims["T"]:
-        raise ValueError(f"k must be an int in [0, {dims['T']}), got {k!r}")
+    check_number("k", k, lo=0, hi=dims["T"], hi_open=True, integer=True, option=False)
     check_real("tol", tol)
 
 

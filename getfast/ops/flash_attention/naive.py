@@ -2,17 +2,15 @@
 and ``getfast::attention_bwd``, with the kernel's saved statistic (base-2 log-sum-exp)."""
 import torch
 
+from .._framework import acc_dtype
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _cd(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def forward(q, k, v, scale: float):
     """``(softmax(q kᵀ·scale) v, log2 Σ exp(q kᵀ·scale))``."""
-    cd = _cd(q)
+    cd = acc_dtype(q.dtype)
     s = q.to(cd) @ k.to(cd).transpose(-1, -2) * scale
     lse = torch.logsumexp(s, dim=-1)
     return (torch.exp(s - lse[..., None]) @ v.to(cd)).to(q.dtype), lse * LOG2E
@@ -20,7 +18,7 @@ def forward(q, k, v, scale: float):
 
 def backward(do, q, k, v, out, lse, scale: float):
     """``(dq, dk, dv)`` from the saved output and base-2 log-sum-exp (Dao 2023, Alg. 2)."""
-    cd = _cd(q)
+    cd = acc_dtype(q.dtype)
     q_, k_, v_, do_ = q.to(cd), k.to(cd), v.to(cd), do.to(cd)
     p = torch.exp(q_ @ k_.transpose(-1, -2) * scale - (lse.to(cd) * LN2)[..., None])
     ds = p * (do_ @ v_.transpose(-1, -2) - (do_ * out.to(cd)).sum(-1, keepdim=True))

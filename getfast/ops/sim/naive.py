@@ -2,15 +2,13 @@
 forward/backward of ``getfast::sim_loss`` (math in ``getfast/ops/sim/__init__.py``)."""
 import torch
 
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .._framework import acc_dtype
 
 
 def sim_loss(d_teacher, d_fake, x_g, sigma, c: float) -> torch.Tensor:
     """Per-sample ``u·(d_fake − x_g)/σ²`` with ``u = y/√(‖y‖²+c²)``, ``y = (d_teacher − d_fake)/σ²``,
     differentiable by autograd (the normaliser is not detached)."""
-    B, acc = d_teacher.shape[0], _acc(d_teacher)
+    B, acc = d_teacher.shape[0], acc_dtype(d_teacher.dtype)
     a, f, g = (t.reshape(B, -1).to(acc) for t in (d_teacher, d_fake, x_g))
     s = sigma.to(acc).square()[:, None]
     y = (a - f) / s
@@ -20,7 +18,7 @@ def sim_loss(d_teacher, d_fake, x_g, sigma, c: float) -> torch.Tensor:
 
 def forward(d_teacher, d_fake, x_g, sigma, c: float):
     """``(loss, stats)`` with ``stats = (r, P)`` per sample, as the fused kernels save them."""
-    B, acc = d_teacher.shape[0], _acc(d_teacher)
+    B, acc = d_teacher.shape[0], acc_dtype(d_teacher.dtype)
     a, f, g = (t.reshape(B, -1).to(acc) for t in (d_teacher, d_fake, x_g))
     s = sigma.to(acc).square()
     d = a - f
