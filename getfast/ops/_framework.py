@@ -40,17 +40,26 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 # The default backend per (op, device type), and why. A fused backend is the default only where a
 # benchmark measured it faster than the PyTorch built-in it replaces (the `reference` backend:
 # SDPA, the eager composition, the reference solver step); anything absent here runs the
-# built-in. GPU figures: one H200, torch 2.11, triton 3.6. CPU figures: this project's 2-core
-# machine, the benchmarks `sim_loss`, `deq` and `overhead` (python -m benchmarks), side by side in one process.
+# built-in. GPU figures: benchmarks/RESULTS.md's GPU sections (one H100 SXM, 2026-12-05, torch 2.11,
+# triton 3.6, quick run) and its quoted H200 figures of 2026-11-22 (attention: not yet measured on the
+# H100). CPU figures: this project's 2-core machine, the benchmarks `sim_loss`, `deq` and `overhead`
+# (python -m benchmarks), side by side in one process.
 DEFAULTS: dict[tuple[str, str], tuple[str, str]] = {
     ("attention_fwd", "cuda"): ("reference", "SDPA: the Triton kernel measured 0.30-0.77x SDPA on H200"),
     ("attention_fwd", "cpu"): ("reference", "SDPA: no CPU kernel"),
-    ("sim_loss", "cuda"): ("reference", "eager composition: fused measured 1.0x eager on H200 (host-bound)"),
+    ("sim_loss", "cuda"): ("cuda", "fused CUDA fwd+bwd measured 1.33-1.38x eager autograd on H100 at 256x3x64x64, "
+                                   "64x3x32x32 and 7x3x33x31, fp32 only (triton 1.41x/1.39x, but 0.95x at 7x3x33x31); "
+                                   "on H200 (older code) both measured 1.0x"),
     ("sim_loss", "cpu"): ("cpp", "fused C++ measured 3.4-6.0x less CPU time than eager at 64x3x32x32 and "
                                  "64x4x64x64 (bench sim_loss), 0.43x eager's host time at 2x1x4x4 (bench overhead)"),
-    ("anderson_step", "cuda"): ("triton", "measured 0.21x torchdeq per iteration on H200 (cuda backend 0.39x)"),
+    ("anderson_step", "cuda"): ("triton", "measured 0.23x torchdeq per iteration on H100 at B=128, D=196608, m=6, "
+                                          "fp32 (cuda backend 0.36x, reference step 0.83x; bf16: triton 0.48 ms, cuda "
+                                          "1.08 ms, reference 3.90 ms; fixed point 0.31x); H200: 0.21x"),
     ("anderson_step", "cpu"): ("cpp", "fused C++ step measured 11.7x faster than the reference step at B=32, "
                                       "D=65536, m=6 (bench deq), 0.02x its time at B=2, D=64 (bench overhead)"),
+    ("broyden_step", "cuda"): ("triton", "measured 0.25x torchdeq per iteration on H100 at B=128, D=196608, fp32 "
+                                         "(cuda backend 0.36x, reference step 0.62x; bf16: 0.23x, 0.24x, 1.08x); time "
+                                         "to tolerance measured with the reference step only"),
     ("broyden_step", "cpu"): ("cpp", "fused C++ step measured 0.02x the reference step's time at B=2, D=64 (bench "
                                      "overhead); 0.39x torchdeq's time to tolerance at B=32, D=65536 (bench deq)"),
 }
