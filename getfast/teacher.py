@@ -174,7 +174,12 @@ def _meta_from_config(cfg: dict) -> dict:
     if cfg.get("method") != "teacher":
         raise ValueError(f"checkpoint is from method {cfg.get('method')!r}, not a teacher")
     tc = TeacherConfig(**{k: v for k, v in cfg.items() if k != "method"})
-    ds = load_dataset(tc.data, resolution=tc.resolution or None)
+    try:  # a checkpoint records its data by name or path, read again here for the image shape and classes
+        ds = load_dataset(tc.data, resolution=tc.resolution or None)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ValueError(f"this teacher checkpoint needs its training data {tc.data!r} for its image shape and classes, "
+                         f"and it cannot be read from {Path.cwd()} ({e}); load the run's exported teacher.safetensors "
+                         f"instead, or run from the folder the training ran in") from e
     return {"model": tc.model, "resolution": ds.resolution, "channels": ds.channels,
             "num_classes": ds.num_classes if tc.cond else 0, "label_dropout": tc.label_dropout if tc.cond else 0.0,
             "data": tc.data}

@@ -19,7 +19,7 @@ from torch import nn
 from getfast.data import PairDataset
 from getfast.deq import fp_correction, list_solvers
 from getfast.methods.students import GET_ARCH_FIELDS, build_get_student, student_meta
-from getfast.models.get import CONFIGS as GET_MODELS, Z_INITS
+from getfast.models.get import CONFIGS as GET_MODELS, STATES, Z_INITS
 from getfast.models.vit import CONFIGS as VIT_MODELS
 from getfast.options import check_bool, check_choice, check_number, check_text
 from getfast.train.step import adam
@@ -57,6 +57,7 @@ class GETDistillConfig:
     train_solver_iters: int = 0   # GET --grad phantom: solver iterations without gradient first (>= 1)
     tau: float = 0.0              # GET: damping of the differentiable steps, in (0, 1] (0 keeps the default: 1)
     z_init: str = ""              # GET: fixed-point start, noise | zeros | input ("" keeps GET's default: noise)
+    state: str = ""               # GET: raw (the paper) | normalized (iterate the LayerNorm'd state, whose fixed point exists)
 
     def __post_init__(self):
         check_text("pairs", self.pairs, "a folder of pairs (getfast make-pairs)")
@@ -77,6 +78,8 @@ class GETDistillConfig:
         check_number("tau", self.tau, lo=0, hi=1)
         if self.z_init:
             check_choice("z_init", self.z_init, Z_INITS)
+        if self.state:
+            check_choice("state", self.state, STATES)
         get_only = [k for k in GET_ARCH_FIELDS if getattr(self, k)]
         if not self.model.startswith("GET") and get_only:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in get_only)} apply to GET models only, "
@@ -131,7 +134,26 @@ class GETDistillMethod:
         seq = [states] if torch.is_tensor(states) else states
         loss = fp_correction(pair_loss, seq, image, self.cfg.loss, self.cfg.huber_c, gamma=self.cfg.gamma).mean()
         final = states[-1] if isinstance(states, (list, tuple)) else states
-        return {"student": loss, "l1_last": (final.detach() - image).abs().mean()}
+        out = {"student": loss, "l1_last": (final.detach() - image).abs().mean()}
+        record = getattr(self.modules["student"], "ift_record", None)
+        if record and "converged" in record:  # the previous step's IFT backward solve (grad="ift")
+            missed = (~record.pop("converged")).float().mean()
+            out["ift_unconverged"] = missed  # fraction of samples whose backward solve hit ift_max_iter
+            self._ift_missed = missed if self._ift_missed is None else self._ift_missed + missed
+        return out
+
+    _ift_missed = None  # running sum of ift_unconverged (device tensor: read only at log time)
+    _ift_warned = False
+
+    def pop_warnings(self) -> list[str]:
+        """Messages the loop writes to the log once (read at log time, so the step itself never syncs)."""
+        if self._ift_warned or self._ift_missed is None or not float(self._ift_missed) > 0:
+            return []
+        self._ift_warned = True
+        cfg = self.modules["student"].config
+        return [f"--grad ift: the backward solve w = Jᵀw + v did not reach tol {cfg.ift_tol} within "
+                f"{cfg.ift_max_iter} iterations for some samples; their gradients are inexact (the equilibrium "
+                f"map is close to non-contractive). Consider --state normalized or --grad unrolled"]
 
     def sample_grid(self, ema, n):
         idx = torch.arange(min(n, len(self.data)))

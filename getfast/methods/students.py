@@ -19,7 +19,7 @@ from getfast.train.export import save_weights
 KEY = "getfast_student"
 
 # The fields of a GET distillation config that shape the student network (they override its GETConfig).
-GET_ARCH_FIELDS = ("solver", "grad", "grad_steps", "eval_iters", "train_solver_iters", "tau", "z_init")
+GET_ARCH_FIELDS = ("solver", "grad", "grad_steps", "eval_iters", "train_solver_iters", "tau", "z_init", "state")
 
 
 def build_get_student(model: str, resolution: int, channels: int, num_classes: int, config: dict) -> nn.Module:

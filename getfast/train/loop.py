@@ -19,6 +19,7 @@ A method (the :class:`Method` protocol) declares what it trains; the loop perfor
   ``data_fingerprint() -> dict | None`` (optional) what identifies stored training data; must match on resume
   ``product``, ``product_metadata()``  file name and safetensors metadata of the exported EMA weights
   ``lr_options`` (optional) dict optimizer name -> config field of its learning rate, for error messages
+  ``pop_warnings() -> list[str]`` (optional) read at log time; each message is written to the log once
 
 Each step (as in NVlabs/edm2's training_loop.py): LR warm-up, the data order (a seeded permutation per epoch,
 so the position is one integer), autocast (bf16 on GPU) around the forward only, then per loss a backward
@@ -252,6 +253,10 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, ev
                 logger.write(record)
                 if evaluator is not None:
                     evaluator.log(record)
+                for message in method.pop_warnings() if hasattr(method, "pop_warnings") else ():
+                    logger.write({"step": step, "warning": message})  # once per cause, the method decides
+                    if rank == 0:
+                        print(f"warning: {message}")
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "time")},
                                     refresh=False)
