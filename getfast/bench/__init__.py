@@ -9,9 +9,10 @@ CUDA, in this order: sampling (latency eager / bf16 / CUDA graph), deq (vs torch
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+
+from getfast.options import check_bool, check_number, check_text
 
 CPU_BENCHMARKS = ("deq", "overhead", "pairs", "sampling", "sim_loss", "train")
 GPU_BENCHMARKS = ("sampling", "deq", "train", "sim_loss", "attention")  # the most telling first (a cut-off run keeps them)
@@ -36,19 +37,13 @@ class BenchConfig:
     def __post_init__(self):
         if not (isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device)):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if not isinstance(self.quick, bool):
-            raise ValueError(f"quick must be true or false, got {self.quick!r}")
-        self.only = (self.only,) if isinstance(self.only, str) else tuple(self.only)
-        known = names(self.device)
-        unknown = [n for n in self.only if n not in known]
-        if unknown:
-            raise ValueError(f"only: unknown benchmark(s) {', '.join(unknown)} for device {self.device}; "
-                             f"choose from {', '.join(known)}")
-        if not isinstance(self.out, str):
-            raise ValueError(f"out must be a folder path string, got {self.out!r}")
-        if (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
-                or not math.isfinite(self.budget_s) or self.budget_s < 0):
-            raise ValueError(f"budget_s must be a finite number of seconds >= 0, got {self.budget_s!r}")
+        check_bool("quick", self.quick)
+        check_text("out", self.out, "a folder path", empty=True)
+        check_number("budget_s", self.budget_s, lo=0)
+        self.only, known = (self.only,) if isinstance(self.only, str) else tuple(self.only), names(self.device)
+        if any(n not in known for n in self.only):
+            raise ValueError(f"only: unknown benchmark(s) {', '.join(n for n in self.only if n not in known)} for device "
+                             f"{self.device}; choose from {', '.join(known)}")
 
     def chosen(self) -> list[str]:
         """The benchmarks to run, in :data:`GPU_BENCHMARKS` / :data:`CPU_BENCHMARKS` order."""
@@ -56,8 +51,7 @@ class BenchConfig:
 
 
 def run(cfg: BenchConfig) -> int:
-    """Run the benchmarks ``cfg`` selects: 0 when every one ran (skipped measurements carry their reason), 1 when
-    one failed (the others still ran); ``ValueError`` before any work when CUDA is asked for and not visible."""
+    """Run the benchmarks ``cfg`` selects: 0, or 1 when one failed; ``ValueError`` first when CUDA is not visible."""
     from getfast.bench.runner import run_config
 
     return run_config(cfg)

@@ -1,8 +1,6 @@
-"""What every benchmark shares: output, machine and device, one set of timers for CPU and CUDA, a time
-budget, the work models, formatting. Benchmark ``<name>`` writes ``<name>.json`` (``gpu_<name>.json``) and
-replaces its RESULTS.md section ``<name>`` (``gpu-<name>``). Timing (DESIGN.md, "Performance method"):
-``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU, latency as synchronised wall time, the
-contention-robust CPU figure as the calling thread's CPU time on one torch thread.
+"""What every benchmark shares: output (``[gpu_]<name>.json`` and its RESULTS.md section), machine and device,
+one set of timers for CPU and CUDA (DESIGN.md, "Performance method": ``do_bench`` on CUDA, ``torch.utils.benchmark``
+on CPU, latency as synchronised wall time, the calling thread's CPU time on one thread), budget, work models, cells.
 """
 from __future__ import annotations
 
@@ -67,16 +65,14 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 def merge_json(name: str, payload: dict) -> Path:
-    """Update ``<name>.json`` with ``payload``'s keys (and its ``status`` entries): an ``--only`` run keeps the
-    others' results."""
+    """Update ``<name>.json`` with ``payload``'s keys and ``status`` entries (``--only`` keeps the others')."""
     old = attempt(lambda: json.loads((_out("dir") / f"{name}.json").read_text()))[0]
     old = old if isinstance(old, dict) else {}
     return write_json(name, {**old, **payload, "status": {**old.get("status", {}), **payload.get("status", {})}})
 
 
 def update_results_md(name: str, body: str, *, title: str | None = None) -> Path:
-    """Replace (or add) section ``name`` of RESULTS.md; sections in the order ``gpu`` (the device), ``gpu-*``,
-    the past GPU figures, the CPU sections."""
+    """Replace (or add) section ``name`` of RESULTS.md, kept in the order gpu, gpu-*, gpu-past, CPU sections."""
     path = _out("md")
     text = path.read_text() if path.exists() else _MD_HEADER
     pat = re.compile(r"<!-- BEGIN (?P<name>[\w.-]+) -->\n.*?<!-- END (?P=name) -->\n", re.S)
@@ -177,22 +173,19 @@ def device_line(info: dict) -> str:
             f"(CUDA {info.get('torch_cuda')}), triton {info.get('triton')}")
 
 
-def kernel_ms(fn: Callable[[], object], device: torch.device, quick: bool, grad_to_none=None) -> float:
-    """Median ms per call of a kernel-sized ``fn``: ``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
+def kernel_ms(fn: Callable[[], object], device: torch.device, quick: bool, grad_to_none=None,
+              min_run_time: float | None = None) -> float:
+    """Median ms per call of ``fn`` after one warm-up call: ``do_bench`` on CUDA, ``torch.utils.benchmark``'s
+    blocks of at least ``min_run_time`` seconds in all on CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, grad_to_none=grad_to_none,
                               return_mode="median"))
-    fn()
-    return median_s(fn, min_run_time=0.02 if quick else 0.2) * 1e3
-
-
-def median_s(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
-    """Median seconds per call over ``torch.utils.benchmark`` blocks (CPU)."""
     from torch.utils import benchmark
 
+    fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+    return float(timer.blocked_autorange(min_run_time=min_run_time or (0.02 if quick else 0.2)).median) * 1e3
 
 
 def wall_ms(fn: Callable[[], object], device: torch.device, iters: int = 1, warmup: int = 0) -> list[float]:
@@ -219,8 +212,7 @@ def one_thread():
 
 
 def thread_cpu_s(fn: Callable[[], object], *, min_cpu_time: float = 0.0, repeats: int = 3) -> float:
-    """Median CPU seconds per call of ``fn`` spent by the calling thread over ``repeats`` rounds of at least
-    ``min_cpu_time / repeats`` each; under :func:`one_thread`, unaffected by other processes preempting it."""
+    """Median CPU seconds per call of ``fn`` on the calling thread (under :func:`one_thread`: contention-robust)."""
     fn()  # warm-up
     per_call = []
     for _ in range(repeats):
@@ -266,8 +258,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of PyTorch's CPU allocator during one call of ``fn`` above what was live before, from the
-    allocations and frees torch.profiler records, in time order (getfast's csrc kernels allocate nothing)."""
+    """Peak bytes of PyTorch's CPU allocator during one call of ``fn``, from torch.profiler's allocation events."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -283,8 +274,7 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
 
 class Budget:
-    """Wall-clock budget of a run: :meth:`measure` runs a measurement only when it fits, else records it as
-    skipped."""
+    """Wall-clock budget of a run: :meth:`measure` runs a measurement only when it fits."""
 
     def __init__(self, seconds: float | None = None):
         self.t0, self.seconds = time.monotonic(), (seconds if seconds and seconds > 0 else None)
@@ -306,8 +296,7 @@ class Budget:
 
 
 def attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
-    """``(fn(), None)``, or ``(None, "Type: first line")`` when it raises (CUDA OOM included): one failing
-    measurement must not lose the others'."""
+    """``(fn(), None)``, or ``(None, "Type: first line")`` when it raises (CUDA OOM included)."""
     try:
         return fn(), None
     except Exception as exc:  # noqa: BLE001  (recorded, shown in the table)
@@ -318,8 +307,7 @@ def attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
 
 @contextlib.contextmanager
 def forced_backend(name: str | None):
-    """Run getfast ops with ``GETFAST_BACKEND=<name>`` (``None``: the default dispatch), then restore it
-    (the op layer reads the variable on every call)."""
+    """Run getfast ops with ``GETFAST_BACKEND=<name>`` (``None``: the default dispatch), then restore it."""
     prev = os.environ.pop("GETFAST_BACKEND", None)
     os.environ.update({} if name is None else {"GETFAST_BACKEND": name})
     try:
@@ -376,9 +364,9 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
                       [list(headers), ["---"] * len(headers), *[[text(v) for v in r] for r in rows]]])
 
 
-def fmt(v, spec: str = ".3g", none: str = "–") -> str:
-    """A table cell: a number with ``spec``, a string (an error) as is, ``none`` for None."""
-    return none if v is None else v if isinstance(v, str) else format(v, spec)
+def fmt(v, spec: str | Callable = ".3g", none: str = "–") -> str:
+    """A table cell: a number by ``spec`` (a format or a function), a string (an error) as is, else ``none``."""
+    return none if v is None else v if isinstance(v, str) else spec(v) if callable(spec) else format(v, spec)
 
 
 def markdown_safe(v) -> str:
@@ -403,16 +391,15 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B" if k == 0 else f"{n / 1024**k:.1f} {('KiB', 'MiB', 'GiB')[k - 1]}"
 
 
-def cell(e: dict | None, key: str, spec: str = ".3g") -> str:
+def cell(e: dict | None, key: str, spec: str | Callable = ".3g") -> str:
     """A result entry's table cell: its ``error`` (or ``skipped``) as text, else its ``key`` formatted."""
     why = e and (e.get("error") or e.get("skipped"))
     return markdown_safe(why) if why else fmt((e or {}).get(key), spec)
 
 
 def section(res: dict, body: str, cpu: bool, robust: str | None = None) -> str:
-    """A report around ``body``: on CPU the machine first and, given ``robust`` (which figures to quote), a note
-    when it was oversubscribed; then the measurements that did not run."""
+    """``body`` after the machine (CPU) and before an oversubscription note (``robust``) and what was not measured."""
     machine, skipped = (res.get("machine") or machine_info()) if cpu else None, res.get("skipped")
-    return ((f"Machine: {machine_line(machine)}.\n\n" if cpu else "") + body.rstrip() + "\n"
-            + (contention_note(machine, robust) if cpu and robust else "")
+    note = contention_note(machine, robust).strip() if cpu and robust else ""
+    return ((f"Machine: {machine_line(machine)}.\n\n" if cpu else "") + body.rstrip() + "\n" + (f"\n{note}\n" if note else "")
             + ("\nNot measured: " + "; ".join(map(str, skipped)) + "\n" if skipped else ""))

@@ -1,10 +1,10 @@
-"""DEQ solvers (getfast.deq: Anderson, fixed point, Broyden) vs torchdeq 0.1.0 (optional: without it its
-columns are listed as skipped) on the cheap contraction ``f(z) = x + a ⊙ tanh(z)``, m = 6, λ = 1e-4, relative
-tol 1e-4 (a much tighter tol puts ‖g‖² below λ: both Andersons turn into averaging). Per iteration per backend
-with the bytes model, and time to tolerance; on CPU also op and sync counts, CPU time and memory.
+"""getfast.deq's Anderson, fixed point and Broyden vs torchdeq 0.1.0 (optional) on ``f(z) = x + a ⊙ tanh(z)``, m = 6,
+λ = 1e-4, relative tol 1e-4 (much tighter puts ‖g‖² below λ: both Andersons average): per iteration per backend
+with the bytes model, time to tolerance; on CPU also op and sync counts, CPU time and memory.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 
 import torch
@@ -20,16 +20,11 @@ N1, N2 = 5, 15
 SOLVERS = ("anderson", "fixed_point", "broyden")
 _THEIRS = {"anderson": "anderson", "fixed_point": "fixed_point_iter", "broyden": "broyden"}
 _MAX_ITER = {"anderson": 100, "fixed_point": 300, "broyden": 40}
-CPU = torch.device("cpu")
 _NEVER = 1e-30  # a tolerance never reached: torchdeq cannot switch its convergence test off
 
 
 def torchdeq_missing() -> str | None:
-    try:
-        import torchdeq  # noqa: F401
-    except ImportError as exc:
-        return f"torchdeq not installed ({exc})"
-    return None
+    return None if importlib.util.find_spec("torchdeq") else "torchdeq not installed (no module named 'torchdeq')"
 
 
 def problem(batch: int, dim: int, dtype=torch.float32, device=torch.device("cpu"), seed: int = 0):
@@ -40,15 +35,13 @@ def problem(batch: int, dim: int, dtype=torch.float32, device=torch.device("cpu"
     return (lambda z: torch.addcmul(x, a, torch.tanh(z))), torch.zeros(batch, dim, device=device, dtype=dtype)
 
 
-class Counted:
-    """``f`` counting its calls in ``n``."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def __call__(self, z):
-        self.n += 1
-        return self.f(z)
+def counted(f):
+    """``f`` counting its calls in ``.n``."""
+    def g(z):
+        g.n += 1
+        return f(z)
+    g.n = 0
+    return g
 
 
 def ours(solver: str, f, z0, n: int, backend: str | None, tol=None, **kw):
@@ -105,7 +98,7 @@ def to_tolerance(solver: str, device, B: int, D: int, backend: str | None = None
     """f evaluations, residual at exit and wall time to ``TOL`` (fp32), getfast vs torchdeq when installed;
     interleaved and synchronised; ``cpu_repeats``: also single-thread CPU time and the cost per iteration."""
     f, z0 = problem(B, D, device=device)
-    fc, missing = Counted(f), torchdeq_missing()
+    fc, missing = counted(f), torchdeq_missing()
     runs = {"ours": lambda: ours(solver, fc, z0, _MAX_ITER[solver], backend, tol=TOL)}
     if missing is None:
         runs["theirs"] = lambda: theirs(solver, fc, z0, _MAX_ITER[solver], tol=TOL)
@@ -227,8 +220,7 @@ def report(res: dict) -> str:
             lines.append([r["solver"], r["dtype"], label, e.get("note") or cell(e, "ms_per_iter", ".3f")] + (
                 ["–"] * 3 if e.get("error") else [fmt(e.get("gb_s"), ".0f"), fmt_pct(e.get("bw_share")),
                                                    fmt_ratio(e.get("ratio_vs_torchdeq"))]))
-    p = res["per_iteration"][0] if res["per_iteration"] else None
-    shape = f"B={p['B']}, D={p['D']}, " if p else ""
+    shape = "".join(f"B={p['B']}, D={p['D']}, " for p in res["per_iteration"][:1])
     text = "" if not res.get("op_counts") else (
         "**Solver overhead** (B=4, D=1000, `tanh` map; f's own ops not counted; a getfast custom op counts as one op; "
         "20 minus 10 iterations):\n\n" + markdown_table(["solver", "ATen ops / iteration (excl. f)", "host syncs / "
@@ -257,8 +249,7 @@ def report(res: dict) -> str:
     if res.get("memory"):
         text += (f"\n**Memory** (Anderson, m={res['m']}, 12 iterations; history analytic, peak of the CPU allocator):\n\n"
                  + markdown_table(["state dtype", "getfast history", "torchdeq history", "getfast peak", "torchdeq peak"],
-                                  [(r["dtype"], fmt_bytes(r["ours_history_bytes"]),
-                                    fmt_bytes(r["theirs_history_bytes"]) if r["theirs_history_bytes"] else "fails",
-                                    fmt_bytes(r["ours_peak_bytes"]), fmt_bytes(r["theirs_peak_bytes"])
-                                    if r["theirs_peak_bytes"] else r.get("theirs_error", "fails")) for r in res["memory"]]))
+                                  [(r["dtype"], *[fmt(r[k], fmt_bytes, markdown_safe(r.get("theirs_error") or "fails"))
+                                                  for k in ("ours_history_bytes", "theirs_history_bytes", "ours_peak_bytes",
+                                                            "theirs_peak_bytes")]) for r in res["memory"]]))
     return section(res, text, cpu, "the single-thread CPU-time figures are the contention-robust ones")

@@ -8,7 +8,7 @@ import statistics
 
 import torch
 
-from getfast.bench.common import Budget, forced_backend, machine_info, markdown_table, median_s, one_thread, section
+from getfast.bench.common import Budget, forced_backend, kernel_ms, machine_info, markdown_table, one_thread, section
 from getfast.bench.sim_loss import eager, fused, inputs
 
 TITLES = {"cpu": "overhead — host cost per call of the fused ops vs the compositions they replace (CPU)"}
@@ -56,11 +56,8 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
     rows = []
     with forced_backend(None), one_thread():  # the default path; host cost: one thread, no OpenMP wake-ups
         for what, base_label, base, fused_label, fn in pairs():
-            base(), fn()  # warm-up: dispatch decided and cached, kernels loaded
-            tb, tf = [], []
-            for _ in range(rounds):  # alternate so both sides share the machine's noise
-                tb.append(median_s(base, mrt))
-                tf.append(median_s(fn, mrt))
+            tb, tf = zip(*[(kernel_ms(base, device, quick, min_run_time=mrt) / 1e3,  # alternating: one machine noise
+                            kernel_ms(fn, device, quick, min_run_time=mrt) / 1e3) for _ in range(rounds)])
             rows.append({"what": what, "baseline": base_label, "fused": fused_label,
                          "baseline_us": statistics.median_high(tb) * 1e6, "fused_us": statistics.median_high(tf) * 1e6,
                          "ratio": statistics.median_high([f / b for b, f in zip(tb, tf)]),

@@ -1,7 +1,6 @@
-"""Run the benchmarks a :class:`~getfast.bench.BenchConfig` selects; the ``python -m benchmarks`` command line.
-A benchmark is the module ``getfast.bench.<name>``: ``TITLES`` (device type -> section title), ``run(device,
-quick, budget, peak_bw=None) -> dict`` and ``report(result) -> str``; its status in ``[gpu_]all.json`` is ``ok``,
-``partial (skipped: …)`` or ``FAILED: …``.
+"""Run the benchmarks a :class:`~getfast.bench.BenchConfig` selects (``python -m benchmarks``). A benchmark is the
+module ``getfast.bench.<name>``: ``TITLES`` per device type, ``run(device, quick, budget, peak_bw=None) -> dict``,
+``report(result) -> str``; its status in ``[gpu_]all.json``: ``ok``, ``partial (skipped: …)`` or ``FAILED: …``.
 """
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ def check_device(cfg: BenchConfig) -> None:
         raise ValueError(f"device {cfg.device}: torch sees no CUDA device (torch.cuda.is_available() is False; "
                          f"torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
                          f"the CPU benchmarks run with --device cpu")
-    index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
-    if index >= torch.cuda.device_count():
+    if int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise ValueError("TRITON_INTERPRET is set: Triton kernels would run in the interpreter instead of compiled; "
@@ -106,13 +104,10 @@ def run_config(cfg: BenchConfig) -> int:
     return 1 if failed else 0
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
     """Command line: parse, validate (one-line error and exit status 2 on bad options or no GPU), run."""
-    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.__doc__, formatter_class=_HelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.__doc__, formatter_class=type(  # doc as written
+        "HelpFormatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     add_config(ap, BenchConfig)
     ns = ap.parse_args(argv)
     try:

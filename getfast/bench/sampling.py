@@ -1,7 +1,6 @@
-"""Sampling latency, one-step GET student vs EDM UNet teacher with Heun (18 steps, 35 evaluations): GPU GET-B/2
-and UNet-DDPMpp at 32×32×3, batch 1 and 64; CPU GET-N/4 and UNet-S at 28×28×1. Random weights (latency depends
-on the architecture), each through ``getfast.sampling.load``: eager fp32, eager bf16 autocast, and the whole bf16
-call replayed from a CUDA graph (``compile=True``; an error if it ran eagerly; checked against eager bf16).
+"""Sampling latency of a one-step GET student vs an EDM UNet teacher's Heun sampler (random weights, through
+``getfast.sampling.load``): GPU GET-B/2 and UNet-DDPMpp at 32×32×3, eager fp32 / bf16 and the bf16 call replayed
+from a CUDA graph (an error if it ran eagerly; checked against eager bf16); CPU GET-N/4 and UNet-S, fp32.
 """
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ CPU_PLAN = {**DEFAULT_PLAN, "student": "GET-N/4", "teacher": "UNet-S", "resoluti
 
 
 def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
-    """Random-weight student and teacher checkpoints as ``getfast distill get`` and ``getfast train-teacher``
-    write them, and their parameter counts (millions)."""
+    """Random-weight student and teacher checkpoints as getfast writes them, and their parameters (millions)."""
     from getfast.bench.train import get_method
     from getfast.methods import save_student, student_meta
     from getfast.teacher import build_denoiser, export
@@ -42,8 +40,7 @@ def export_checkpoints(plan: dict, folder: Path) -> tuple[Path, Path, dict]:
 
 
 def graph_entry(graphs) -> str | None:
-    """Why a call that should have replayed a CUDA graph ran eagerly, else None: a graph row never times the
-    eager path under the graph's name."""
+    """Why a call that should have replayed a CUDA graph ran eagerly (an error row), else None."""
     reasons = "; ".join(graphs.reasons.values()) if graphs is not None else ""
     if graphs is not None and graphs.captures >= 1 and not reasons:
         return None
@@ -106,12 +103,11 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
                     "model": who, "batch": batch, "variants": sampler_variants(
                         ckpts[t], z, labels if t else None, device, iters, warmup, plan["heun_steps"] if t else None)})
                 res["rows"] += [row] if row else []
-    teacher = {r["batch"]: r["variants"] for r in res["rows"] if r["model"] == "teacher"}
-    for row in res["rows"]:  # one step vs the teacher, same batch and variant
-        for name, e in row["variants"].items() if row["model"] == "student" else ():
-            te = teacher.get(row["batch"], {}).get(name, {}).get("ms")
-            if te and e.get("ms"):
-                e["speedup_vs_teacher"] = te / e["ms"]
+    teacher = {(r["batch"], n): e.get("ms") for r in res["rows"] if r["model"] == "teacher" for n, e in r["variants"].items()}
+    for row in (r for r in res["rows"] if r["model"] == "student"):  # one step vs the teacher, same batch and variant
+        for name, e in row["variants"].items():
+            if teacher.get((row["batch"], name)) and e.get("ms"):
+                e["speedup_vs_teacher"] = teacher[row["batch"], name] / e["ms"]
     return res
 
 

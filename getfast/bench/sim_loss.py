@@ -115,7 +115,7 @@ def report(res: dict) -> str:
             lines.append(["×".join(map(str, r["shape"])), r["dtype"]] + ([r["threads"]] if cpu else []) + [label]
                          + [cell(e, "ms", ".3f")] + (["–"] * 3 if e.get("error") else [
                              fmt(e.get("gb_s"), ".1f"), fmt_pct(e.get("bw_share")), fmt_ratio(e.get("speedup_vs_eager"))])
-                         + ([fmt(e.get("cpu_ms"), ".2f"), fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else "–"]
+                         + ([fmt(e.get("cpu_ms"), ".2f"), fmt(e.get("peak_bytes"), fmt_bytes)]
                             if cpu else []))
     head = ["B×C×H×W", "dtype"] + (["threads"] if cpu else []) + ["implementation", "ms", "GB/s", "% of peak",
                                                                  "speed-up vs eager"]

@@ -1,7 +1,6 @@
-"""Training throughput of ``getfast.train.train`` itself, ``compile=False`` then ``True`` (``--compile``): GPU
-bf16, batch 128, 32×32×3, GET-B/2 distillation on random pairs and (full runs) the UNet-DDPMpp EDM teacher step;
-CPU the Fashion-MNIST models (GET-N/4, UNet-S, 28×28×1, fp32). img/s: the median of the loop's own rate after
-the first logged interval, which holds compilation (reported as its excess); peak memory.
+"""Training img/s of ``getfast.train.train`` itself, eager then ``--compile`` (the first logged interval holds
+compilation, reported as its excess) and peak memory: GPU bf16, batch 128, GET-B/2 distillation and (full runs)
+the UNet-DDPMpp EDM teacher step at 32×32×3; CPU the Fashion-MNIST models (GET-N/4, UNet-S), fp32.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.bench.common import Budget, attempt, cell, fmt_bytes, fmt_ratio, machine_info, markdown_table, section
+from getfast.bench.common import Budget, attempt, cell, fmt, fmt_bytes, fmt_ratio, machine_info, markdown_table, section
 
 TITLES = {"cpu": "train — training throughput of the shared loop, eager vs torch.compile (CPU)",
           "cuda": "GPU training throughput — eager vs --compile (the shared loop, bf16)"}
@@ -116,12 +115,9 @@ def run(device: torch.device, quick: bool, budget: Budget, peak_bw: float | None
 
 
 def report(res: dict) -> str:
-    def mem(e):
-        return fmt_bytes(e["peak_bytes"]) if e and e.get("peak_bytes") else "–"
-
     lines = [[r["model"], r["batch"], cell(r.get("eager"), "img_s", ".0f"), cell(r.get("compiled"), "img_s", ".0f"),
-              fmt_ratio(r.get("compile_speedup")), cell(r.get("compiled"), "warmup_excess_s", ".0f"), mem(r.get("eager")),
-              mem(r.get("compiled"))] for r in res["rows"]]
+              fmt_ratio(r.get("compile_speedup")), cell(r.get("compiled"), "warmup_excess_s", ".0f"),
+              *[fmt((r.get(k) or {}).get("peak_bytes"), fmt_bytes) for k in ("eager", "compiled")]] for r in res["rows"]]
     p = res["plan"]
     return section(res, f"{p['resolution']}×{p['resolution']}×{p['channels']}, batch {p['batch']}, bf16 autocast: "
                    f"{p['bf16']}; `getfast.train.train` for {1 + res['intervals']} log intervals of {res['log_every']} "
