@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, f64_bits, manual_bf16, round_to, scalar
+from .common import (BLOCK, INTERPRET, f64_bits, manual_bf16, residual_bookkeeping, round_to, scalar,
+                     store_residuals)
 
 __all__ = ["lowrank", "broyden_step"]
 
@@ -101,32 +102,10 @@ def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, t
         sxg += tl.load(pb + 3 * mem + 2, mask=bmask, other=0.0)
         sxs += tl.load(pb + 3 * mem + 3, mask=bmask, other=0.0)
 
-    # ---- bookkeeping (same rules as anderson_step; candidate = the iterate x) ----
-    abs_r = tl.sqrt(ssg)
-    f_norm = tl.sqrt(ssf)
-    fin = (abs_r == abs_r) & (tl.abs(abs_r) < float("inf")) & (f_norm == f_norm) & (tl.abs(f_norm) < float("inf"))
-    rel_r = tl.where(fin, abs_r / (f_norm + scalar(eps_b, ACC)), float("inf"))
-    abs_r = tl.where(fin, abs_r, float("inf"))
-    st0 = tl.load(STATUS + bo, mask=bmask, other=1)
-    running = st0 == 0
-    lo_abs = tl.load(LOWEST + bo, mask=bmask, other=0.0)
-    lo_rel = tl.load(LOWEST + B + bo, mask=bmask, other=0.0)
-    lo_step = tl.load(LOWEST + 2 * B + bo, mask=bmask, other=0.0)
-    if STOP_REL:
-        improved = running & (rel_r < lo_rel)
-    else:
-        improved = running & (abs_r < lo_abs)
-    new_lo_abs = tl.where(running, tl.minimum(lo_abs, abs_r), lo_abs)
-    new_lo_rel = tl.where(running, tl.minimum(lo_rel, rel_r), lo_rel)
-    if STOP_REL:
-        new_lo = new_lo_rel
-    else:
-        new_lo = new_lo_abs
-    st1 = tl.where(running & (~fin), 2, st0)
-    st1 = tl.where(running & fin & (new_lo < tol), 1, st1)  # residuals are >= 0: tol < 0 never converges
+    # ---- bookkeeping (common.residual_bookkeeping, as anderson_step; candidate = the iterate x) ----
+    st1, improved, tr_abs, tr_rel, new_lo_abs, new_lo_rel, new_step = residual_bookkeeping(
+        ssg, ssf, eps_b, tol, step, STATUS, LOWEST, B, bo, bmask, ACC, STOP_REL)
     still = st1 == 0
-    tr_abs = tl.where(running, abs_r, tl.where(st0 == 1, lo_abs, float("inf")))
-    tr_rel = tl.where(running, rel_r, tl.where(st0 == 1, lo_rel, float("inf")))
 
     # ---- the rank-one update's scalars ----
     den = tl.sum(a * bq, axis=1) - sxg
@@ -141,12 +120,7 @@ def _sscal_kernel(LOWEST, TRACE, STATUS, PART, COEF, mem, B, T, k, n, s, nblk, t
     vg_ok = tl.where(ok, vg, 0.0)
     flags = tl.where(still, 1.0, 0.0) + tl.where(improved, 2.0, 0.0) + tl.where(ok, 4.0, 0.0)
 
-    tl.store(TRACE + bo64 * T + k, tr_abs, mask=bmask)
-    tl.store(TRACE + (B + bo64) * T + k, tr_rel, mask=bmask)
-    tl.store(LOWEST + bo, new_lo_abs, mask=bmask)
-    tl.store(LOWEST + B + bo, new_lo_rel, mask=bmask)
-    tl.store(LOWEST + 2 * B + bo, tl.where(improved, step, lo_step), mask=bmask)
-    tl.store(STATUS + bo, st1, mask=bmask)
+    store_residuals(TRACE, LOWEST, STATUS, B, T, k, bo, bmask, st1, tr_abs, tr_rel, new_lo_abs, new_lo_rel, new_step)
     cb = COEF + bo64 * P
     tl.store(cb[:, None] + o2, a, mask=jm)
     tl.store(cb[:, None] + mem + o2, bq, mask=jm)
