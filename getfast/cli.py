@@ -2,16 +2,20 @@
 
 Each command first builds all of its configs (their checks run then), checks the device and that the output
 paths can be written, and only then loads models or computes anything. Bad input is one line
-``getfast <cmd>: error: ...`` and exit status 2; Ctrl-C says how to continue and exits 130; an internal
-error keeps its traceback.
+``getfast <cmd>: error: ...`` and exit status 2; Ctrl-C (exit 130) and SIGTERM (exit 143) say how to
+continue; an internal error keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
+import re
 import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from getfast.options import add_config, check_bool, check_choice, check_number, 
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended
 
 
 class UsageError(ValueError):
@@ -29,8 +34,18 @@ def _fmt():
     return argparse.ArgumentDefaultsHelpFormatter
 
 
+# A negative number in any notation (-1, -.5, -1e-3, -inf): argparse's own pattern misses exponents, so
+# ``--lr -1e-3`` read as a second option and failed with "expected one argument" instead of the range check.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """Parse errors are one line, ``getfast <cmd>: error: ...``, exit status 2 (the usage is in ``--help``)."""
+    """Parse errors are one line, ``getfast <cmd>: error: ...``, exit status 2 (the usage is in ``--help``).
+    Negative numbers are values, not options (no option of getfast looks like one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -72,16 +87,17 @@ class FIDConfig:
     compile: bool = False            # CUDA: replay sampling from CUDA graphs; CPU: torch.compile
     online: bool = False             # use clean-fid's own (downloaded) Inception instead of the bundled one
     out: str = ""                    # also write the result JSON here ("": print only)
+    allow_fewer: bool = False        # an image folder/.npz with fewer than --n images: use them all (else refused)
 
     def __post_init__(self):
+        from getfast.limits import MAX_SEED
         from getfast.metrics.fid import _NAMED_DATASETS
         from getfast.sampling.sampler import SAMPLERS
-        if not isinstance(self.gen, str) or not self.gen:
-            raise ValueError(f"gen (--gen) must name a checkpoint or an image folder, got {self.gen!r}")
-        for name, lo in (("n", 2), ("ref_n", 0), ("batch", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
+        check_text("gen", self.gen, "a checkpoint or an image folder")
+        for name, lo in (("n", 2), ("ref_n", 0), ("batch", 1)):
+            check_number(name, getattr(self, name), lo=lo, integer=True)
+        check_number("seed", self.seed, lo=0, hi=MAX_SEED, integer=True)
+        check_bool("allow_fewer", self.allow_fewer)
         if self.ref.lower() not in _NAMED_DATASETS and not Path(self.ref).expanduser().exists():
             raise ValueError(f"ref (--ref) {self.ref!r}: not a known dataset ({', '.join(sorted(set(_NAMED_DATASETS.values())))}) "
                              f"and no such file or folder")
@@ -100,6 +116,9 @@ class FIDConfig:
             given += ["--compile"] if self.compile else []
             if given:
                 raise ValueError(f"{', '.join(given)} apply to checkpoints; --gen {self.gen} holds images")
+        elif self.allow_fewer:
+            raise ValueError(f"--allow-fewer applies to image folders and .npz files; --gen {self.gen} is a checkpoint "
+                             f"(it is sampled --n times)")
 
     def gen_kind(self) -> str:
         """"images" (a folder of images or an .npz) or "checkpoint"; a missing path is a ValueError."""
@@ -181,7 +200,6 @@ def _prep_distill(ns):
                          f"(measure each stage's student with getfast fid)")
     _check_devices([loop])
     _check_out(loop.out, "folder")
-
 
     def job():
         torch.manual_seed(loop.seed)  # students' initial weights (fresh networks, heads) follow --seed
@@ -280,7 +298,7 @@ def fid_command(cfg: FIDConfig, log=print) -> dict:
     else:
         gen = cfg.gen
     rec = evaluate(gen, cfg.ref, n=cfg.n, split=cfg.split, batch_size=cfg.batch, ref_n=cfg.ref_n,
-                   online=cfg.online, device=device)
+                   online=cfg.online, device=device, allow_fewer=cfg.allow_fewer)
     rec.update({"gen": cfg.gen, "nfe": nfe, "online_inception": cfg.online, "seed": cfg.seed,
                 "sampler": None if nfe is None else s.description})
     log(json.dumps(rec))
@@ -430,32 +448,71 @@ def _os_error_line(e: OSError) -> str:
     return f"{e.filename}: {what}" if e.filename else what
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop) raised where the program is, so it unwinds as Ctrl-C does: the
+    run keeps its last checkpoint and the user is told how to continue."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (a second one ends the process at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _one_line(text: str) -> str:
+    """A message from a library may span lines; the report is one line."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    cmd = _command_name(ns)
-    from getfast.train.checkpoint import CheckpointError
-    cfg = None
+    with _sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv) -> int:
+    ns, cmd, cfg = None, "", None
     try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        cmd = _command_name(ns)
+        from getfast.train.checkpoint import CheckpointError
         try:
-            ns = _apply_preset(parser, ns, argv)
-            job, cfg = ns.prepare(ns)
-        except TypeError as e:  # a config refused an option's type
-            raise UsageError(str(e)) from None
-        _set_tf32(getattr(ns, "tf32", True), [getattr(ns, "device", "auto")])
-        rc = job()
-    except KeyboardInterrupt:
-        print(f"\ngetfast {cmd}: {_interrupted_hint(ns, cfg, argv)}", file=sys.stderr)
+            try:
+                ns = _apply_preset(parser, ns, argv)
+                job, cfg = ns.prepare(ns)
+            except TypeError as e:  # a config refused an option's type
+                raise UsageError(str(e)) from None
+            _set_tf32(getattr(ns, "tf32", True), [getattr(ns, "device", "auto")])
+            rc = job()
+        except (ValueError, CheckpointError) as e:
+            print(f"getfast {cmd}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:  # no such file, permission, read-only or full disk: the environment, not a bug
+            if e.errno is None and not isinstance(e, FileNotFoundError):
+                raise
+            print(f"getfast {cmd}: error: {_one_line(_os_error_line(e) if e.errno is not None else e)}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        hint = _interrupted_hint(ns, cfg, argv) if ns is not None else "interrupted"
+        name = f"getfast {cmd}" if cmd else "getfast"
+        if isinstance(e, Terminated):
+            print(f"\n{name}: terminated (SIGTERM){hint[len('interrupted'):]}", file=sys.stderr)
+            return EXIT_TERMINATED
+        print(f"\n{name}: {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, CheckpointError) as e:
-        print(f"getfast {cmd}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # no such file, permission, read-only or full disk: the environment, not a bug
-        if e.errno is None and not isinstance(e, FileNotFoundError):
-            raise
-        print(f"getfast {cmd}: error: {_os_error_line(e) if e.errno is not None else e}", file=sys.stderr)
-        return EXIT_USAGE
     return int(rc) if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 

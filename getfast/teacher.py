@@ -11,6 +11,7 @@ from getfast.data import load_dataset
 from getfast.diffusion import EDMLoss, EDMPrecond, heun
 from getfast.embedded import ASSETS, EMBEDDED  # noqa: F401  (teacher API)
 from getfast.models import build_denoiser, check_teacher_model, teacher_models  # noqa: F401  (teacher API)
+from getfast.limits import MAX_RESOLUTION
 from getfast.train.checkpoint import list_checkpoints
 from getfast.options import check_bool, check_number, check_text
 from getfast.train.checkpoint import load_ema
@@ -35,13 +36,15 @@ class TeacherConfig:
     def __post_init__(self):
         check_text("data", self.data, "a dataset name or path")
         check_teacher_model(self.model)
-        check_number("resolution", self.resolution, lo=0, integer=True)
+        check_number("resolution", self.resolution, lo=0, hi=MAX_RESOLUTION, integer=True)
         check_bool("cond", self.cond)
         check_number("label_dropout", self.label_dropout, lo=0, hi=1, hi_open=True)
         check_number("lr", self.lr, lo=0, lo_open=True)
         check_number("grad_clip", self.grad_clip, lo=0)
-        check_number("P_mean", self.P_mean)
-        check_number("P_std", self.P_std, lo=0, lo_open=True)
+        # ln σ ~ N(P_mean, P_std²): beyond these the noise levels leave any range a denoiser can learn (EDM's
+        # σ_max = 80 is ln σ = 4.4) and training fails with non-finite losses that look like a learning-rate fault
+        check_number("P_mean", self.P_mean, lo=-10, hi=5)
+        check_number("P_std", self.P_std, lo=0, hi=5, lo_open=True)
 
 
 class TeacherMethod:
@@ -123,20 +126,11 @@ def export(denoiser: EDMPrecond, meta: dict, path) -> None:
 
 
 def _read_export(path: Path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    try:
-        with safe_open(str(path), "pt") as f:
-            md = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for torn/garbage files
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if "getfast" not in md:
-        raise ValueError(f"{path}: no 'getfast' metadata; expected a teacher exported by getfast train-teacher")
-    try:
-        meta = json.loads(md["getfast"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable 'getfast' metadata ({e})") from e
+    """(weights, metadata) of an exported teacher, its checksum and metadata checked (``ValueError`` naming it)."""
+    from getfast.weights import check_arch, json_metadata, read_weights
+    state, md = read_weights(path)
+    meta = json_metadata(md, "getfast", path, "a teacher exported by getfast train-teacher or getfast convert")
+    check_arch(meta, f"{path}: 'getfast' metadata")
     return state, meta
 
 
@@ -154,20 +148,33 @@ def load(name_or_path: str = "fashion-mnist", device="cpu") -> EDMPrecond:
     if path.suffix == ".safetensors":
         state, meta = _read_export(path)
         if "precond" in meta or "diffusers" in meta:  # converted by `getfast convert`
+            _check_finite(state, path)
             return load_converted(path, state, meta, device)
     else:
         state, cfg = load_ema(path)
         meta = _meta_from_config(cfg)
     # The loaded denoiser is a deterministic function of (x, σ, label): label dropout was a property of
     # training this teacher (recorded in ``meta``), never of the copies that students start from.
-    net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
-                         **meta.get("overrides", {}))
     try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model its metadata describes ({e})") from e
+        net = build_denoiser(meta["model"], meta["resolution"], meta["channels"], meta["num_classes"],
+                             **meta.get("overrides", {}))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its metadata describes no network getfast can build ({e})") from None
+    from getfast.weights import load_state
+    load_state(net, state, path)
+    _check_finite(state, path)
     net.meta = meta
     return net.eval().requires_grad_(False).to(device)
+
+
+def _check_finite(state: dict, path) -> None:
+    """A teacher with NaN/Inf weights is refused by name when it is loaded: a student distilled from it would
+    diverge, and the divergence would look like a learning-rate fault."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: teacher weights hold NaN/Inf ({', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); it cannot teach or sample "
+                         f"(did its training diverge?)")
 
 
 def _meta_from_config(cfg: dict) -> dict:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,3 +324,196 @@ def test_tf32_flag_sets_cuda_matmul_and_cudnn(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     assert _parse(["sample", "--no-tf32"]).tf32 is False and _parse(["make-pairs", "--n", "1"]).tf32 is True
+
+
+# --- issue 27: hostile and careless inputs -----------------------------------------------------------------
+
+def _student(path, meta_change=None, drop=()):
+    from getfast.methods import save_student
+    from getfast.models.onestep import OneStepGenerator
+    torch.manual_seed(0)
+    G = OneStepGenerator(build_denoiser("UNet-XS", 8, 1, 10), 2.5)
+    meta = {"method": "sim", "config": {"method": "sim", "sigma_init": 2.5}, "shape": [1, 8, 8],
+            "num_classes": 10, "teacher_meta": dict(META)}
+    for k in drop:
+        del meta[k]
+    if meta_change:
+        meta_change(meta)
+    save_student(G, meta, path)
+    return path
+
+
+def _flip_weight_byte(src, dst, offset=1000):
+    raw = bytearray(open(src, "rb").read())
+    n = int.from_bytes(raw[:8], "little")
+    raw[8 + n + offset] ^= 0x01
+    open(dst, "wb").write(raw)
+    return dst
+
+
+def test_exported_weights_carry_a_checksum_that_loading_verifies(capsys, tmp_path, teacher):
+    from getfast.teacher import ASSETS
+    from getfast.weights import CHECKSUM_KEY, read_weights
+    good = _student(tmp_path / "student.safetensors")
+    assert CHECKSUM_KEY in read_weights(good)[1] and CHECKSUM_KEY in read_weights(teacher)[1]
+    assert main(["sample", "--ckpt", str(good), "--n", "2", "--out", str(tmp_path / "ok.png")]) == 0
+    for src in (good, Path(teacher), ASSETS / "students" / "sim-fashion-mnist.safetensors"):  # the last predates it
+        bad = _flip_weight_byte(src, tmp_path / f"flipped-{src.name}")
+        _user_error(capsys, ["sample", "--ckpt", str(bad), "--n", "2", "--steps", "1", "--out", str(tmp_path / "x.png")],
+                    str(bad), "damaged or was altered")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_every_committed_product_passes_its_checksum():
+    from getfast.teacher import ASSETS
+    from getfast.weights import read_weights
+    files = sorted(ASSETS.rglob("*.safetensors"))
+    assert files
+    for f in files:
+        read_weights(f)  # raises on a mismatch
+
+
+def test_fid_refuses_fewer_images_than_n_unless_allowed(capsys, tmp_path, monkeypatch):
+    import numpy as np
+
+    import getfast.metrics.fid as fid
+    from getfast.io import save_images
+    monkeypatch.setattr(fid, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))
+    save_images(np.zeros((5, 8, 8), np.uint8), tmp_path / "five")
+    np.savez(tmp_path / "five.npz", x=np.zeros((5, 8, 8), np.uint8))
+    for gen in (tmp_path / "five", tmp_path / "five.npz"):
+        _user_error(capsys, ["fid", "--gen", str(gen), "--n", "8"], str(gen), "5 images", "--n", "--allow-fewer")
+    with pytest.raises(pytest.fail.Exception, match="reference statistics"):  # allowed: it goes on to the work
+        main(["fid", "--gen", str(tmp_path / "five"), "--n", "8", "--allow-fewer"])
+    _user_error(capsys, ["fid", "--gen", "fashion-mnist", "--allow-fewer"], "--allow-fewer")
+
+
+def test_gdd_refuses_data_unlike_the_teachers_images(capsys, tmp_path, teacher):
+    import numpy as np
+    cases = {"7x7.npz": dict(x=np.zeros((20, 7, 7), np.uint8), y=np.arange(20) % 10),
+             "rgb.npz": dict(x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 10),
+             "unlabelled.npz": dict(x=np.zeros((20, 8, 8), np.uint8)),
+             "20classes.npz": dict(x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20))}
+    words = {"7x7.npz": "1x7x7", "rgb.npz": "3x8x8", "unlabelled.npz": "no class labels", "20classes.npz": "10 classes"}
+    out = tmp_path / "run"
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        _user_error(capsys, ["distill", "gdd", "--teacher", teacher, "--data", str(tmp_path / name), "--out", str(out)],
+                    "--data", name, words[name], cmd="distill gdd")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,names", [
+    (["train-teacher", "--resolution", "100000"], ["resolution (--resolution)", "4096"]),
+    (["train-teacher", "--data", "digits", "--resolution", "4096"], ["resolution (--resolution)", "memory"]),
+    (["sample", "--n", "1000000000"], ["n (--n)", "memory"]),
+    (["sample", "--seed", str(2**70)], ["seed (--seed)"]),
+    (["fid", "--gen", "fashion-mnist", "--seed", str(2**70)], ["seed (--seed)"]),
+    (["train-teacher", "--lr", "-1e-3"], ["lr (--lr)", "> 0"]),
+    (["train-teacher", "--lr", "-1E+2"], ["lr (--lr)"]),
+    (["distill", "gdd", "--betas", "-0.1", "0.9"], ["betas (--betas)"]),
+    (["train-teacher", "--P-mean", "80"], ["P_mean (--P-mean)"]),
+    (["train-teacher", "--data", "digits", "--model", "UNet-XS", "--batch", "100000000"], ["batch (--batch)", "memory"]),
+    (["train-teacher", "--seed", str(2**70)], ["seed (--seed)"]),
+])
+def test_sizes_seeds_and_negative_numbers(capsys, tmp_path, teacher, monkeypatch, args, names):
+    import getfast.limits as limits
+    monkeypatch.setattr(limits, "available_memory", lambda device="cpu": 2 * 10**9)  # the same on every machine
+    if args[0] == "sample":
+        args = args + ["--ckpt", teacher, "--out", str(tmp_path / "x.png")]
+    elif args[0] != "fid":
+        args = args + ["--out", str(tmp_path / "run")]
+    cmd = "distill gdd" if args[0] == "distill" else args[0]
+    _user_error(capsys, args, *names, cmd=cmd)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_malformed_metadata_is_one_line_naming_the_file(capsys, tmp_path, teacher):
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+    state = load_file(teacher)
+    cases = {"list.safetensors": ("getfast", "[]", "must be a JSON object"),
+             "empty.safetensors": ("getfast", "{}", "'model'"),
+             "badres.safetensors": ("getfast", _json.dumps({**META, "resolution": "eight"}), "'resolution'"),
+             "notjson.safetensors": ("getfast", "{oops", "not valid JSON"),
+             "slist.safetensors": ("getfast_student", "[]", "must be a JSON object"),
+             "sempty.safetensors": ("getfast_student", "{}", "'method'")}
+    for name, (key, text, word) in cases.items():
+        save_file(state if key == "getfast" else load_file(_student(tmp_path / "s.safetensors")),
+                  str(tmp_path / name), {key: text})
+        _user_error(capsys, ["sample", "--ckpt", str(tmp_path / name), "--steps", "1", "--n", "1",
+                             "--out", str(tmp_path / "x.png")], name, word)
+    noconfig = _student(tmp_path / "noconfig.safetensors", drop=("config",))
+    _user_error(capsys, ["sample", "--ckpt", str(noconfig), "--out", str(tmp_path / "x.png")], "noconfig", "'config'")
+    other = _student(tmp_path / "other.safetensors", meta_change=lambda m: m["teacher_meta"].update(model="UNet-S"))
+    err = _user_error(capsys, ["sample", "--ckpt", str(other), "--out", str(tmp_path / "x.png")], "other.safetensors",
+                      "do not fit")
+    assert len(err) < 400, err
+    huge = _student(tmp_path / "huge.safetensors", meta_change=lambda m: m.update(shape=[1, 100000, 100000]))
+    _user_error(capsys, ["sample", "--ckpt", str(huge), "--out", str(tmp_path / "x.png")], "huge", "'shape'")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("[1]")
+    _user_error(capsys, ["sample", "--ckpt", str(run), "--out", str(tmp_path / "x.png")], "config.json", "JSON object")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_hostile_npz_and_pt_files_are_one_line(capsys, tmp_path):
+    import hashlib
+    import io
+    import os
+
+    import numpy as np
+    (tmp_path / "garbage.npz").write_bytes(os.urandom(1000))
+    np.savez(tmp_path / "objects.npz", x=np.array([object()] * 4, dtype=object))
+    np.savez(tmp_path / "biglabel.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 2**62]))
+    for name, word in (("garbage.npz", "not an .npz archive"), ("objects.npz", "Python objects"),
+                       ("biglabel.npz", "label 4611686018427387904")):
+        err = _user_error(capsys, ["train-teacher", "--data", str(tmp_path / name), "--cond", "--model", "UNet-XS",
+                                   "--out", str(tmp_path / "run")], name, word)
+        assert "allow_pickle" not in err
+    assert not (tmp_path / "run").exists()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+    buf = io.BytesIO()
+    torch.save({"format": "getfast-train-v1", "x": Evil()}, buf)
+    payload = buf.getvalue()
+    pt = tmp_path / "ckpt-000000010.pt"
+    pt.write_bytes(b"GETFAST-CKPT v1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    err = _user_error(capsys, ["sample", "--ckpt", str(pt), "--out", str(tmp_path / "x.png")], str(pt), "refused")
+    assert "weights_only" not in err and not (tmp_path / "PWNED").exists()
+
+
+def test_sigterm_exits_143_with_the_resume_hint(capsys, tmp_path, teacher, monkeypatch):
+    import os
+    import signal
+
+    import getfast.train.loop as loop
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop the command")
+    monkeypatch.setattr(loop, "fit", killed)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = _run(capsys, ["distill", "sim", "--teacher", teacher, "--kimg", "0.01", "--out", str(out)])
+    assert rc == 143 and "terminated (SIGTERM)" in err and err.endswith(f"--out {out} --resume"), err
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
+
+
+def test_a_nan_teacher_is_blamed_by_name(capsys, tmp_path):
+    D = build_denoiser("UNet-XS", 8, 1, 10)
+    with torch.no_grad():
+        next(D.parameters()).fill_(float("nan"))
+    bad = tmp_path / "nan-teacher.safetensors"
+    export(D, META, bad)
+    for method in ("sim", "gdd", "guided"):
+        err = _user_error(capsys, ["distill", method, "--teacher", str(bad), "--out", str(tmp_path / "run")],
+                          str(bad), "NaN", cmd=f"distill {method}")
+        assert "learning rate" not in err
+    _user_error(capsys, ["make-pairs", "--n", "4", "--teacher", str(bad), "--out", str(tmp_path / "p")], "NaN")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()

@@ -300,3 +300,19 @@ def test_fingerprint_changes_when_the_set_grows(teacher, tmp_path):
     make_pairs(PairsConfig(teacher=str(teacher), out=str(out), **{**COMMON, "n": 12}))  # grown in place
     grown = PairDataset(out).fingerprint()
     assert grown["pairs"] == 12 and grown["sha256"] != fp["sha256"]
+
+
+def test_a_pair_shard_holding_nan_is_refused_by_name(tmp_path):
+    """Issue 27: a float shard with NaN (fp16 images, stored noise) is refused when the set is opened, naming the
+    file, instead of surfacing as a divergence blamed on the learning rate."""
+    from getfast.data.pairs import PairDataError, _check_finite
+    f = tmp_path / "images-00000.npy"
+    a = np.zeros((5, 1, 4, 4), np.float16)
+    np.save(f, a)
+    _check_finite(f)
+    a[3, 0, 1, 2] = np.nan
+    np.save(f, a)
+    with pytest.raises(PairDataError, match=r"images-00000\.npy: 1 values are NaN"):
+        _check_finite(f)
+    np.save(f, np.full((5, 1, 4, 4), 255, np.uint8))  # integer images cannot hold NaN
+    _check_finite(f)

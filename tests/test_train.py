@@ -664,3 +664,52 @@ def test_resume_on_other_data_refused(tmp_path):
     old = tmp_path / "old"
     train(Toy(), loop(old, kimg=0.03))  # written without a fingerprint
     train(Fingerprinted({"pairs": 80, "sha256": "b"}), loop(old, kimg=0.06, resume=True))
+
+
+def test_resume_refuses_a_changed_schedule_or_a_shorter_kimg(tmp_path):
+    """Issue 27: --warmup-kimg, --ema-halflife-kimg and --ema-rampup shape the run like --lr does: a resume with
+    another value is refused (naming the option) and config.json is not rewritten; a --kimg below what the
+    checkpoint has trained is refused instead of exporting the later checkpoint."""
+    train(Toy(), loop(tmp_path, kimg=0.03))
+    before = (tmp_path / "config.json").read_text()
+    for key, value, flag in (("warmup_kimg", 1.0, "--warmup-kimg"), ("ema_halflife_kimg", 1.0, "--ema-halflife-kimg"),
+                             ("ema_rampup", 0.2, "--ema-rampup")):
+        with pytest.raises(CheckpointError, match=flag):
+            train(Toy(), loop(tmp_path, kimg=0.06, resume=True, **{key: value}))
+        assert (tmp_path / "config.json").read_text() == before
+    with pytest.raises(CheckpointError, match=r"trained 0\.03 kimg, more than --kimg 0\.01"):
+        train(Toy(), loop(tmp_path, kimg=0.01, resume=True))
+    assert (tmp_path / "config.json").read_text() == before
+    train(Toy(), loop(tmp_path, kimg=0.06, resume=True))  # the same settings resume
+
+
+def test_identical_pair_set_moved_elsewhere_resumes(tmp_path):
+    """Issue 27: an option that only says where stored data is (GET's --pairs) may change on resume when the
+    data's fingerprint is the same; another fingerprint is still refused."""
+    class Located(Toy):
+        data_location_options = ("pairs",)
+
+        def __init__(self, where, fp):
+            super().__init__()
+            self.where, self.fp = where, fp
+
+        def config(self):
+            return {**super().config(), "pairs": self.where}
+
+        def data_fingerprint(self):
+            return self.fp
+
+    fp = {"pairs": 40, "sha256": "a"}
+    train(Located("/old/place", fp), loop(tmp_path, kimg=0.03))
+    with pytest.raises(CheckpointError, match="refusing to resume"):
+        train(Located("/new/place", {"pairs": 40, "sha256": "b"}), loop(tmp_path, kimg=0.06, resume=True))
+    train(Located("/new/place", fp), loop(tmp_path, kimg=0.06, resume=True))
+
+    class Unmovable(Toy):  # no data_location_options: its options must match as before
+        def config(self):
+            return {**super().config(), "pairs": "/elsewhere"}
+
+        def data_fingerprint(self):
+            return fp
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train(Unmovable(), loop(tmp_path, kimg=0.09, resume=True))

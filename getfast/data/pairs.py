@@ -158,6 +158,19 @@ def check_shard(out: Path, k: int, first: int, count: int, fingerprint: dict | N
 
 # --- reading -----------------------------------------------------------------------------------
 
+def _check_finite(p: Path) -> None:
+    """A float shard (fp16 images, stored noise) holding NaN/Inf is refused when the set is opened, naming the
+    file: trained on, it would surface as a diverging loss blamed on the learning rate."""
+    try:
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PairDataError(f"cannot read shard file {p}: {str(e).splitlines()[0]}") from None
+    if a.dtype.kind == "f":
+        bad = sum(int((~np.isfinite(a[i:i + 4096])).sum()) for i in range(0, len(a), 4096))
+        if bad:
+            raise PairDataError(f"{p}: {bad} values are NaN or infinite; regenerate this pair set (getfast make-pairs)")
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Noise/image pairs made by ``make_pairs``; arrays are memory-mapped, never loaded whole.
 
@@ -201,6 +214,8 @@ class PairDataset(torch.utils.data.Dataset):
                     raise PairDataError(f"shard file {p} is missing")
                 if verify and sha256_file(p) != rec["sha256"]:
                     raise PairDataError(f"checksum mismatch: {p} does not match the sha256 in {mpath}")
+                if verify:
+                    _check_finite(p)
             if self.num_classes:
                 labels += info["labels"]
         if sum(s["count"] for s in self._shards) != self._count:

@@ -437,20 +437,34 @@ class GDDMethod:
             teacher = load_teacher(cfg.teacher)
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         meta = getattr(self.teacher, "meta", {})
+        what = "data"
         if data is None:
             name = cfg.data or meta.get("data")
             if not name:
                 raise ValueError("GDD needs real images: pass --data (the teacher records no training data)")
-            data = load_dataset(name, resolution=meta.get("resolution"))
+            # The teacher's own training data is read as the teacher read it (padded to its resolution); other
+            # data must already have the teacher's image shape: padding or resizing it here would train the
+            # discriminator on images unlike the teacher's.
+            own = not cfg.data or cfg.data == meta.get("data")
+            data = load_dataset(name, resolution=meta.get("resolution") if own else None)
+            what = f"data (--data) {name}"
         self.data = data
         self.shape = tuple(shape or (meta["channels"], meta["resolution"], meta["resolution"]))
         x0, _ = data.batch(torch.arange(1))
         if tuple(x0.shape[1:]) != self.shape:
-            raise ValueError(f"data images are {tuple(x0.shape[1:])}, the generator makes {self.shape}")
+            raise ValueError(f"{what}: its images are {'x'.join(map(str, x0.shape[1:]))} (channels x height x width), "
+                             f"the teacher {cfg.teacher} makes {'x'.join(map(str, self.shape))}: give real images of "
+                             f"the teacher's size and channels")
         if num_classes is None:
             num_classes = meta.get("num_classes", 0) if cfg.cond else 0
-            if num_classes and not getattr(data, "num_classes", 0):
-                num_classes = 0  # unlabelled data: an unconditional GAN (the generator gets "no class")
+            have = getattr(data, "num_classes", 0)
+            if num_classes and not have:  # the generator would silently lose its conditioning
+                raise ValueError(f"{what} has no class labels, but the teacher {cfg.teacher} is class-conditional "
+                                 f"({num_classes} classes): give labelled images (class sub-folders, or 'y' in an "
+                                 f".npz), or pass --no-cond for an unconditional student")
+            if num_classes and have > num_classes:
+                raise ValueError(f"{what} has labels up to {have - 1}, the teacher {cfg.teacher} knows "
+                                 f"{num_classes} classes (0..{num_classes - 1})")
         self.num_classes = num_classes
         # A deterministic function of (noise, label): the teacher copy carries no label dropout, and no dropout:
         # every official run builds the generator with --dropout=0 (Zyriix/GDD, train.sh), while an imported EDM

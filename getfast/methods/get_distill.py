@@ -98,6 +98,7 @@ class GETDistillMethod:
     ema_module = "student"
     product = "student.safetensors"
     lr_options = {"student": "lr"}
+    data_location_options = ("pairs",)  # a resume accepts the same pair set (by fingerprint) at another path
 
     def __init__(self, cfg: GETDistillConfig, data=None, fused: bool = False):
         self.cfg = cfg

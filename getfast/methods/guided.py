@@ -128,7 +128,7 @@ class GuidedMethod:
 
     ``teacher`` (stage cfg: a class-conditional denoiser accepting ``cfg_scale``; stage pd: a w-conditioned
     denoiser accepting ``w=``), ``student`` and ``data`` may be given, e.g. the analytic models of
-    ``getfast.methods.toy``.
+    ``tests/toy.py``.
     """
 
     ema_module = "student"
@@ -293,8 +293,8 @@ class GuidedMethod:
             want = json.loads(json.dumps(method.config(), default=str))
             if _export_config(path) == want and finished:
                 log(f"{out}: already trained, skipping")
-                from safetensors.torch import load_file
-                method.modules[method.ema_module].load_state_dict(load_file(str(path)))
+                from getfast.weights import read_weights
+                method.modules[method.ema_module].load_state_dict(read_weights(path)[0])  # checksum verified
                 return path, False
             log(f"{out}: its student was trained with another configuration; training this stage again")
         fit(method, loop)

@@ -62,20 +62,19 @@ def build_student_from_meta(meta: dict) -> nn.Module:
 
 def load_student(path, device="cpu") -> nn.Module:
     """A student from its ``student.safetensors`` (or a run folder holding one), in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from getfast.weights import check_student_meta, json_metadata, load_state, read_weights
     p = Path(path)
     if p.is_dir():
         p = p / "student.safetensors"
     if not p.exists():
         raise FileNotFoundError(f"no student at {p}")
-    with safe_open(str(p), "pt") as f:
-        md = f.metadata() or {}
-    if KEY not in md:
-        raise ValueError(f"{p} is not a getfast student export")
-    meta = json.loads(md[KEY])
-    net = build_student_from_meta(meta)
-    net.load_state_dict(load_file(str(p)))
+    state, md = read_weights(p)  # its checksum is verified here
+    meta = check_student_meta(json_metadata(md, KEY, p, "a student exported by getfast distill"), p)
+    try:
+        net = build_student_from_meta(meta)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{p}: its metadata describes no network getfast can build ({e})") from None
+    load_state(net, state, p)
     net.meta = meta
     return net.eval().requires_grad_(False).to(device)
 

@@ -179,9 +179,15 @@ def _run_folder_method(p: Path) -> str | None:
     cfg = p / "config.json" if p.is_dir() else None
     if cfg is not None and cfg.is_file():
         try:
-            return (json.loads(cfg.read_text()).get("method") or {}).get("method")
-        except (OSError, ValueError, AttributeError):
-            return None
+            obj = json.loads(cfg.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e}); a run folder's config.json is written by getfast "
+                             f"train-teacher/distill") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{cfg}: must be a JSON object (a run's config, or a diffusers UNet config), got "
+                             f"{type(obj).__name__} {json.dumps(obj)[:40]}")
+        method = obj.get("method")  # a run's {"loop": ..., "method": {...}}; a diffusers config has none
+        return method.get("method") if isinstance(method, dict) else None
     if p.is_file() and p.suffix == ".pt":
         from getfast.train.checkpoint import CheckpointError, load_checkpoint
         try:

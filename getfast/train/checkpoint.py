@@ -118,6 +118,7 @@ def prune_checkpoints(run_dir, keep: int, current_step: int | None = None) -> No
 # --- the training state ------------------------------------------------------------------------------
 
 FORMAT = "getfast-train-v1"
+SCHEDULE = ("warmup_kimg", "ema_halflife_kimg", "ema_rampup")  # loop options a resume must keep
 
 
 def save_state(method, ema, out: Path, step: int, nimg: int, cfg, rank: int) -> None:
@@ -129,7 +130,8 @@ def save_state(method, ema, out: Path, step: int, nimg: int, cfg, rank: int) -> 
         dist.all_gather_object(rngs, rng_state())
     if rank == 0:
         state = {"format": FORMAT, "config": json.loads(json.dumps(method.config(), default=str)),
-                 "loop": {"step": step, "nimg": nimg, "batch": cfg.batch, "seed": cfg.seed, "world": world},
+                 "loop": {"step": step, "nimg": nimg, "batch": cfg.batch, "seed": cfg.seed, "world": world,
+                          **{k: getattr(cfg, k) for k in SCHEDULE}},
                  "modules": {k: unwrap(m).state_dict() for k, m in method.modules.items()},
                  "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
                  "ema": ema.module.state_dict(), "rng": rngs}
@@ -150,17 +152,32 @@ def restore_state(method, ema, state: dict, rank: int, cfg, path) -> None:
     # An option added to the method after the checkpoint was written is compatible when this run leaves it
     # at its default (the checkpoint's run behaved as the default does); anything else must match exactly.
     added = _added_at_default(method, set(want) - set(state["config"]))
-    if state["config"] != {k: v for k, v in want.items() if k not in added}:
+    # Options that only say where the stored training data is (GET's --pairs) may change when the data's
+    # fingerprint is the same: the identical pair set moved to another folder is the same run.
+    moved = set()
+    if state.get("data") is not None and hasattr(method, "data_fingerprint") \
+            and method.data_fingerprint() == state["data"]:
+        moved = set(getattr(method, "data_location_options", ()))
+    skip = added | moved
+    if {k: v for k, v in state["config"].items() if k not in moved} != \
+            {k: v for k, v in want.items() if k not in skip}:
         diff = {k: (state["config"].get(k), want.get(k)) for k in sorted(set(want) | set(state["config"]))
-                if k not in added and state["config"].get(k) != want.get(k)}
+                if k not in skip and state["config"].get(k) != want.get(k)}
         raise CheckpointError(f"{path} was written by a different configuration, refusing to resume: "
                               f"{diff} (checkpoint, now)")
-    # The data order and the per-sample noise depend on these: continuing with others is not a resume.
-    loop_diff = {k: (state["loop"].get(k), getattr(cfg, k)) for k in ("seed", "batch")
-                 if state["loop"].get(k) != getattr(cfg, k)}
+    # The data order and the per-sample noise depend on seed and batch; the learning-rate warm-up and the EMA
+    # on the schedule options: continuing with others is not a resume (the run would be one that no single
+    # command describes). Checkpoints written before the schedule was recorded carry none of it.
+    loop_diff = {k: (state["loop"][k], getattr(cfg, k)) for k in ("seed", "batch", *SCHEDULE)
+                 if k in state["loop"] and state["loop"][k] != getattr(cfg, k)}
     if loop_diff:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in loop_diff)
         raise CheckpointError(f"{path} was written with different loop settings, refusing to resume: "
-                              f"{loop_diff} (checkpoint, now)")
+                              f"{loop_diff} (checkpoint, now); resume with the checkpoint's {flags}, or start a new run")
+    trained = int(state["loop"].get("step", 0))
+    if cfg.total_steps() < trained:  # the export would be this later checkpoint, not a --kimg run
+        raise CheckpointError(f"{path} has trained {state['loop'].get('nimg', 0) / 1000:g} kimg, more than "
+                              f"--kimg {cfg.kimg:g}: resume with --kimg of at least that, or start a new run")
     # Stored training data (GET's pairs) can grow or be regenerated under the same path: a run continued on
     # other data is not a resume. Checkpoints written before this check carry no fingerprint and are trusted.
     if state.get("data") is not None and hasattr(method, "data_fingerprint"):

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from getfast.io import atomic_write_bytes, save_grid
+from getfast.limits import MAX_SEED, check_fits
 from getfast.options import check_bool, check_device, check_number, flag
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
 from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, unwrap
@@ -89,7 +90,7 @@ class LoopConfig:
         for name in ("batch", "log_every", "ckpt_every", "keep_ckpts"):
             check_number(name, getattr(self, name), lo=1, integer=True)
         check_number("grid_n", self.grid_n, lo=0, integer=True)
-        check_number("seed", self.seed, lo=0, integer=True)
+        check_number("seed", self.seed, lo=0, hi=MAX_SEED, integer=True)
         check_number("grid_every", self.grid_every, lo=0, integer=True)
         check_number("kimg", self.kimg, lo=0, lo_open=True)
         for name in ("warmup_kimg", "ema_halflife_kimg", "ema_rampup"):
@@ -147,6 +148,7 @@ def train(method, cfg: LoopConfig, evaluator=None) -> dict:
     rank, world = dist_info()
     if cfg.batch % world:
         raise ValueError(f"batch {cfg.batch} is not divisible by the number of processes {world}")
+    check_batch_fits(method, cfg, device, world)
     out = Path(cfg.out)
     with contextlib.ExitStack() as held:
         def prepare():  # rank 0 only: lock the folder, then refuse or clear an earlier run in it
@@ -155,6 +157,24 @@ def train(method, cfg: LoopConfig, evaluator=None) -> dict:
         agree(prepare, rank, world)
         with _tf32(device, cfg.tf32):
             return _train(method, cfg, device, rank, world, out, evaluator)
+
+
+# Bytes a training step keeps per image element at the least (the batch, its noise and the network's stored
+# activations for backward, float32): a lower bound, so a refusal is certain and a pass is not a promise.
+_STEP_BYTES_PER_ELEMENT = 4 * 16
+
+
+def check_batch_fits(method, cfg: LoopConfig, device, world: int) -> None:
+    """``ValueError`` naming --batch when one step's batch cannot fit in ``device``'s free memory."""
+    shape = getattr(method, "shape", None)
+    meta = getattr(method, "meta", None)
+    if shape is None and isinstance(meta, dict) and "channels" in meta and "resolution" in meta:
+        shape = (meta["channels"], meta["resolution"], meta["resolution"])
+    if not shape:
+        return
+    need = cfg.batch // world * math.prod(int(v) for v in shape) * _STEP_BYTES_PER_ELEMENT
+    check_fits(need, f"{flag('batch')} {cfg.batch}: one training step of {cfg.batch // world} images of "
+                     f"{'x'.join(map(str, shape))} per process", device, hint="lower --batch")
 
 
 @contextlib.contextmanager
@@ -294,8 +314,10 @@ def _grid(method, ema, path, n):
 def fit(method, cfg: LoopConfig, evaluator=None) -> Path | None:
     """:func:`train` then :func:`export_product`, holding the run folder's lock throughout, so no other run can
     start in ``cfg.out`` between the last checkpoint and the export. Returns the exported file (rank 0)."""
-    init_distributed(resolve_device(cfg.device).type)
+    device = resolve_device(cfg.device)
+    init_distributed(device.type)
     rank, world = dist_info()
+    check_batch_fits(method, cfg, device, world)  # before the run folder exists: a refusal leaves nothing behind
     with contextlib.ExitStack() as held:
         agree(lambda: held.enter_context(run_lock(Path(cfg.out))), rank, world)
         train(method, cfg, evaluator)
