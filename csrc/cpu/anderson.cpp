@@ -86,7 +86,6 @@ void anderson_step_impl(const Ptrs& p, const Ints& n_, const Reals& r) {
   const int n = static_cast<int>(std::min<int64_t>(k + 1, m));
   const int64_t nxt = (k + 1) % m;
   const A tau = static_cast<A>(tau_d), lam = static_cast<A>(lam_d), rtol = static_cast<A>(rtol_d);
-  const A inf = std::numeric_limits<A>::infinity();
   const A rel_eps = static_cast<A>(r[4]);
 
   // Parallel over samples only when there is enough work to amortise waking the team (on a
@@ -134,31 +133,9 @@ void anderson_step_impl(const Ptrs& p, const Ints& n_, const Reals& r) {
       Hb[j * m + s] = static_cast<A>(dots[j]);
     }
     // ---- bookkeeping ----
-    A abs_r = static_cast<A>(std::sqrt(static_cast<A>(ss_g)));
-    const A f_norm = static_cast<A>(std::sqrt(static_cast<A>(ss_f)));
-    const bool finite = std::isfinite(abs_r) && std::isfinite(f_norm);
-    A rel_r = finite ? abs_r / (f_norm + rel_eps) : inf;
-    if (!finite) abs_r = inf;
-    const int32_t st0 = status[b];
-    const bool running = st0 == 0;
-    // frozen samples: lowest residuals if converged, inf if non-finite (torchdeq-style padding)
-    trace[(0 * B + b) * Tn + k] = running ? abs_r : (st0 == 1 ? lowest[b] : inf);
-    trace[(1 * B + b) * Tn + k] = running ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
-    bool improved = false;
-    int32_t st1 = st0;
-    if (running) {
-      const A crit = stop_rel ? rel_r : abs_r;
-      const A lo_crit = stop_rel ? lowest[B + b] : lowest[b];
-      improved = crit < lo_crit;
-      lowest[b] = std::min(lowest[b], abs_r);
-      lowest[B + b] = std::min(lowest[B + b], rel_r);
-      if (improved) lowest[2 * B + b] = static_cast<A>(k + 1);
-      const A new_lo = stop_rel ? lowest[B + b] : lowest[b];
-      if (!finite) st1 = 2;
-      else if (tol_d >= 0.0 && new_lo < static_cast<A>(tol_d)) st1 = 1;
-      status[b] = st1;
-    }
-    const bool still = st1 == 0;
+    bool improved;
+    const bool still = cpu::residual_bookkeeping(ss_g, ss_f, rel_eps, tol_d, stop_rel, b, B, Tn, k, lowest, trace,
+                                                 status, &improved);
     // ---- small solve ----
     A alpha[kMaxM];
     if (still) {

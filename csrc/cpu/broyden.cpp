@@ -30,7 +30,6 @@ void broyden_step_impl(const Ptrs& p, const Ints& n_, const Reals& r) {
   const int64_t n = k > 0 ? std::min<int64_t>(k - 1, mem) : 0;
   const int64_t s = k > 0 ? (k - 1) % mem : 0;
   const bool full = k > 0 && k - 1 >= mem;
-  const A inf = std::numeric_limits<A>::infinity();
   const bool par = B > 1 && B * D * std::max<int64_t>(n, 1) >= (int64_t(1) << 16);
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t b = 0; b < B; ++b) {
@@ -81,29 +80,10 @@ void broyden_step_impl(const Ptrs& p, const Ints& n_, const Reals& r) {
         cc[j] += pc;
       }
     }
-    // ---- bookkeeping (same rules as anderson_step; candidate = the iterate x) ----
-    A abs_r = static_cast<A>(std::sqrt(static_cast<A>(ss_g)));
-    const A f_norm = static_cast<A>(std::sqrt(static_cast<A>(ss_f)));
-    const bool finite = std::isfinite(abs_r) && std::isfinite(f_norm);
-    const A rel_r = finite ? abs_r / (f_norm + rel_eps) : inf;
-    if (!finite) abs_r = inf;
-    const int32_t st0 = status[b];
-    const bool running = st0 == 0;
-    trace[b * Tn + k] = running ? abs_r : (st0 == 1 ? lowest[b] : inf);
-    trace[(B + b) * Tn + k] = running ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
-    bool improved = false;
-    int32_t st1 = st0;
-    if (running) {
-      improved = (stop_rel ? rel_r : abs_r) < (stop_rel ? lowest[B + b] : lowest[b]);
-      lowest[b] = std::min(lowest[b], abs_r);
-      lowest[B + b] = std::min(lowest[B + b], rel_r);
-      if (improved) lowest[2 * B + b] = static_cast<A>(k + 1);
-      const A new_lo = stop_rel ? lowest[B + b] : lowest[b];
-      if (!finite) st1 = 2;
-      else if (tol_d >= 0.0 && new_lo < static_cast<A>(tol_d)) st1 = 1;
-      status[b] = st1;
-    }
-    const bool still = st1 == 0;
+    // ---- bookkeeping (cpu::residual_bookkeeping, as anderson_step; candidate = the iterate x) ----
+    bool improved;
+    const bool still = cpu::residual_bookkeeping(ss_g, ss_f, rel_eps, tol_d, stop_rel, b, B, Tn, k, lowest, trace,
+                                                 status, &improved);
     // ---- the rank-one update's scalars ----
     std::vector<A> a(n), bc(n), c(n);
     A den = A(0), vg = A(0);

@@ -3,8 +3,10 @@
 // double, float otherwise) and the dtype-code dispatch.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -120,6 +122,39 @@ void by_dtype(int dtype, F&& f) {
     case 3: f(bf16_t{}); break;
     default: throw std::invalid_argument("unknown dtype code " + std::to_string(dtype));
   }
+}
+
+// The per-sample stopping rule every solver step shares, from ss_g = |g|^2 and ss_f = |f(x)|^2: absolute and
+// relative residual; trace column k (a frozen sample reports its lowest residuals if converged, inf if
+// non-finite: torchdeq-style padding); for a running sample the lowest residuals and their step, and the status
+// (1 converged: lowest < tol, 2 non-finite). Returns whether the sample still runs after this step; *improved:
+// whether this iterate is the new lowest (its candidate becomes the best).
+template <class A, class S>
+inline bool residual_bookkeeping(S ss_g, S ss_f, A rel_eps, double tol_d, bool stop_rel, int64_t b, int64_t B,
+                                 int64_t Tn, int64_t k, A* lowest, A* trace, int32_t* status, bool* improved) {
+  const A inf = std::numeric_limits<A>::infinity();
+  A abs_r = static_cast<A>(std::sqrt(static_cast<A>(ss_g)));
+  const A f_norm = static_cast<A>(std::sqrt(static_cast<A>(ss_f)));
+  const bool finite = std::isfinite(abs_r) && std::isfinite(f_norm);
+  const A rel_r = finite ? abs_r / (f_norm + rel_eps) : inf;
+  if (!finite) abs_r = inf;
+  const int32_t st0 = status[b];
+  const bool running = st0 == 0;
+  trace[b * Tn + k] = running ? abs_r : (st0 == 1 ? lowest[b] : inf);
+  trace[(B + b) * Tn + k] = running ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
+  *improved = false;
+  int32_t st1 = st0;
+  if (running) {
+    *improved = (stop_rel ? rel_r : abs_r) < (stop_rel ? lowest[B + b] : lowest[b]);
+    lowest[b] = std::min(lowest[b], abs_r);
+    lowest[B + b] = std::min(lowest[B + b], rel_r);
+    if (*improved) lowest[2 * B + b] = static_cast<A>(k + 1);
+    const A new_lo = stop_rel ? lowest[B + b] : lowest[b];
+    if (!finite) st1 = 2;
+    else if (tol_d >= 0.0 && new_lo < static_cast<A>(tol_d)) st1 = 1;
+    status[b] = st1;
+  }
+  return st1 == 0;
 }
 
 }  // namespace cpu
