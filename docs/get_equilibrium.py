@@ -88,7 +88,34 @@ def residuals(path: str, iters: int, n: int) -> dict:
     return {"student": _shown(path), "state": net.config.state, "n": n, "rows": rows}
 
 
-def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str, ref_n: int) -> dict:
+def to_tolerance(path: str, tols: list[float], solvers: list[str], n: int, max_iter: int = 100) -> dict:
+    """Function evaluations each solver needs to bring the relative residual of the student's own map below each
+    tolerance (per-sample ``nstep`` of getfast.deq, averaged; samples that never get there are counted)."""
+    import torch
+    from getfast.deq import solve
+    net = _load(path)
+    x_noise, labels = _inputs(net, n)
+    out = {"student": _shown(path), "state": net.config.state, "n": n, "max_iter": max_iter, "points": []}
+    with torch.no_grad():
+        x, offsets = net.inject(x_noise, labels)
+        torch.manual_seed(0)
+        z0 = net._initial_state(x, None)
+        normalized = net.config.state == "normalized"
+
+        def f(s):
+            y = net.equilibrium_step(s, *offsets)
+            return net.normalize(y) if normalized else y
+
+        for solver in solvers:
+            kw = {"m": 5} if solver == "anderson" else {}
+            for tol in tols:
+                _, st = solve(f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode="rel", **kw)
+                out["points"].append({"solver": solver, "tol": tol, "mean_nfe": st["nstep"].mean().item(),
+                                      "converged": st["converged"].float().mean().item()})
+    return out
+
+
+def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str, ref_n: int, save=None) -> dict:
     import torch
     from getfast.metrics.fid import evaluate
     from make_results import seeded_sample_fn
@@ -108,6 +135,8 @@ def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str,
             out["points"].append({"solver": solver, "iters": k, "fid": res["fid"],
                                   "seconds": round(time.time() - t0, 1)})
             print(f"{_name(path)} {solver} {k:>3} iterations: FID {res['fid']:.2f}", flush=True)
+            if save is not None:  # after every point: a long measurement that is stopped keeps what it measured
+                save(out)
     net.config = base
     return out
 
@@ -130,6 +159,24 @@ def table(folder: Path = OUT) -> list[str]:
                 if row["iter"] in (1, 2, 3, 4, 6, 8, 12, 16, 20, 25, 30) or row is r["rows"][-1]:
                     lines.append(f"| {row['iter']} | {row['state_norm']:.4g} | {row['abs']:.4g} | {row['rel']:.3g} | "
                                  f"{row['norm_rel']:.3g} |")
+            lines.append("")
+    tols = sorted(folder.glob("*.tol.json"))
+    if tols:
+        lines += ["Function evaluations to a relative residual (`python docs/get_equilibrium.py tol`; mean over "
+                  "samples of the first iteration below it, at most 100; the share that got there in brackets):", ""]
+        for p in tols:
+            r = json.loads(p.read_text())
+            solvers = list(dict.fromkeys(pt["solver"] for pt in r["points"]))
+            val = {(pt["solver"], pt["tol"]): pt for pt in r["points"]}
+            lines += [f"{p.name.split('.')[0]} (state {r['state']}, {r['n']} samples):", "",
+                      "| relative residual | " + " | ".join(solvers) + " |",
+                      "| --- | " + " | ".join("---" for _ in solvers) + " |"]
+            for tol in sorted({pt["tol"] for pt in r["points"]}, reverse=True):
+                cells = []
+                for s in solvers:
+                    pt = val.get((s, tol))
+                    cells.append("–" if pt is None else f"{pt['mean_nfe']:.1f} ({100 * pt['converged']:.0f} %)")
+                lines.append(f"| {tol:g} | " + " | ".join(cells) + " |")
             lines.append("")
     fids = sorted(folder.glob("*.fid.json"))
     if fids:
@@ -163,6 +210,11 @@ def main(argv=None) -> int:
     f.add_argument("--n", type=int, default=1000)
     f.add_argument("--ref", default="fashion-mnist")
     f.add_argument("--ref-n", type=int, default=10000)
+    t = sub.add_parser("tol")
+    t.add_argument("students", nargs="+")
+    t.add_argument("--tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    t.add_argument("--solvers", nargs="+", default=["fixed_point", "anderson"])
+    t.add_argument("--n", type=int, default=64)
     sub.add_parser("table")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -174,9 +226,13 @@ def main(argv=None) -> int:
             last = rec["rows"][-1]
             print(f"{_name(s)}: k={last['iter']} |z|={last['state_norm']:.4g} abs={last['abs']:.4g} "
                   f"rel={last['rel']:.3g} normalised={last['norm_rel']:.3g}")
+    elif a.cmd == "tol":
+        for s in a.students:
+            atomic_write_json(OUT / f"{_name(s)}.tol.json", to_tolerance(s, a.tols, a.solvers, a.n))
     elif a.cmd == "fid-iters":
-        atomic_write_json(OUT / f"{_name(a.student)}.fid.json",
-                          fid_iters(a.student, a.iters, a.solvers, a.n, a.ref, a.ref_n))
+        dest = OUT / f"{_name(a.student)}.fid.json"
+        atomic_write_json(dest, fid_iters(a.student, a.iters, a.solvers, a.n, a.ref, a.ref_n,
+                                          save=lambda rec: atomic_write_json(dest, rec)))
     else:
         print("\n".join(table()))
     return 0

@@ -135,8 +135,10 @@ case "$cmd" in
     [ "$#" -gt 0 ] || set -- 10 20 40
     check_stages "$@"
     for k in "$@"; do
-      # The paper's recipe is the CLI default (lr 1e-4 for both networks, augmentation p = 0.12, the generator's
-      # step first); GDD-I freezes the official set (conv0, conv1, attention proj). Batch 16 fits one core.
+      # The official CIFAR-10 recipe is the CLI default (lr 1e-4 for both networks, no augmentation as the official
+      # --augment=0, the discriminator's Adam as Zyriix/GDD, the generator's step first); GDD-I freezes the official
+      # set (conv0, conv1, attention proj). Batch 16 fits one core. Runs started before augmentation became off by
+      # default resume only with their own --aug-p 0.12 (a resume refuses a changed option).
       for v in ${VARIANTS:-gdd gddi}; do
         [[ "$v" == gdd || "$v" == gddi ]] || die "VARIANTS: '$v' is not gdd or gddi"
         extra=(); [ "$v" = gddi ] && extra=(--freeze-innate)
