@@ -11,8 +11,7 @@ import sys
 import time
 import traceback
 
-import getfast.bench
-from getfast.bench import QUICK_GPU_BUDGET_S, BenchConfig
+from getfast.bench.config import QUICK_GPU_BUDGET_S, BenchConfig
 from getfast.options import add_config, take_config
 
 QUICK_AUTOTUNE_ENV = "GETFAST_QUICK_AUTOTUNE"  # read by kernels/attention.py when it is imported
@@ -106,7 +105,7 @@ def run_config(cfg: BenchConfig) -> int:
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
     """Command line: parse, validate (one-line error and exit status 2 on bad options or no GPU), run."""
-    ap = argparse.ArgumentParser(prog=prog, description=getfast.bench.__doc__, formatter_class=type(  # doc as written
+    ap = argparse.ArgumentParser(prog=prog, description=importlib.import_module("getfast.bench").__doc__, formatter_class=type(  # doc as written
         "HelpFormatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     add_config(ap, BenchConfig)
     ns = ap.parse_args(argv)

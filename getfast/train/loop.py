@@ -51,15 +51,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from getfast.io import atomic_write_bytes, save_grid
-from getfast.limits import MAX_SEED, check_fits
+from getfast.io import atomic_write_bytes
+from getfast.limits import MAX_SEED
 from getfast.options import check_bool, check_device, check_number, flag
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
 from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, unwrap
 from getfast.train.export import export_product
 from getfast.train.rng import RunInfo, data_indices, seed_everything
 from getfast.train.run_dir import JsonlLog, prepare_out, run_lock
-from getfast.train.step import EMA, Updater, phases, set_lr
+from getfast.train.step import EMA, Updater, check_batch_fits, phases, set_lr, write_grid
 
 
 @dataclass
@@ -157,24 +157,6 @@ def train(method, cfg: LoopConfig, evaluator=None) -> dict:
         agree(prepare, rank, world)
         with _tf32(device, cfg.tf32):
             return _train(method, cfg, device, rank, world, out, evaluator)
-
-
-# Bytes a training step keeps per image element at the least (the batch, its noise and the network's stored
-# activations for backward, float32): a lower bound, so a refusal is certain and a pass is not a promise.
-_STEP_BYTES_PER_ELEMENT = 4 * 16
-
-
-def check_batch_fits(method, cfg: LoopConfig, device, world: int) -> None:
-    """``ValueError`` naming --batch when one step's batch cannot fit in ``device``'s free memory."""
-    shape = getattr(method, "shape", None)
-    meta = getattr(method, "meta", None)
-    if shape is None and isinstance(meta, dict) and "channels" in meta and "resolution" in meta:
-        shape = (meta["channels"], meta["resolution"], meta["resolution"])
-    if not shape:
-        return
-    need = cfg.batch // world * math.prod(int(v) for v in shape) * _STEP_BYTES_PER_ELEMENT
-    check_fits(need, f"{flag('batch')} {cfg.batch}: one training step of {cfg.batch // world} images of "
-                     f"{'x'.join(map(str, shape))} per process", device, hint="lower --batch")
 
 
 @contextlib.contextmanager
@@ -290,7 +272,7 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, ev
                 save_state(method, ema, out, step, nimg, cfg, rank)
             if rank == 0 and cfg.grid_n and hasattr(method, "sample_grid") and \
                     ((cfg.grid_every and step % cfg.grid_every == 0) or step == total_steps):
-                _grid(method, ema, out / f"grid-{step:07d}.png", cfg.grid_n)
+                write_grid(method, ema, out / f"grid-{step:07d}.png", cfg.grid_n)
     finally:
         if bar is not None:
             bar.close()
@@ -298,17 +280,6 @@ def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, ev
         if evaluator is not None:
             evaluator.close()
     return record
-
-
-def _grid(method, ema, path, n):
-    rng = torch.get_rng_state()  # grids must not change the training noise stream
-    torch.manual_seed(0)
-    try:
-        with torch.no_grad():
-            imgs = method.sample_grid(ema.module, n)
-        save_grid(imgs, path, nrow=int(math.sqrt(n)))
-    finally:
-        torch.set_rng_state(rng)
 
 
 def fit(method, cfg: LoopConfig, evaluator=None) -> Path | None:

@@ -3,11 +3,14 @@ finite check (one host sync per log line or checkpoint), the LR warm-up and the 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from getfast.io import save_grid
+from getfast.limits import check_fits
 from getfast.options import check_number, flag
 
 
@@ -149,3 +152,33 @@ def _divergence_message(method, name: str, step: int, clip: float) -> str:
     return (f"training diverged at step {step + 1}: the loss of {name!r} or its gradient is not finite. "
             f"The likely cause is the learning rate {flag(field)} = {lr:g}: lower it; {clip_txt}. "
             "Nothing of this step was checkpointed; --resume continues from the last good checkpoint")
+
+
+# Bytes a training step keeps per image element at the least (the batch, its noise and the network's stored
+# activations for backward, float32): a lower bound, so a refusal is certain and a pass is not a promise.
+_STEP_BYTES_PER_ELEMENT = 4 * 16
+
+
+def check_batch_fits(method, cfg, device, world: int) -> None:
+    """``ValueError`` naming --batch when one step's batch cannot fit in ``device``'s free memory."""
+    shape = getattr(method, "shape", None)
+    meta = getattr(method, "meta", None)
+    if shape is None and isinstance(meta, dict) and "channels" in meta and "resolution" in meta:
+        shape = (meta["channels"], meta["resolution"], meta["resolution"])
+    if not shape:
+        return
+    need = cfg.batch // world * math.prod(int(v) for v in shape) * _STEP_BYTES_PER_ELEMENT
+    check_fits(need, f"{flag('batch')} {cfg.batch}: one training step of {cfg.batch // world} images of "
+                     f"{'x'.join(map(str, shape))} per process", device, hint="lower --batch")
+
+
+def write_grid(method, ema, path, n):
+    """The EMA's sample grid as a PNG, from a fixed seed, leaving the training RNG stream untouched."""
+    rng = torch.get_rng_state()  # grids must not change the training noise stream
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            imgs = method.sample_grid(ema.module, n)
+        save_grid(imgs, path, nrow=int(math.sqrt(n)))
+    finally:
+        torch.set_rng_state(rng)
