@@ -58,20 +58,27 @@ def _inputs(net, n: int, seed: int = 0):
     return z, labels
 
 
+def _equilibrium_map(net, n: int):
+    """(f, z0): the student's own equilibrium map (raw or normalised state) on ``n`` seeded inputs, and its start."""
+    import torch
+    x_noise, labels = _inputs(net, n)
+    x, offsets = net.inject(x_noise, labels)
+    torch.manual_seed(0)
+    z0 = net._initial_state(x, None)
+    normalized = net.config.state == "normalized"
+
+    def f(s):
+        y = net.equilibrium_step(s, *offsets)
+        return net.normalize(y) if normalized else y
+    return f, z0
+
+
 def residuals(path: str, iters: int, n: int) -> dict:
     """Per-iteration residuals of the student's own equilibrium map from its (seeded) noise start."""
     import torch
     net = _load(path)
-    x_noise, labels = _inputs(net, n)
     with torch.no_grad():
-        x, offsets = net.inject(x_noise, labels)
-        torch.manual_seed(0)
-        z = net._initial_state(x, None)
-        normalized = net.config.state == "normalized"
-
-        def f(s):
-            y = net.equilibrium_step(s, *offsets)
-            return net.normalize(y) if normalized else y
+        f, z = _equilibrium_map(net, n)
 
         def norm(t):
             return t.flatten(1).norm(dim=1)
@@ -94,18 +101,9 @@ def to_tolerance(path: str, tols: list[float], solvers: list[str], n: int, max_i
     import torch
     from getfast.deq import solve
     net = _load(path)
-    x_noise, labels = _inputs(net, n)
     out = {"student": _shown(path), "state": net.config.state, "n": n, "max_iter": max_iter, "points": []}
     with torch.no_grad():
-        x, offsets = net.inject(x_noise, labels)
-        torch.manual_seed(0)
-        z0 = net._initial_state(x, None)
-        normalized = net.config.state == "normalized"
-
-        def f(s):
-            y = net.equilibrium_step(s, *offsets)
-            return net.normalize(y) if normalized else y
-
+        f, z0 = _equilibrium_map(net, n)
         for solver in solvers:
             kw = {"m": 5} if solver == "anderson" else {}
             for tol in tols:

@@ -114,27 +114,9 @@ __global__ void anderson_solve(A* __restrict__ H, A* __restrict__ lowest, A* __r
   if (threadIdx.x != 0) return;
   A* Hb = H + b * m * m;
   for (int j = 0; j < n; ++j) Hb[s * m + j] = Hb[j * m + s] = sums[j];
-  const A inf = inf_of<A>();
-  A abs_r = sqrt(sums[m]);
-  const A f_norm = sqrt(sums[m + 1]);
-  const bool fin = finite(abs_r) && finite(f_norm);
-  const A rel_r = fin ? abs_r / (f_norm + eps) : inf;
-  if (!fin) abs_r = inf;
-  const int st0 = status[b];
-  // frozen samples: lowest residuals if converged, inf if non-finite (torchdeq-style padding)
-  trace[b * T + k] = st0 == 0 ? abs_r : (st0 == 1 ? lowest[b] : inf);
-  trace[(B + b) * T + k] = st0 == 0 ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
-  int st1 = st0;
-  bool improved = false;
-  if (st0 == 0) {
-    improved = stop_rel ? rel_r < lowest[B + b] : abs_r < lowest[b];
-    lowest[b] = abs_r < lowest[b] ? abs_r : lowest[b];
-    lowest[B + b] = rel_r < lowest[B + b] ? rel_r : lowest[B + b];
-    if (improved) lowest[2 * B + b] = A(k + 1);
-    if (!fin) st1 = 2;
-    else if ((stop_rel ? lowest[B + b] : lowest[b]) < tol) st1 = 1;  // tol < 0: never
-    status[b] = st1;
-  }
+  bool improved;
+  const int st1 = residual_bookkeeping<A>(sums[m], sums[m + 1], lowest, trace, status, b, B, T, k, tol, stop_rel, eps,
+                                         &improved);
   A* alpha = work + B * nblk * (m + 2) + b * (m + 1);
   if (st1 == 0) {
     bool ok = true;

@@ -80,26 +80,9 @@ __global__ void broyden_scal(A* __restrict__ lowest, A* __restrict__ trace, int*
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
-  const A inf = inf_of<A>();
-  A abs_r = sqrt(coef[3 * mem]);
-  const A f_norm = sqrt(coef[3 * mem + 1]);
-  const bool fin = finite(abs_r) && finite(f_norm);
-  const A rel_r = fin ? abs_r / (f_norm + eps) : inf;
-  if (!fin) abs_r = inf;
-  const int st0 = status[b];
-  trace[b * T + k] = st0 == 0 ? abs_r : (st0 == 1 ? lowest[b] : inf);
-  trace[(B + b) * T + k] = st0 == 0 ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
-  int st1 = st0;
-  bool improved = false;
-  if (st0 == 0) {
-    improved = stop_rel ? rel_r < lowest[B + b] : abs_r < lowest[b];
-    lowest[b] = abs_r < lowest[b] ? abs_r : lowest[b];
-    lowest[B + b] = rel_r < lowest[B + b] ? rel_r : lowest[B + b];
-    if (improved) lowest[2 * B + b] = A(k + 1);
-    if (!fin) st1 = 2;
-    else if ((stop_rel ? lowest[B + b] : lowest[b]) < tol) st1 = 1;  // tol < 0: never
-    status[b] = st1;
-  }
+  bool improved;
+  const int st1 = residual_bookkeeping<A>(coef[3 * mem], coef[3 * mem + 1], lowest, trace, status, b, B, T, k, tol, stop_rel, eps,
+                                         &improved);
   bool ok = k > 0;
   A sab = A(0), sac = A(0);
   for (long long j = 0; j < n; ++j) {

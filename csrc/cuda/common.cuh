@@ -50,6 +50,38 @@ __device__ __forceinline__ A inf_of() {
   return A(1e300) * A(1e300);
 }
 
+// The solvers' per-sample residual bookkeeping after one function evaluation (one thread per sample b; the same
+// rules as cpu::residual_bookkeeping and the Triton helper): abs/rel residual from the squared norms, the trace
+// column k (frozen samples repeat their lowest, non-finite ones inf), the running minima and the 1-based step of
+// the stop-mode minimum, and the status (0 running, 1 converged below tol, 2 non-finite). Returns the new status;
+// *improved says whether this iterate is the new stop-mode best.
+template <typename A>
+__device__ __forceinline__ int residual_bookkeeping(A sq_res, A sq_f, A* lowest, A* trace, int* status, long long b,
+                                                    long long B, long long T, long long k, A tol, int stop_rel, A eps,
+                                                    bool* improved) {
+  const A inf = inf_of<A>();
+  A abs_r = sqrt(sq_res);
+  const A f_norm = sqrt(sq_f);
+  const bool fin = finite(abs_r) && finite(f_norm);
+  const A rel_r = fin ? abs_r / (f_norm + eps) : inf;
+  if (!fin) abs_r = inf;
+  const int st0 = status[b];
+  trace[b * T + k] = st0 == 0 ? abs_r : (st0 == 1 ? lowest[b] : inf);
+  trace[(B + b) * T + k] = st0 == 0 ? rel_r : (st0 == 1 ? lowest[B + b] : inf);
+  int st1 = st0;
+  *improved = false;
+  if (st0 == 0) {
+    *improved = stop_rel ? rel_r < lowest[B + b] : abs_r < lowest[b];
+    lowest[b] = abs_r < lowest[b] ? abs_r : lowest[b];
+    lowest[B + b] = rel_r < lowest[B + b] ? rel_r : lowest[B + b];
+    if (*improved) lowest[2 * B + b] = A(k + 1);
+    if (!fin) st1 = 2;
+    else if ((stop_rel ? lowest[B + b] : lowest[b]) < tol) st1 = 1;  // tol < 0: never
+    status[b] = st1;
+  }
+  return st1;
+}
+
 }  // namespace getfast
 
 #ifndef __CUDACC_RTC__
