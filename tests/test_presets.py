@@ -8,6 +8,7 @@ channel_mult (1, 2, 2, 2) variants at 64×64, and ADM at 64×64 (296M).
 """
 import json
 import math
+import shutil
 import sys
 import time
 import types
@@ -74,7 +75,8 @@ def teachers(tmp_path_factory):
                 made[name] = _write(root, net, name)
             del net
         return made[name]
-    return get
+    yield get
+    shutil.rmtree(root, ignore_errors=True)  # ~1.8 GB of pickles: gone when the module ends, not the session
 
 
 def _images(path, res, classes):
