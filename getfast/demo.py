@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from getfast.embedded import ASSETS, EMBEDDED
+from getfast.options import check_number, check_path
 
 STUDENTS = ASSETS / "students"
 TEACHER = "fashion-mnist"
@@ -40,23 +40,15 @@ class DemoConfig:
     guided_w: float = 2.0         # guidance weight for guided students
 
     def __post_init__(self):
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out (--out) must be a folder path, got {self.out!r}")
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b <= 100:
-            raise ValueError(f"budget (--budget) must be a number in (0, 100], got {b!r}")
         from getfast.limits import MAX_SEED
-        for name, lo in (("fid_n", 0), ("fid_ref_n", 2), ("latency_batch", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
-        if self.seed > MAX_SEED:
-            raise ValueError(f"seed (--seed) must be an integer <= {MAX_SEED}, got {self.seed}")
+        check_path("out", self.out)
+        check_number("budget", self.budget, lo=0, hi=100, lo_open=True)
+        for name, lo in (("fid_n", 0), ("fid_ref_n", 2), ("latency_batch", 1)):
+            check_number(name, getattr(self, name), lo=lo, integer=True)
+        check_number("seed", self.seed, lo=0, hi=MAX_SEED, integer=True)
         if self.fid_n == 1:
             raise ValueError("fid_n (--fid-n) must be 0 (automatic) or >= 2 (a covariance needs two samples)")
-        w = self.guided_w
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"guided_w (--guided-w) must be a finite number, got {w!r}")
+        check_number("guided_w", self.guided_w)
 
 
 class PreflightError(ValueError):

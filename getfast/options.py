@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -209,6 +210,13 @@ def check_text(name: str, value, what: str, *, empty: bool = False) -> str:
     """``value`` if it is a string (non-empty unless ``empty``), else ``ValueError``: "<option> must be <what>"."""
     if not isinstance(value, str) or (not value and not empty):
         raise ValueError(f"{flag(name)} must be {what}, got {value!r}")
+    return value
+
+
+def check_path(name: str, value):
+    """``value`` if it is a non-empty path (str or ``os.PathLike``), else ``ValueError`` naming the option."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"{flag(name)} must be a path, got {value!r}")
     return value
 
 

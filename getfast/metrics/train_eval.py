@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from getfast.options import check_bool, check_number
+from getfast.options import check_bool, check_number, check_text
 
 __all__ = ["EvalConfig", "Evaluator"]
 
@@ -42,8 +42,7 @@ class EvalConfig:
         check_number("fid_n", self.fid_n, lo=2, integer=True)
         check_number("fid_batch", self.fid_batch, lo=1, integer=True)
         check_bool("tensorboard", self.tensorboard)
-        if not isinstance(self.fid_ref, str):
-            raise ValueError(f"fid_ref (--fid-ref) must be a path or dataset name, got {self.fid_ref!r}")
+        check_text("fid_ref", self.fid_ref, "a path or dataset name", empty=True)
         if self.fid_every and not self.fid_ref:
             raise ValueError("--fid-every needs --fid-ref (reference statistics .npz with mu/sigma, or images)")
         if self.fid_ref and not self.fid_every:

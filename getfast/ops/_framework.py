@@ -64,15 +64,10 @@ DEFAULTS: dict[tuple[str, str], tuple[str, str]] = {
                                      "overhead); 0.39x torchdeq's time to tolerance at B=32, D=65536 (bench deq)"),
 }
 _BUILTIN = "the PyTorch built-in: no measurement shows a fused backend faster here"
-_ENVIRON = getattr(os.environ, "_data", None)
 
 
 def _env_backend() -> str:
-    """``GETFAST_BACKEND`` (read on every call: tests and benchmarks change it). ``os.environ.get``
-    encodes the key each time; on POSIX its bytes store is the same mapping, read directly."""
-    if type(_ENVIRON) is dict and os.name == "posix":
-        v = _ENVIRON.get(b"GETFAST_BACKEND")
-        return v.decode() if v else ""
+    """``GETFAST_BACKEND``, read on every call: tests and benchmarks change it."""
     return os.environ.get(ENV_BACKEND, "")
 
 
@@ -155,6 +150,10 @@ class OpSpec:
     ``family``    the op whose :data:`DEFAULTS` entry this one follows (a backward op: its forward)
     ``grid_y``    the dims whose product the GPU kernels (triton, cuda) launch along grid axis y: at most
                   :data:`MAX_GRID_Y`, else a ValueError before any launch
+    ``builtin``   what ``op(...)`` runs when the chosen backend is ``reference``: the PyTorch built-in the
+                  fused kernels replace (``F.scaled_dot_product_attention``, an eager composition under
+                  autograd), with the op's signature, returning its outputs (``None`` for auxiliary outputs
+                  it does not compute, e.g. a saved log-sum-exp). Without one, the ``reference`` launcher runs.
     """
 
     schema: str
@@ -168,6 +167,7 @@ class OpSpec:
     cupy: bool = False
     family: str | None = None
     grid_y: tuple[str, ...] = ()
+    builtin: Callable | None = None
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z); gridDim.x allows 2^31 - 1
@@ -351,16 +351,22 @@ class Op:
         return None if self.spec.fake is None else self.spec.fake(*args)
 
     def __call__(self, *args, backend: str | None = None, validate: bool = True):
-        """Run the op. Under ``torch.compile`` this is the ``torch.library`` op; eagerly it is the
-        launcher itself, inside an autograd function when an input requires grad."""
-        if torch.compiler.is_compiling():
+        """Run the op. On the ``reference`` backend of an op with a :attr:`OpSpec.builtin`, that built-in
+        (traced as itself by ``torch.compile``); else, under ``torch.compile``, the ``torch.library`` op,
+        and eagerly the launcher itself, inside an autograd function when an input requires grad."""
+        builtin = self.spec.builtin
+        if torch.compiler.is_compiling() and builtin is None:
             return self.torch_op(*args, backend or "") if self._backend_arg else self.torch_op(*args)
         dims = self.validate(*args) if validate else None
         t = args[self._si]
-        backend = self.choose(t.device, t.dtype, backend)
+        chosen = self.choose(t.device, t.dtype, backend)  # a constant under torch.compile
+        if builtin is not None and chosen == "reference":
+            return builtin(*args)
+        if torch.compiler.is_compiling():
+            return self.torch_op(*args, backend or "") if self._backend_arg else self.torch_op(*args)
         if dims is not None and self.spec.grid_y:
-            self.check_grid(backend, dims)
-        return self.launch(backend, *args)
+            self.check_grid(chosen, dims)
+        return self.launch(chosen, *args)
 
     def launch(self, backend: str, *args):
         """The eager path on a backend :meth:`choose` returned, for validated arguments."""

@@ -40,7 +40,6 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -53,7 +52,7 @@ from torch import nn
 
 from getfast.io import atomic_write_bytes
 from getfast.limits import MAX_SEED
-from getfast.options import check_bool, check_device, check_number, flag
+from getfast.options import check_bool, check_device, check_number, check_path
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
 from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, unwrap
 from getfast.train.export import export_product
@@ -85,8 +84,7 @@ class LoopConfig:
     progress: bool = True               # show a progress bar on rank 0
 
     def __post_init__(self):
-        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
-            raise ValueError(f"{flag('out')} must be a folder path, got {self.out!r}")
+        check_path("out", self.out)
         for name in ("batch", "log_every", "ckpt_every", "keep_ckpts"):
             check_number(name, getattr(self, name), lo=1, integer=True)
         check_number("grid_n", self.grid_n, lo=0, integer=True)

@@ -52,9 +52,20 @@ def _bwd_cpp(grad, a, f, g, sigma, stats, c):
     return (ga.to(half), gf.to(half), gg.to(half)) if half else (ga, gf, gg)
 
 
+def _positive(sigma) -> None:
+    """σ > 0 checked on the device, no host sync (the C++ kernel raises a ValueError itself)."""
+    torch._assert_async(torch.all(sigma > 0), "sim_loss: sigma must be > 0")
+
+
+def _builtin(a, f, g, sigma, c):
+    _positive(sigma)
+    return naive.sim_loss(a, f, g, sigma, c), None
+
+
 def _fwd_triton(a, f, g, sigma, c):
     from getfast.kernels import sim_loss as K
 
+    _positive(sigma)
     acc = acc_dtype(a.dtype)
     loss, stats = a.new_empty(a.shape[0], dtype=acc), a.new_empty((a.shape[0], 2), dtype=acc)
     K.sim_loss_fwd(a, f, g, sigma.to(acc).contiguous(), c, loss, stats)
@@ -86,6 +97,7 @@ def _cuda(kind: str, tensors: list, ints: list, reals: list, grid, dtype, device
 
 
 def _fwd_cuda(a, f, g, sigma, c):
+    _positive(sigma)
     B, acc = a.shape[0], acc_dtype(a.dtype)
     loss, stats = a.new_empty(B, dtype=acc), a.new_empty((B, 2), dtype=acc)
     _cuda("fwd", [a, f, g, sigma.to(acc).contiguous(), loss, stats], [B, a.numel() // B], [c], (B,), a.dtype,
@@ -138,6 +150,7 @@ SIM_LOSS = define_op(OpSpec(
                            a.new_empty((a.shape[0], 2), dtype=acc_dtype(a.dtype))),
     check=_check, backward=(_setup, _backward), native={"cpp": "sim_loss_fwd_cpu", "cuda": "sim_loss_fwd_cuda"},
     cupy=True,
+    builtin=_builtin,  # eager PyTorch under autograd: what the fused kernels must beat to become a default
 ))
 
 
@@ -154,15 +167,7 @@ def sim_loss(d_teacher: torch.Tensor, d_fake: torch.Tensor, x_g: torch.Tensor, s
         sigma = check_real("sigma", sigma, positive=True)
         if isinstance(d_teacher, torch.Tensor):
             sigma = torch.full(d_teacher.shape[:1], sigma, dtype=acc_dtype(d_teacher.dtype), device=d_teacher.device)
-    SIM_LOSS.validate(d_teacher, d_fake, x_g, sigma, c)
-    backend = SIM_LOSS.choose(d_teacher.device, d_teacher.dtype)
-    if backend != "cpp":  # the C++ kernel raises ValueError itself; elsewhere a device-side assert
-        torch._assert_async(torch.all(sigma > 0), "sim_loss: sigma must be > 0")
-        if backend == "reference":
-            return naive.sim_loss(d_teacher, d_fake, x_g, sigma, c)
-    if torch.compiler.is_compiling():
-        return SIM_LOSS.torch_op(d_teacher, d_fake, x_g, sigma, c)[0]
-    return SIM_LOSS.launch(backend, d_teacher, d_fake, x_g, sigma, c)[0]
+    return SIM_LOSS(d_teacher, d_fake, x_g, sigma, c)[0]
 
 
 def sim_loss_reference(d_teacher, d_fake, x_g, sigma, c: float) -> torch.Tensor:
