@@ -206,6 +206,13 @@ def check_student_meta(meta: dict, path) -> dict:
 
 def load_state(net, state: dict, path, strict: bool = True):
     """``net.load_state_dict(state)``; weights that do not fit are one line naming ``path`` and what differs."""
+    check_fits(net, state, path, strict)
+    return net.load_state_dict(state, strict=strict)
+
+
+def check_fits(net, state: dict, path, strict: bool = True, what: str = "the network its metadata describes") -> None:
+    """``ValueError`` naming ``path`` and what differs when ``state`` does not fit ``net`` (shapes; with ``strict``,
+    missing and unexpected names too); loads nothing."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -220,6 +227,4 @@ def load_state(net, state: dict, path, strict: bool = True):
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if strict and extra:
             parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-        raise ValueError(f"{path}: its weights do not fit the network its metadata describes: "
-                         f"{'; '.join(parts)}")
-    return net.load_state_dict(state, strict=strict)
+        raise ValueError(f"{path}: its weights do not fit {what}: {'; '.join(parts)}")

@@ -142,6 +142,18 @@ def test_invalid_options_fail_before_any_work(capsys, tmp_path, teacher, monkeyp
     assert not out.exists()
 
 
+def test_warm_start_of_another_network_is_one_line_before_any_work(capsys, tmp_path, teacher):
+    out = tmp_path / "run"
+    get_student = Path(__file__).resolve().parents[1] / "getfast/assets/students/get-n2-fashion-mnist.safetensors"
+    _user_error(capsys, ["distill", "sim", "--teacher", teacher, "--warm-start", str(get_student), "--out", str(out),
+                         "--device", "cpu", "--no-progress"],
+                "get-n2-fashion-mnist.safetensors", "do not fit the student this run trains", cmd="distill sim")
+    _user_error(capsys, ["distill", "gdd", "--teacher", teacher, "--warm-start", str(tmp_path / "nope.safetensors"),
+                         "--data", "digits", "--out", str(out), "--device", "cpu", "--no-progress"],
+                "--warm-start", "is not a file", cmd="distill gdd")
+    assert not out.exists()
+
+
 def test_fid_with_a_missing_gen_fails_at_once(capsys, tmp_path, monkeypatch):
     import getfast.metrics.fid as fid
     monkeypatch.setattr(fid, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from getfast.train import LoopConfig, train
-from getfast.train.loop import _tf32
+from getfast.train.distributed import tf32
 from getfast.train.step import adam
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -111,9 +111,9 @@ def test_tf32_setting_applies_to_cuda_only_and_is_restored():
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with _tf32(torch.device("cpu"), True):
+        with tf32(torch.device("cpu"), True):
             assert not torch.backends.cuda.matmul.allow_tf32
-        with _tf32(torch.device("cuda", 0), True):  # only flags: no GPU is needed to set them
+        with tf32(torch.device("cuda", 0), True):  # only flags: no GPU is needed to set them
             assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:

@@ -342,6 +342,40 @@ def test_resume_accepts_an_option_added_later_at_its_default(tmp_path):
     assert resumed.steps == [3, 4, 5]
 
 
+def test_warm_start_from_an_exported_product(tmp_path):
+    """--warm-start: the product module and its EMA start from an exported student (here: trained, then continued
+    at lr 0, so the new export must be those weights exactly); a file that is missing, damaged or of another
+    network is one ValueError before the run folder exists; a resume restores its checkpoint instead."""
+    first = fit(Toy(), loop(tmp_path / "a"))
+    from getfast.weights import read_weights
+    warm, _ = read_weights(first)
+    second = fit(Toy(lr=0.0), loop(tmp_path / "b", warm_start=str(first)))
+    got, _ = read_weights(second)
+    assert states_equal(got, warm) == 0.0
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["loop"]["warm_start"] == str(first)
+    fresh, _ = read_weights(fit(Toy(lr=0.0), loop(tmp_path / "c")))
+    assert states_equal(fresh, warm) > 0  # without it the run starts from the method's own initialisation
+
+    other = Toy()
+    other.modules["net"][2] = nn.Linear(16, 5)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(first.read_bytes()[:-3] + b"xyz")
+    for path, match in ((tmp_path / "none.safetensors", "is not a file"), (bad, "damaged or was altered")):
+        with pytest.raises(ValueError, match=match):
+            train(Toy(), loop(tmp_path / "d", warm_start=str(path)))
+    with pytest.raises(ValueError, match=r"do not fit the student this run trains: 2 tensor\(s\) differ in shape"):
+        train(other, loop(tmp_path / "d", warm_start=str(first)))
+    assert not (tmp_path / "d").exists()
+
+    ends = []
+    for name, warm_arg in (("e", str(first)), ("f", "")):  # a resume continues its checkpoint, warm start or not
+        train(Toy(), loop(tmp_path / name, kimg=0.03))
+        train(Toy(), loop(tmp_path / name, kimg=0.06, resume=True, warm_start=warm_arg))
+        ends.append(read_weights(export_product(Toy(), loop(tmp_path / name)))[0])
+    assert states_equal(*ends) == 0.0
+
+
 def test_loop_config_ranges():
     for bad, name in ((dict(grid_every=-1), "grid_every"), (dict(seed=-1), "seed"), (dict(kimg=float("inf")), "kimg"),
                       (dict(batch=1.5), "batch"), (dict(ema_rampup=float("nan")), "ema_rampup"),

@@ -2,6 +2,7 @@
 shares, and the module under its DDP / ``torch.compile`` wrappers."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -57,3 +58,18 @@ def unwrap(m: nn.Module) -> nn.Module:
     """The module inside its DDP and ``torch.compile`` wrappers (what is checkpointed and exported)."""
     m = getattr(m, "module", m)  # DDP
     return getattr(m, "_orig_mod", m)  # torch.compile
+
+
+@contextlib.contextmanager
+def tf32(device: torch.device, on: bool):
+    """TF32 tensor cores for float32 matmuls/convolutions on CUDA (about 8x the float32 rate on A100/H100, with
+    a 10-bit mantissa in the products); the previous settings come back afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

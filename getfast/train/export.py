@@ -1,5 +1,5 @@
 """The product of a run: the EMA weights of its newest good checkpoint, saved as safetensors with the
-method's metadata."""
+method's metadata; and the way back in, a run started from an exported product (``--warm-start``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,3 +37,15 @@ def export_product(method, cfg) -> Path | None:
     if world > 1:
         dist.barrier()
     return path if rank == 0 else None
+
+
+def warm_start(method, path) -> dict:
+    """The weights of an exported student at ``path`` (checksummed), checked to fit the method's product module
+    tensor by tensor: ``ValueError`` naming the file and what differs, before any work. Returns the state."""
+    from getfast.weights import check_fits, read_weights
+    if not Path(path).is_file():
+        raise ValueError(f"warm_start (--warm-start): {path} is not a file (an exported student .safetensors)")
+    state, _ = read_weights(path)
+    check_fits(unwrap(method.modules[method.ema_module]), state, path, what="the student this run trains")
+    return state
+

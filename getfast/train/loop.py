@@ -52,10 +52,10 @@ from torch import nn
 
 from getfast.io import atomic_write_bytes
 from getfast.limits import MAX_SEED
-from getfast.options import check_bool, check_device, check_number, check_path
+from getfast.options import check_bool, check_device, check_number, check_path, check_text
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
-from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, unwrap
-from getfast.train.export import export_product
+from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, tf32, unwrap
+from getfast.train.export import export_product, warm_start
 from getfast.train.rng import RunInfo, data_indices, seed_everything
 from getfast.train.run_dir import JsonlLog, prepare_out, run_lock
 from getfast.train.step import EMA, Updater, check_batch_fits, phases, set_lr, write_grid
@@ -82,6 +82,7 @@ class LoopConfig:
     tf32: bool = True                   # CUDA: TF32 tensor cores for float32 matmuls and convolutions
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     progress: bool = True               # show a progress bar on rank 0
+    warm_start: str = ""                # exported student (.safetensors) that starts the product and its EMA (optimizers, fake score, discriminator start fresh; a resume restores its checkpoint instead)
 
     def __post_init__(self):
         check_path("out", self.out)
@@ -99,6 +100,7 @@ class LoopConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
         check_device("device", self.device)
+        check_text("warm_start", self.warm_start, "a path to an exported student (.safetensors)", empty=True)
 
     def total_steps(self) -> int:
         """Optimiser steps for ``kimg`` thousand samples (rounded so 0.57 kimg is 570 samples, not 570.0000001)."""
@@ -133,9 +135,10 @@ def check_method(method) -> None:
                          f"{sorted(method.modules)}")
 
 
-def train(method, cfg: LoopConfig, evaluator=None) -> dict:
+def train(method, cfg: LoopConfig, evaluator=None, warm: dict | None = None) -> dict:
     """Run ``method`` for ``cfg.kimg`` thousand samples in the run folder ``cfg.out``; returns the last log record.
-    ``evaluator``: a :class:`getfast.metrics.train_eval.Evaluator` (FID every N kimg, TensorBoard), or None.
+    ``evaluator``: a :class:`getfast.metrics.train_eval.Evaluator` (FID every N kimg, TensorBoard), or None;
+    ``warm``: the checked ``--warm-start`` weights when the caller read them already (:func:`fit`).
 
     Refuses to start a fresh run in a folder that holds an earlier one (``cfg.resume`` continues it,
     ``cfg.overwrite`` deletes it) and while another run holds the folder's lock.
@@ -147,47 +150,36 @@ def train(method, cfg: LoopConfig, evaluator=None) -> dict:
     if cfg.batch % world:
         raise ValueError(f"batch {cfg.batch} is not divisible by the number of processes {world}")
     check_batch_fits(method, cfg, device, world)
+    if warm is None and cfg.warm_start:
+        warm = warm_start(method, cfg.warm_start)  # a bad file: refused before any work
     out = Path(cfg.out)
     with contextlib.ExitStack() as held:
         def prepare():  # rank 0 only: lock the folder, then refuse or clear an earlier run in it
             held.enter_context(run_lock(out))
             prepare_out(out, getattr(method, "product", None), resume=cfg.resume, overwrite=cfg.overwrite)
         agree(prepare, rank, world)
-        with _tf32(device, cfg.tf32):
-            return _train(method, cfg, device, rank, world, out, evaluator)
+        with tf32(device, cfg.tf32):
+            return _train(method, cfg, device, rank, world, out, evaluator, warm)
 
 
-@contextlib.contextmanager
-def _tf32(device: torch.device, on: bool):
-    """TF32 tensor cores for float32 matmuls/convolutions on CUDA (about 8x the float32 rate on A100/H100, with
-    a 10-bit mantissa in the products); the previous settings come back afterwards."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, evaluator=None) -> dict:
+def _train(method, cfg: LoopConfig, device, rank: int, world: int, out: Path, evaluator=None, warm=None) -> dict:
     local_batch = cfg.batch // world
     seed_everything(cfg.seed + rank)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
 
+    path, state = latest_good_checkpoint(out, log=print if rank == 0 else (lambda *_: None)) if cfg.resume \
+        else (None, None)
+    if warm is not None and state is None:  # the product starts from the exported weights, its EMA with it
+        unwrap(method.modules[method.ema_module]).load_state_dict(warm)
     for m in method.modules.values():
         m.to(device)
     ema = EMA(method.modules[method.ema_module])
     step, nimg, resumed_from = 0, 0, None
-    if cfg.resume:
-        path, state = latest_good_checkpoint(out, log=print if rank == 0 else (lambda *_: None))
-        if state is not None:
-            restore_state(method, ema, state, rank, cfg, path)
-            step, nimg, resumed_from = state["loop"]["step"], state["loop"]["nimg"], str(path)
-        elif rank == 0:
-            print(f"no checkpoint to resume in {out}: starting from scratch")
+    if state is not None:
+        restore_state(method, ema, state, rank, cfg, path)
+        step, nimg, resumed_from = state["loop"]["step"], state["loop"]["nimg"], str(path)
+    elif cfg.resume and rank == 0:
+        print(f"no checkpoint to resume in {out}: starting from scratch")
     method.run_info = RunInfo(seed=cfg.seed, batch=cfg.batch, rank=rank, world=world)
 
     # --compile: a method whose losses are one dict is compiled as a whole (forward and loss in one graph, whose
@@ -287,7 +279,8 @@ def fit(method, cfg: LoopConfig, evaluator=None) -> Path | None:
     init_distributed(device.type)
     rank, world = dist_info()
     check_batch_fits(method, cfg, device, world)  # before the run folder exists: a refusal leaves nothing behind
+    warm = warm_start(method, cfg.warm_start) if cfg.warm_start else None
     with contextlib.ExitStack() as held:
         agree(lambda: held.enter_context(run_lock(Path(cfg.out))), rank, world)
-        train(method, cfg, evaluator)
+        train(method, cfg, evaluator, warm)
         return export_product(method, cfg)
