@@ -29,13 +29,22 @@ def _log_summary(run_dir: Path) -> dict:
 def pipeline_summary(run_dirs) -> dict:
     """Totals of a multi-stage student (guided: stage 1 then each progressive round), from the run folders of
     every stage that led to it, in order: {"kimg", "wall_time_min", "stages"}. docs/make_results.py reports
-    these, not the last round's alone."""
-    parts = [(Path(d).name, _log_summary(Path(d))) for d in run_dirs]
+    these, not the last round's alone. A stage may be a committed student's card (``NAME.json``), whose own
+    pipeline stands for the stages that led to it (a run warm-started or taught by a committed student)."""
+    parts = [(Path(d).name, _card_pipeline(Path(d)) if str(d).endswith(".json") else _log_summary(Path(d)))
+             for d in run_dirs]
     if not parts:
         raise ValueError("a pipeline needs at least one stage folder")
     return {"kimg": round(sum(s["kimg"] for _, s in parts), 3),
             "wall_time_min": round(sum(s["wall_time_min"] for _, s in parts), 1),
             "stages": "; ".join(f"{name} {s['kimg']:g} kimg, {s['wall_time_min']} min" for name, s in parts)}
+
+
+def _card_pipeline(card: Path) -> dict:
+    """A committed card's totals as one stage: its pipeline's (or its own run's) kimg and wall time."""
+    d = json.loads(card.read_text())
+    done = d.get("pipeline", d)
+    return {"kimg": float(done["kimg"]), "wall_time_min": float(done["wall_time_min"])}
 
 
 def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: dict | None = None,

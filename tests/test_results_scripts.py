@@ -203,3 +203,19 @@ def test_equilibrium_tables_from_records(tmp_path):
     text = "\n".join(get_equilibrium.table(tmp_path))
     assert "| 30 | 300 | 5 | 0.0167 | 0.000111 |" in text
     assert "| fixed_point | anderson |" in text and "| 1 | 80.0 | 81.0 |" in text and "| 6 | 70.0 | – |" in text
+
+
+def test_pipeline_summary_counts_a_committed_students_stages(tmp_path):
+    """A round taught by (or warm-started from) a committed student reports that student's whole pipeline plus its
+    own run, segments of a resumed run summed."""
+    from getfast.cards import pipeline_summary
+    run = tmp_path / "pd-2"
+    run.mkdir()
+    rows = [{"step": 10, "kimg": 12.0, "time": 600.0}, {"step": 5, "kimg": 20.0, "time": 120.0},  # resumed
+            {"step": 30, "kimg": 48.0, "time": 1800.0}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    card = tmp_path / "guided-4-fashion-mnist.json"
+    card.write_text(json.dumps({"kimg": 24.0, "wall_time_min": 17.5, "pipeline": {"kimg": 42.0, "wall_time_min": 30.1}}))
+    got = pipeline_summary([card, run])
+    assert got["kimg"] == 90.0 and got["wall_time_min"] == pytest.approx(30.1 + (600 + 1800) / 60, abs=0.05)
+    assert got["stages"] == "guided-4-fashion-mnist.json 42 kimg, 30.1 min; pd-2 48 kimg, 40.0 min"
