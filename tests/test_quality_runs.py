@@ -1,4 +1,5 @@
 """docs/quality_runs.sh: stages train each run to K kimg, resume once a run has checkpoints, then add a curve point."""
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,20 @@ def test_variants_split_gdd_across_processes(tmp_path):
     assert len(trains) == 1 and "--freeze-innate" in trains[0] and trains[0].endswith("runs/gddi")
     res, calls = run(tmp_path, "gdd", "5", VARIANTS="gdd gdd-i")
     assert res.returncode == 2 and "'gdd-i' is not gdd or gddi" in res.stderr
+
+
+def test_warm_continues_a_committed_student_in_total_kimg(tmp_path):
+    """WARM=1: a new run from the committed weights, stage K trains K minus the card's kimg, curve on the same name."""
+    res, calls = run(tmp_path, "sim", "70", "90", WARM="1")
+    assert res.returncode == 0, res.stderr
+    trains = [c for c in calls if c.startswith("getfast")]
+    base = json.loads((SCRIPT.parent.parent / "getfast/assets/students/sim-fashion-mnist.json").read_text())["kimg"]
+    assert 60 <= base < 61 and [float(c.split("--kimg ")[1].split()[0]) for c in trains] == pytest.approx(
+        [70 - base, 90 - base], abs=1e-3)  # the committed SIM saw 60.032 kimg (938 steps of 64)
+    assert all("--warm-start" in c and c.split("--warm-start ")[1].split()[0].endswith(
+        "getfast/assets/students/sim-fashion-mnist.safetensors") for c in trains)
+    assert ["--resume" in c for c in trains] == [False, True]
+    assert [c for c in calls if c.startswith("curve")][-1].endswith("runs/sim-warm --n 1000 --name sim")
+    assert (tmp_path / "runs" / "sim-warm" / "student-90kimg.safetensors").exists()
+    res, calls = run(tmp_path, "gdd", "60", WARM="1", VARIANTS="gddi")  # the committed GDD-I has 80 kimg
+    assert res.returncode == 2 and "not past the committed gddi-fashion-mnist's 80.0 kimg" in res.stderr
