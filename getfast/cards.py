@@ -31,7 +31,7 @@ def pipeline_summary(run_dirs) -> dict:
     every stage that led to it, in order: {"kimg", "wall_time_min", "stages"}. docs/make_results.py reports
     these, not the last round's alone. A stage may be a committed student's card (``NAME.json``), whose own
     pipeline stands for the stages that led to it (a run warm-started or taught by a committed student)."""
-    parts = [(Path(d).name, _card_pipeline(Path(d)) if str(d).endswith(".json") else _log_summary(Path(d)))
+    parts = [_card_pipeline(Path(d)) if str(d).endswith(".json") else (Path(d).name, _log_summary(Path(d)))
              for d in run_dirs]
     if not parts:
         raise ValueError("a pipeline needs at least one stage folder")
@@ -40,11 +40,12 @@ def pipeline_summary(run_dirs) -> dict:
             "stages": "; ".join(f"{name} {s['kimg']:g} kimg, {s['wall_time_min']} min" for name, s in parts)}
 
 
-def _card_pipeline(card: Path) -> dict:
-    """A committed card's totals as one stage: its pipeline's (or its own run's) kimg and wall time."""
+def _card_pipeline(card: Path) -> tuple[str, dict]:
+    """A committed card as one stage: (its name with its own stages, its pipeline's or its run's totals)."""
     d = json.loads(card.read_text())
     done = d.get("pipeline", d)
-    return {"kimg": float(done["kimg"]), "wall_time_min": float(done["wall_time_min"])}
+    name = card.stem + (f" [{done['stages']}]" if "stages" in done else "")
+    return name, {"kimg": float(done["kimg"]), "wall_time_min": float(done["wall_time_min"])}
 
 
 def write_card(weights: Path, run_dir: Path, command: str, title: str, extra: dict | None = None,

@@ -215,7 +215,9 @@ def test_pipeline_summary_counts_a_committed_students_stages(tmp_path):
             {"step": 30, "kimg": 48.0, "time": 1800.0}]
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     card = tmp_path / "guided-4-fashion-mnist.json"
-    card.write_text(json.dumps({"kimg": 24.0, "wall_time_min": 17.5, "pipeline": {"kimg": 42.0, "wall_time_min": 30.1}}))
+    card.write_text(json.dumps({"kimg": 24.0, "wall_time_min": 17.5, "pipeline": {"kimg": 42.0, "wall_time_min": 30.1,
+                                                                 "stages": "stage1 8 kimg, 5.6 min; pd-4 34 kimg, 24.5 min"}}))
     got = pipeline_summary([card, run])
     assert got["kimg"] == 90.0 and got["wall_time_min"] == pytest.approx(30.1 + (600 + 1800) / 60, abs=0.05)
-    assert got["stages"] == "guided-4-fashion-mnist.json 42 kimg, 30.1 min; pd-2 48 kimg, 40.0 min"
+    assert got["stages"] == ("guided-4-fashion-mnist [stage1 8 kimg, 5.6 min; pd-4 34 kimg, 24.5 min] 42 kimg, 30.1 min; "
+                             "pd-2 48 kimg, 40.0 min")
