@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_writable", "to_uint8",
+__all__ = ["atomic_write_bytes", "atomic_write_with", "FdWriter", "atomic_write_text", "atomic_write_json", "check_writable", "to_uint8",
            "make_grid", "save_grid", "save_images", "png_bytes"]
 
 
@@ -34,9 +34,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
     ``mode``: permission bits of the new file (default: ``0o666`` minus the umask, as ``open`` makes it).
     Raises ``OSError`` naming ``path`` when the folder cannot be made or written, or the disk is full.
     """
-    path = Path(path)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"data for {path} must be bytes, got {type(data).__name__}")
+    return atomic_write_with(path, lambda f: f.write(data), mode)
+
+
+class FdWriter:
+    """A write-only file over an open descriptor, every byte through ``os.write`` (so a full disk surfaces as one
+    ``OSError``); ``digest`` (a hashlib object or None) sees every byte written, in order."""
+
+    def __init__(self, fd: int, digest=None):
+        self.fd, self.digest = fd, digest
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.digest is not None:
+            self.digest.update(view)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def atomic_write_with(path: str | os.PathLike, write, mode: int | None = None) -> Path:
+    """:func:`atomic_write_bytes` for content produced by ``write(f)`` on an :class:`FdWriter` ``f`` (streamed to
+    the temporary file: a multi-GB checkpoint is never a second copy in memory). ``write`` may ``os.lseek(f.fd, …)``
+    to fill in a header last."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -49,10 +76,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         try:
             if mode is not None:
                 os.fchmod(fd, mode)  # not reduced by the umask: the caller asked for these bits
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write(FdWriter(fd))
             os.fsync(fd)
         finally:
             os.close(fd)

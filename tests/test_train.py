@@ -177,6 +177,26 @@ def test_checksum_mismatch_refused(tmp_path):
     assert issubclass(CheckpointError, ValueError)  # the CLI reports it in one line, exit code 2
 
 
+def test_streamed_checkpoint_keeps_the_v1_layout(tmp_path):
+    """Checkpoints are streamed (never a second copy of the payload in memory) in the same layout as before: the
+    header's digest is the sha256 of the rest; a file written in memory the old way still loads."""
+    import hashlib
+    import io as _io
+    from getfast.train.checkpoint import MAGIC
+    state = {"w": torch.randn(3001, dtype=torch.float64), "meta": {"step": 7, "name": "x"}}
+    p = tmp_path / "ckpt-000000001.pt"
+    save_checkpoint(p, state)
+    raw = p.read_bytes()
+    assert raw.startswith(MAGIC) and raw[len(MAGIC) + 64:len(MAGIC) + 65] == b"\n"
+    assert raw[len(MAGIC):len(MAGIC) + 64] == hashlib.sha256(raw[len(MAGIC) + 65:]).hexdigest().encode()
+    assert states_equal(load_checkpoint(p), state) == 0.0
+    buf = _io.BytesIO()
+    torch.save(state, buf)
+    old = tmp_path / "ckpt-000000002.pt"
+    old.write_bytes(MAGIC + hashlib.sha256(buf.getvalue()).hexdigest().encode() + b"\n" + buf.getvalue())
+    assert states_equal(load_checkpoint(old), state) == 0.0
+
+
 def test_latest_good_checkpoint_skips_corrupt_newest(tmp_path):
     old, new = tmp_path / "ckpt-000000010.pt", tmp_path / "ckpt-000000020.pt"
     save_checkpoint(old, {"step": 10})

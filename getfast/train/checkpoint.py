@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from getfast.io import atomic_write_bytes  # noqa: F401  (re-exported: the package's one atomic writer)
+from getfast.io import atomic_write_bytes, atomic_write_with  # noqa: F401  (atomic_write_bytes re-exported)
 from getfast.train.distributed import dist_info, unwrap
 from getfast.train.rng import rng_state, set_rng_state
 
@@ -36,36 +36,73 @@ class CheckpointError(RuntimeError, ValueError):
 
 
 def save_checkpoint(path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    atomic_write_bytes(path, MAGIC + digest + b"\n" + payload)
+    """``torch.save(state)`` behind the header line, streamed into the atomic writer and hashed as it is written
+    (the header's digest is filled in last), so the payload is never a second copy in memory."""
+    def write(f):
+        f.write(MAGIC + b"0" * 64 + b"\n")
+        f.digest = hashlib.sha256()
+        torch.save(state, f)
+        digest, f.digest = f.digest.hexdigest().encode(), None
+        os.lseek(f.fd, len(MAGIC), os.SEEK_SET)
+        f.write(digest)
+    atomic_write_with(path, write)
+
+
+class _Payload(io.RawIOBase):
+    """The bytes of an open file after ``start``, as a file of their own (what ``torch.load`` reads)."""
+
+    def __init__(self, f, start: int):
+        self.f, self.start = f, start
+        f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.f.readinto(b)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos + self.start if whence == 0 else pos, whence) - self.start
+
+    def tell(self) -> int:
+        return self.f.tell() - self.start
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """The state in a checkpoint after checking its header and the sha256 of its payload, read in chunks (memory:
+    the loaded state, not the file's bytes besides)."""
     path = Path(path)
+    start = len(MAGIC) + 65
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 65:
-        raise CheckpointError(f"{path} is not a getfast checkpoint (bad header)")
-    digest, payload = raw[len(MAGIC):len(MAGIC) + 64], raw[len(MAGIC) + 65:]
-    if raw[len(MAGIC) + 64:len(MAGIC) + 65] != b"\n" or hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(f"{path} is corrupt: sha256 of its payload does not match its header")
-    try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: the one thing not to do here
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: its payload holds Python objects{what} that are not tensors or plain "
-                              f"data, which getfast never unpickles (that could run code); getfast writes no such "
-                              f"checkpoint, so this file was made or altered by something else") from None
-    except Exception as e:  # checksum fine but the payload is not a loadable state (written by something else)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise CheckpointError(f"{path}: payload cannot be loaded ({type(e).__name__}: "
-                              f"{lines[0] if lines else ''})") from None
+    with f:
+        try:
+            head, h = f.read(start), hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        if not head.startswith(MAGIC) or len(head) < start:
+            raise CheckpointError(f"{path} is not a getfast checkpoint (bad header)")
+        if head[-1:] != b"\n" or h.hexdigest().encode() != head[len(MAGIC):len(MAGIC) + 64]:
+            raise CheckpointError(f"{path} is corrupt: sha256 of its payload does not match its header")
+        try:
+            return torch.load(_Payload(f, start), map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: the one thing not to do here
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: refused: its payload holds Python objects{what} that are not tensors or plain "
+                                  f"data, which getfast never unpickles (that could run code); getfast writes no such "
+                                  f"checkpoint, so this file was made or altered by something else") from None
+        except Exception as e:  # checksum fine but the payload is not a loadable state (written by something else)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise CheckpointError(f"{path}: payload cannot be loaded ({type(e).__name__}: "
+                                  f"{lines[0] if lines else ''})") from None
 
 
 _CKPT_RE = re.compile(r"ckpt-(\d+)\.pt")
