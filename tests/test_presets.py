@@ -40,9 +40,10 @@ ARCH = {
     "edm-imagenet-64x64-cond-adm.pkl": (64, dict(model_type="DhariwalUNet", model_channels=192,
                                                   channel_mult=[1, 2, 3, 4], dropout=0.1, label_dim=1000)),
 }
-# ADM: 296M parameters; SiD holds the teacher, generator, fake score, EMA, gradients and two Adam states, and the
-# checkpoint is serialised in memory before its atomic write: the process was OOM-killed at 21 GB resident on a
-# 23 GB machine. These run where that much memory is free.
+# ADM: 296M parameters; SiD holds the teacher, generator, fake score, EMA, gradients and two Adam states (~12 GB),
+# and the export loads the whole last checkpoint beside them: the process was OOM-killed at 21 GB resident on a
+# 23 GB machine (then the checkpoint was also serialised in memory; it is streamed since). These run where that
+# much memory is free.
 BIG = {"edm-imagenet-64x64-cond-adm.pkl": 32}  # GiB of available memory needed
 
 
