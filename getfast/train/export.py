@@ -48,4 +48,3 @@ def warm_start(method, path) -> dict:
     state, _ = read_weights(path)
     check_fits(unwrap(method.modules[method.ema_module]), state, path, what="the student this run trains")
     return state
-
