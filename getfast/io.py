@@ -48,12 +48,13 @@ class FdWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        size = view.nbytes
         if self.digest is not None:
             self.digest.update(view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        return size
 
     def flush(self) -> None:
         pass

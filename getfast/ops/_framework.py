@@ -354,15 +354,14 @@ class Op:
         """Run the op. On the ``reference`` backend of an op with a :attr:`OpSpec.builtin`, that built-in
         (traced as itself by ``torch.compile``); else, under ``torch.compile``, the ``torch.library`` op,
         and eagerly the launcher itself, inside an autograd function when an input requires grad."""
-        builtin = self.spec.builtin
-        if torch.compiler.is_compiling() and builtin is None:
-            return self.torch_op(*args, backend or "") if self._backend_arg else self.torch_op(*args)
-        dims = self.validate(*args) if validate else None
-        t = args[self._si]
-        chosen = self.choose(t.device, t.dtype, backend)  # a constant under torch.compile
-        if builtin is not None and chosen == "reference":
-            return builtin(*args)
-        if torch.compiler.is_compiling():
+        builtin, compiling = self.spec.builtin, torch.compiler.is_compiling()
+        if builtin is not None or not compiling:  # compiled ops without a built-in choose inside the library op
+            dims = self.validate(*args) if validate else None
+            t = args[self._si]
+            chosen = self.choose(t.device, t.dtype, backend)  # a constant under torch.compile
+            if builtin is not None and chosen == "reference":
+                return builtin(*args)
+        if compiling:
             return self.torch_op(*args, backend or "") if self._backend_arg else self.torch_op(*args)
         if dims is not None and self.spec.grid_y:
             self.check_grid(chosen, dims)
