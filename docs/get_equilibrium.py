@@ -113,7 +113,10 @@ def to_tolerance(path: str, tols: list[float], solvers: list[str], n: int, max_i
     return out
 
 
-def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str, ref_n: int, save=None) -> dict:
+def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str, ref_n: int, save=None,
+              previous: dict | None = None) -> dict:
+    """FID per (solver, iterations); the points of ``previous`` (an earlier record of the same student, n, ref
+    and ref_n) are kept and not measured again, so a table grows by its new points only."""
     import torch
     from getfast.metrics.fid import evaluate
     from make_results import seeded_sample_fn
@@ -121,9 +124,14 @@ def fid_iters(path: str, iters: list[int], solvers: list[str], n: int, ref: str,
     base = net.config
     shape = (net.in_channels, *net.img_resolution)
     classes = getattr(net, "num_classes", 0)
-    out = {"student": _shown(path), "state": base.state, "n": n, "ref": ref, "points": []}
+    out = {"student": _shown(path), "state": base.state, "n": n, "ref": ref, "ref_n": ref_n, "points": []}
+    if previous is not None and all(previous.get(k) == out[k] for k in ("student", "state", "n", "ref", "ref_n")):
+        out["points"] = list(previous["points"])
+    done = {(p["solver"], p["iters"]) for p in out["points"]}
     for solver in solvers:
         for k in iters:
+            if (solver, k) in done:
+                continue
             net.config = dataclasses.replace(base, solver=solver, eval_iters=k, tol=None,
                                              solver_kwargs={"m": 5} if solver == "anderson" else {})
             t0 = time.time()
@@ -185,7 +193,8 @@ def table(folder: Path = OUT) -> list[str]:
             solvers = list(dict.fromkeys(pt["solver"] for pt in r["points"]))
             its = sorted({pt["iters"] for pt in r["points"]})
             val = {(pt["solver"], pt["iters"]): pt["fid"] for pt in r["points"]}
-            lines += [f"{p.name.split('.')[0]} (state {r['state']}, FID of {r['n']} samples vs {r['ref']}):", "",
+            lines += [f"{p.name.split('.')[0]} (state {r['state']}, FID of {r['n']} samples vs {r['ref']}"
+                      + (f", {r['ref_n']} images" if "ref_n" in r else "") + "):", "",
                       "| iterations | " + " | ".join(solvers) + " |", "| --- | " + " | ".join("---" for _ in solvers) + " |"]
             for k in its:
                 cells = [f"{val[(s, k)]:.1f}" if (s, k) in val else "–" for s in solvers]
@@ -229,8 +238,9 @@ def main(argv=None) -> int:
             atomic_write_json(OUT / f"{_name(s)}.tol.json", to_tolerance(s, a.tols, a.solvers, a.n))
     elif a.cmd == "fid-iters":
         dest = OUT / f"{_name(a.student)}.fid.json"
+        previous = json.loads(dest.read_text()) if dest.exists() else None
         atomic_write_json(dest, fid_iters(a.student, a.iters, a.solvers, a.n, a.ref, a.ref_n,
-                                          save=lambda rec: atomic_write_json(dest, rec)))
+                                          save=lambda rec: atomic_write_json(dest, rec), previous=previous))
     else:
         print("\n".join(table()))
     return 0

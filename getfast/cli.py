@@ -158,13 +158,6 @@ def _check_out(path, kind: str) -> None:
         raise UsageError(f"out (--out) {path}: cannot write there: {e.strerror}") from None
 
 
-def _set_tf32(on: bool, devices) -> None:
-    import torch
-    if any(str(d).startswith("cuda") or (d == "auto" and torch.cuda.is_available()) for d in devices):
-        torch.backends.cuda.matmul.allow_tf32 = bool(on)
-        torch.backends.cudnn.allow_tf32 = bool(on)
-
-
 # --- commands: prepare(ns) builds and checks everything, then returns the job ---------------------
 
 def _prep_train_teacher(ns):
@@ -494,8 +487,10 @@ def _main(argv) -> int:
                 job, cfg = ns.prepare(ns)
             except TypeError as e:  # a config refused an option's type
                 raise UsageError(str(e)) from None
-            _set_tf32(getattr(ns, "tf32", True), [getattr(ns, "device", "auto")])
-            rc = job()
+            from getfast.sampling.sampler import resolve_device
+            from getfast.train.distributed import tf32
+            with tf32(resolve_device(getattr(ns, "device", "auto")), getattr(ns, "tf32", True)):
+                rc = job()
         except (ValueError, CheckpointError) as e:
             print(f"getfast {cmd}: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USAGE

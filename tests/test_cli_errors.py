@@ -321,20 +321,32 @@ def test_subprocess_user_error_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == "getfast sample: error: steps (--steps) must be an integer >= 1, got 0"
 
 
-def test_tf32_flag_sets_cuda_matmul_and_cudnn(monkeypatch):
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        cli._set_tf32(True, ["cuda"])
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        cli._set_tf32(False, ["cuda:0"])
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        cli._set_tf32(True, ["cpu"])  # CPU runs leave the settings alone
-        assert not torch.backends.cuda.matmul.allow_tf32
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        cli._set_tf32(True, ["auto"])  # auto picks CUDA when there is one
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def test_every_command_runs_inside_the_tf32_context_of_its_device(tmp_path, monkeypatch):
+    # the flags themselves (CUDA only, restored afterwards): test_loop_compile's test of distributed.tf32
+    import contextlib
+
+    import getfast.sampling as sampling
+    from getfast.train import distributed
+    seen = []
+
+    @contextlib.contextmanager
+    def recorder(device, on):
+        seen.append((device.type, on))
+        try:
+            yield
+        finally:
+            seen.append("restored")
+    monkeypatch.setattr(distributed, "tf32", recorder)
+
+    def job(*a, **k):
+        seen.append("job")
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(sampling, "sample_grid", job)
+    for flags, on in (([], True), (["--no-tf32"], False)):
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            main(["sample", "--device", "cpu", "--out", str(tmp_path / "x.png")] + flags)
+        assert seen == [("cpu", on), "job", "restored"]
     assert _parse(["sample", "--no-tf32"]).tf32 is False and _parse(["make-pairs", "--n", "1"]).tf32 is True
 
 

@@ -136,3 +136,29 @@ def test_residual_measurement_of_exported_students(tmp_path):
             tokens_width = 16 * 64  # 8×8 at patch 2, width 64
             assert all(abs(r["state_norm"] ** 2 / tokens_width - 1) < 1e-3 for r in rec["rows"])
             assert all(abs(r["rel"] / r["norm_rel"] - 1) < 1e-3 for r in rec["rows"])
+
+
+def test_fid_iters_measures_only_the_points_a_record_lacks(tmp_path, monkeypatch):
+    """docs/get_equilibrium.py fid-iters: a table grows by its new points; a record of another protocol (n, ref,
+    ref_n) is measured again, not mixed in."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+    get_equilibrium = pytest.importorskip("get_equilibrium")
+    import getfast.metrics.fid as fid
+    cfg = GETDistillConfig(pairs="in-memory", model="GET-P/2", eval_iters=2)
+    product = str(fit(GETDistillMethod(cfg, data=_Pairs()), LoopConfig(
+        out=str(tmp_path / "run"), kimg=0.008, batch=4, log_every=2, ckpt_every=100, grid_every=0, progress=False)))
+    calls = []
+
+    def evaluate(sample_fn, ref, n, **kw):
+        calls.append(n)
+        return {"fid": 100.0 + len(calls)}
+    monkeypatch.setattr(fid, "evaluate", evaluate)
+    rec = get_equilibrium.fid_iters(product, [1, 2], ["fixed_point"], 3, "ref.npz", 5)
+    assert len(calls) == 2 and rec["ref_n"] == 5
+    grown = get_equilibrium.fid_iters(product, [1, 2, 4], ["fixed_point"], 3, "ref.npz", 5, previous=rec)
+    assert len(calls) == 3 and [p["iters"] for p in grown["points"]] == [1, 2, 4]
+    assert grown["points"][:2] == rec["points"]  # kept as measured
+    other = get_equilibrium.fid_iters(product, [1], ["fixed_point"], 3, "ref.npz", 10, previous=grown)
+    assert len(calls) == 4 and [p["iters"] for p in other["points"]] == [1]

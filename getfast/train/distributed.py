@@ -1,5 +1,6 @@
-"""Processes and devices: the torchrun process group, the device a run uses, rank-0 decisions every rank
-shares, and the module under its DDP / ``torch.compile`` wrappers."""
+"""Processes: the torchrun process group, TF32 on CUDA, rank-0 decisions every rank shares, and the module
+under its DDP / ``torch.compile`` wrappers (the device a run uses: ``getfast.sampling.sampler.resolve_device``,
+the one rule for ``--device``)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,16 +25,6 @@ def init_distributed(device: str) -> None:
         dist.init_process_group(backend=backend)
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
-    if device == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
 
 
 def agree(fn, rank: int, world: int):
