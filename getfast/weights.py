@@ -80,6 +80,18 @@ def weights_digest(header: dict, data) -> str:
     return h.hexdigest()
 
 
+def state_digest(module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes and bytes, in name order): what identifies the
+    frozen networks a run learns from, whatever file or folder they were read from."""
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _metadata_digest(md: dict) -> str:
     return hashlib.sha256(json.dumps(md, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

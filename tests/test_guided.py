@@ -208,6 +208,27 @@ def test_cli_guided_all_stages_resume_and_sample(teacher_file, tmp_path, one_thr
     assert torch.isfinite(x4).all() and x0.shape == (3, 1, 8, 8)
 
 
+def test_cli_guided_round_resume_refuses_a_changed_init(teacher_file, tmp_path, one_thread, capsys):
+    """A round reads its teacher (--init) again on --resume: a file overwritten since (a newer export of the
+    previous round) is refused with one line naming --init, instead of a run taught by two teachers."""
+    import shutil
+
+    from getfast.cli import main
+    assert main(_args(teacher_file, tmp_path / "a", ["--stage", "cfg"])) == 0
+    assert main(_args(teacher_file, tmp_path / "b", ["--stage", "cfg", "--seed", "1"])) == 0
+    init = tmp_path / "init.safetensors"
+    shutil.copy(tmp_path / "a" / "student.safetensors", init)
+    rnd = ["--stage", "pd", "--steps", "2", "--init", str(init), "--kimg", "0.008"]
+    assert main(_args(teacher_file, tmp_path / "r", rnd)) == 0
+    shutil.copy(tmp_path / "b" / "student.safetensors", init)  # same path, other weights
+    capsys.readouterr()
+    assert main(_args(teacher_file, tmp_path / "r", rnd[:-1] + ["0.016", "--resume"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "init (--init)" in err and "refusing to resume" in err, err
+    shutil.copy(tmp_path / "a" / "student.safetensors", init)  # the original weights: the resume goes on
+    assert main(_args(teacher_file, tmp_path / "r", rnd[:-1] + ["0.016", "--resume"])) == 0
+
+
 def test_cli_guided_single_round_checks_its_teacher(teacher_file, tmp_path, one_thread):
     from getfast.cli import main
     assert main(_args(teacher_file, tmp_path / "s1", ["--stage", "cfg"])) == 0

@@ -720,6 +720,30 @@ def test_resume_on_other_data_refused(tmp_path):
     train(Fingerprinted({"pairs": 80, "sha256": "b"}), loop(old, kimg=0.06, resume=True))
 
 
+def test_resume_refuses_a_teacher_whose_weights_changed(tmp_path):
+    """A frozen network read from a path (teacher, a round's --init) is read again on resume; when the file or
+    run folder behind the path changed since the run started, the resume is refused naming the option; the same
+    weights resume; a checkpoint written without digests is trusted."""
+    class Taught(Toy):
+        def __init__(self, teacher_bias):
+            super().__init__()
+            self.teacher = nn.Linear(4, 4)
+            nn.init.constant_(self.teacher.bias, teacher_bias)
+
+        def frozen(self):
+            return {"teacher": self.teacher}
+
+    train(Taught(0.5), loop(tmp_path, kimg=0.03))
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(CheckpointError, match=r"other weights than teacher \(--teacher\) holds now"):
+        train(Taught(0.25), loop(tmp_path, kimg=0.06, resume=True))
+    assert (tmp_path / "config.json").read_text() == before
+    train(Taught(0.5), loop(tmp_path, kimg=0.06, resume=True))
+    old = tmp_path / "old"
+    train(Toy(), loop(old, kimg=0.03))  # written without digests
+    train(Taught(0.25), loop(old, kimg=0.06, resume=True))
+
+
 def test_resume_refuses_a_changed_schedule_or_a_shorter_kimg(tmp_path):
     """Issue 27: --warmup-kimg, --ema-halflife-kimg and --ema-rampup shape the run like --lr does: a resume with
     another value is refused (naming the option) and config.json is not rewritten; a --kimg below what the

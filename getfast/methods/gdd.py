@@ -493,6 +493,10 @@ class GDDMethod:
         }
         self.grad_clip = cfg.grad_clip
 
+    def frozen(self):
+        """The networks read from a path that a resume must find unchanged (train.checkpoint)."""
+        return {"teacher": self.teacher}
+
     def config(self):
         return {"method": "gdd", **asdict(self.cfg)}
 

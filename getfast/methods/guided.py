@@ -178,6 +178,11 @@ class GuidedMethod:
         self.grad_clip = cfg.grad_clip
         self.lr_options = {"student": "lr" if self.stage == "cfg" else "lr_pd"}
 
+    def frozen(self):
+        """The networks read from a path that a resume must find unchanged (train.checkpoint): stage 1's EDM
+        teacher, or the previous round's student a round learns from (--init)."""
+        return {"teacher" if self.stage == "cfg" else "init": self.teacher}
+
     def config(self):
         return {"method": "guided", **asdict(self.cfg), "stage": self.stage}
 

@@ -151,6 +151,10 @@ class SIMMethod:
         self.c = cfg.c or 1e-3 * n_pix**0.5
         self.dsm = EDMLoss()
 
+    def frozen(self):
+        """The networks read from a path that a resume must find unchanged (train.checkpoint)."""
+        return {"teacher": self.teacher}
+
     def config(self):
         return {"method": "sim", **asdict(self.cfg)}
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from getfast.io import atomic_write_bytes, atomic_write_with  # noqa: F401  (atomic_write_bytes re-exported)
+from getfast.options import flag
 from getfast.train.distributed import dist_info, unwrap
 from getfast.train.rng import rng_state, set_rng_state
 
@@ -174,6 +175,8 @@ def save_state(method, ema, out: Path, step: int, nimg: int, cfg, rank: int) -> 
                  "ema": ema.module.state_dict(), "rng": rngs}
         if hasattr(method, "data_fingerprint"):
             state["data"] = method.data_fingerprint()
+        if hasattr(method, "frozen"):
+            state["frozen"] = frozen_digests(method)
         save_checkpoint(out / f"ckpt-{step:09d}.pt", state)
         prune_checkpoints(out, cfg.keep_ckpts, current_step=step)
     if world > 1:
@@ -222,6 +225,17 @@ def restore_state(method, ema, state: dict, rank: int, cfg, path) -> None:
         if now != state["data"]:
             raise CheckpointError(f"{path} was trained on different data, refusing to resume: {state['data']} "
                                   f"(checkpoint) vs {now} (now); train on the original data, or start a new run")
+    # The frozen networks (teacher, the round's --init) are read again from their path on resume; the file or
+    # the run folder behind it may have changed since (a newer export, a teacher run that trained on): continuing
+    # under another teacher is not a resume. Checkpoints written before this check carry no digests.
+    if state.get("frozen") is not None and hasattr(method, "frozen"):
+        now, then = frozen_digests(method), state["frozen"]
+        changed = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if changed:
+            raise CheckpointError(f"{path} was trained from other weights than {', '.join(map(flag, changed))} "
+                                  f"holds now (the file or run folder changed since the run started), refusing to "
+                                  f"resume: restore those weights, or start a new run (--warm-start continues from "
+                                  f"this run's student)")
     rngs = state["rng"]
     if len(rngs) != dist_info()[1]:
         raise CheckpointError(f"{path} holds RNG states of {len(rngs)} processes, this run has {dist_info()[1]}")
@@ -231,6 +245,14 @@ def restore_state(method, ema, state: dict, rank: int, cfg, path) -> None:
         o.load_state_dict(state["optimizers"][k])
     ema.module.load_state_dict(state["ema"])
     set_rng_state(rngs[rank])
+
+
+def frozen_digests(method) -> dict[str, str]:
+    """{option: weights.state_digest} of the frozen networks ``method.frozen()`` names, computed once per run."""
+    from getfast.weights import state_digest
+    if getattr(method, "_frozen_digests", None) is None:
+        method._frozen_digests = {k: state_digest(m) for k, m in method.frozen().items() if m is not None}
+    return method._frozen_digests
 
 
 def _added_at_default(method, missing: set[str]) -> set[str]:

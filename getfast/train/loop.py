@@ -17,6 +17,8 @@ A method (the :class:`Method` protocol) declares what it trains; the loop perfor
   ``sample_grid(ema, n) -> Tensor``  (optional) images in [-1, 1] for the periodic PNG grid
   ``config() -> dict``  what must match for a checkpoint to be resumed
   ``data_fingerprint() -> dict | None`` (optional) what identifies stored training data; must match on resume
+  ``frozen() -> {option: module}`` (optional) the frozen networks read from a path (teacher, --init); their
+                   weights' digests must match on resume
   ``product``, ``product_metadata()``  file name and safetensors metadata of the exported EMA weights
   ``lr_options`` (optional) dict optimizer name -> config field of its learning rate, for error messages
   ``pop_warnings() -> list[str]`` (optional) read at log time; each message is written to the log once
