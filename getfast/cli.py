@@ -487,8 +487,7 @@ def _main(argv) -> int:
                 job, cfg = ns.prepare(ns)
             except TypeError as e:  # a config refused an option's type
                 raise UsageError(str(e)) from None
-            from getfast.sampling.sampler import resolve_device
-            from getfast.train.distributed import tf32
+            from getfast.train.distributed import resolve_device, tf32
             with tf32(resolve_device(getattr(ns, "device", "auto")), getattr(ns, "tf32", True)):
                 rc = job()
         except (ValueError, CheckpointError) as e:

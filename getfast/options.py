@@ -220,11 +220,12 @@ def check_path(name: str, value):
     return value
 
 
-def check_device(name: str, value) -> str:
-    """``value`` if it is spelled auto | cpu | cuda | cuda:N (whether it exists here is decided where it is used)."""
-    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda")
-                                          or (value.startswith("cuda:") and value[5:].isdigit())):
-        raise ValueError(f"{flag(name)} must be auto, cpu, cuda or cuda:N, got {value!r}")
+def check_device(name: str, value, auto: bool = True) -> str:
+    """``value`` if it is spelled auto | cpu | cuda | cuda:N (``auto`` only where ``auto``; whether the device
+    exists here is decided where it is used)."""
+    names = ("auto", "cpu", "cuda") if auto else ("cpu", "cuda")
+    if not isinstance(value, str) or not (value in names or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ValueError(f"{flag(name)} must be {'auto, ' if auto else ''}cpu, cuda or cuda:N, got {value!r}")
     return value
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from getfast.metrics import fid as F
-from getfast.metrics.grids import save_images
+from getfast.io import save_images
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from getfast.metrics.grids import make_grid, save_grid, save_images, to_uint8
+from getfast.io import make_grid, save_grid, save_images, to_uint8
 from getfast.metrics.plots import _centred_mean, curves, plot_curves, read_jsonl
 
 

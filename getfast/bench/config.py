@@ -1,10 +1,9 @@
 """The benchmarks' configuration: names per device and :class:`BenchConfig` (re-exported by getfast.bench)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from getfast.options import check_bool, check_number, check_text
+from getfast.options import check_bool, check_device, check_number, check_text
 
 CPU_BENCHMARKS = ("deq", "overhead", "pairs", "sampling", "sim_loss", "train")
 GPU_BENCHMARKS = ("sampling", "deq", "train", "sim_loss", "attention")  # the most telling first (a cut-off run keeps them)
@@ -27,8 +26,7 @@ class BenchConfig:
     budget_s: float = 0.0        # start no new measurement after this many seconds (0: no limit; cuda with --quick: 330)
 
     def __post_init__(self):
-        if not (isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device)):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_device("device", self.device, auto=False)  # a benchmark names the device it measures
         check_bool("quick", self.quick)
         check_text("out", self.out, "a folder path", empty=True)
         check_number("budget_s", self.budget_s, lo=0)

@@ -133,8 +133,8 @@ class SIMMethod:
         meta = getattr(self.teacher, "meta", {})
         self.shape = tuple(shape or (meta["channels"], meta["resolution"], meta["resolution"]))
         self.num_classes = meta.get("num_classes", 0) if num_classes is None else num_classes
-        # Both copies are deterministic functions of their inputs (no label dropout): y must compare the two
-        # scores for the same class.
+        # Neither copy has label dropout (y must compare the two scores for the same class); an imported teacher's
+        # dropout acts only in each copy's own update (losses(), as SiD's loop does).
         gen = generator if generator is not None else OneStepGenerator(copy.deepcopy(self.teacher), cfg.sigma_init)
         fake = fake if fake is not None else copy.deepcopy(self.teacher)
         gen.train().requires_grad_(True)

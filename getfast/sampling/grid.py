@@ -9,7 +9,7 @@ import torch
 
 from getfast.io import check_writable, save_grid
 from getfast.limits import MAX_SEED, check_fits
-from getfast.options import check_choice, check_device, check_number, flag
+from getfast.options import check_choice, check_device, check_number, check_path, flag
 from getfast.sampling.sampler import SAMPLERS, load
 
 __all__ = ["SampleConfig", "sample_grid"]
@@ -45,7 +45,7 @@ class SampleConfig:
         if self.cfg_scale is not None:
             check_number("cfg_scale", self.cfg_scale)
         check_device("device", self.device)
-        if not isinstance(self.out, str) or Path(self.out).suffix.lower() != ".png":
+        if Path(check_path("out", self.out)).suffix.lower() != ".png":
             raise ValueError(f"{flag('out')} must be a .png file, got {self.out!r}")
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from getfast.options import check_choice, check_number, flag
 from getfast.sampling.graphs import GraphCache
+from getfast.train.distributed import resolve_device
 
 __all__ = ["Sampler", "NonFiniteError", "load", "resolve_device", "SAMPLERS",
            "TEACHER_DEFAULT_STEPS"]
@@ -42,30 +43,6 @@ TEACHER_DEFAULT_STEPS = 18   # EDM's Heun schedule: 35 network evaluations
 
 class NonFiniteError(ValueError):
     """Sampling produced NaN or infinite values."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a device that exists here (ValueError naming it otherwise)."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            # The callers' valid choices differ (sampling takes auto, the benchmarks do not): name none.
-            raise ValueError(f"{flag('device')} {name!r}: no CUDA device is visible on this machine "
-                             f"(torch.cuda.is_available() is False)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{flag('device')} {name!r}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s)")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 @dataclass(eq=False)

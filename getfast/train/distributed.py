@@ -1,6 +1,6 @@
-"""Processes: the torchrun process group, TF32 on CUDA, rank-0 decisions every rank shares, and the module
-under its DDP / ``torch.compile`` wrappers (the device a run uses: ``getfast.sampling.sampler.resolve_device``,
-the one rule for ``--device``)."""
+"""Processes and devices: the torchrun process group, the device a command uses (the one rule for
+``--device``, sampling's and training's), TF32 on CUDA, rank-0 decisions every rank shares, and the module under
+its DDP / ``torch.compile`` wrappers."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from getfast.options import flag
 
 
 def dist_info() -> tuple[int, int]:
@@ -25,6 +27,30 @@ def init_distributed(device: str) -> None:
         dist.init_process_group(backend=backend)
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a device that exists here (ValueError naming it otherwise)."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            # The callers' valid choices differ (sampling takes auto, the benchmarks do not): name none.
+            raise ValueError(f"{flag('device')} {name!r}: no CUDA device is visible on this machine "
+                             f"(torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag('device')} {name!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def agree(fn, rank: int, world: int):

@@ -56,8 +56,7 @@ from getfast.io import atomic_write_bytes
 from getfast.limits import MAX_SEED
 from getfast.options import check_bool, check_device, check_number, check_path, check_text
 from getfast.train.checkpoint import latest_good_checkpoint, restore_state, save_state
-from getfast.sampling.sampler import resolve_device
-from getfast.train.distributed import agree, dist_info, init_distributed, tf32, unwrap
+from getfast.train.distributed import agree, dist_info, init_distributed, resolve_device, tf32, unwrap
 from getfast.train.export import export_product, warm_start
 from getfast.train.rng import RunInfo, data_indices, seed_everything
 from getfast.train.run_dir import JsonlLog, prepare_out, run_lock
